@@ -1,0 +1,301 @@
+"""The train and annotate configs of SPEC §3 as pydantic models, YAML loading and ``--set`` overrides.
+
+Every model forbids unknown keys; :func:`load_config` turns any validation failure into one
+:class:`~raycv.errors.ConfigError` naming the field, the value that came and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raycv.errors import ConfigError
+
+Task = Literal["classification", "semantic_segmentation", "detection", "instance_segmentation"]
+DEFAULT_FORMATS: dict[str, str] = {
+    "classification": "imagefolder",
+    "semantic_segmentation": "masks",
+    "detection": "coco",
+    "instance_segmentation": "coco",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Strict):
+    endpoint_url: str | None = None
+
+
+class ModelConfig(_Strict):
+    arch: str = "resnet18"
+    num_classes: int | None = Field(default=None, ge=1)
+    weights: str | None = None
+    freeze_backbone: bool = False
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        from raycv.models import list_models
+
+        known = list_models()
+        if value not in known:
+            close = difflib.get_close_matches(value, known, n=1)
+            hint = f"Did you mean '{close[0]}'? " if close else ""
+            raise ValueError(f"unknown model. {hint}Run `raycv models` to list the registered names")
+        return value
+
+
+class DataConfig(_Strict):
+    train: str
+    val: str | None = None
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    format: Literal["imagefolder", "masks", "coco", "yolo"] | None = None
+    image_size: int | tuple[int, int] = 64
+
+    @field_validator("train")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a dataset path or URI (a local folder, file:// or s3://)")
+        return value
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        sides = (value,) if isinstance(value, int) else value
+        if any(s < 8 for s in sides):
+            raise ValueError("each side must be at least 8 pixels")
+        return value
+
+    @property
+    def size_hw(self) -> tuple[int, int]:
+        s = self.image_size
+        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+
+class AugmentConfig(_Strict):
+    hflip: float = Field(default=0.5, ge=0.0, le=1.0)
+    vflip: float = Field(default=0.0, ge=0.0, le=1.0)
+    rotate: float = Field(default=0.0, ge=0.0, le=180.0)
+    color_jitter: float = Field(default=0.0, ge=0.0, le=1.0)
+    mixup: float = Field(default=0.0, ge=0.0)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class TrainParams(_Strict):
+    epochs: int = Field(default=10, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(default=0.001, gt=0.0)
+    weight_decay: float = Field(default=0.0001, ge=0.0)
+    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    amp: bool = True
+    seed: int = 0
+    augment: AugmentConfig = AugmentConfig()
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+
+
+class OutputConfig(_Strict):
+    dir: str
+    max_failures: int = Field(default=2, ge=0)
+
+
+class TrainConfig(_Strict):
+    """``raycv train`` / ``raycv evaluate``."""
+
+    task: Task = "classification"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    train: TrainParams = TrainParams()
+    scaling: ScalingConfig = ScalingConfig()
+    storage: StorageConfig = StorageConfig()
+    output: OutputConfig
+
+    @model_validator(mode="after")
+    def _task_supported(self) -> TrainConfig:
+        from raycv.models import get_model_info
+
+        info = get_model_info(self.model.arch)
+        if info.task != self.task:
+            raise ValueError(
+                f"model.arch '{self.model.arch}' is a {info.task} model but task is '{self.task}'; "
+                f"pick one from `raycv models --task {self.task}`"
+            )
+        return self
+
+    @property
+    def data_format(self) -> str:
+        return self.data.format or DEFAULT_FORMATS[self.task]
+
+
+class TileConfig(_Strict):
+    size: int = Field(default=1024, ge=32)
+    overlap: int = Field(default=128, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_smaller(self) -> TileConfig:
+        if self.overlap * 2 >= self.size:
+            raise ValueError("tile.overlap must be less than half of tile.size")
+        return self
+
+
+class AnnotateConfig(_Strict):
+    """``raycv annotate``."""
+
+    model: str
+    input: str | list[str]
+    output: str
+    batch_size: int = Field(default=32, gt=0)
+    actors: int = Field(default=2, ge=1)
+    gpus_per_actor: float = Field(default=0.0, ge=0.0)
+    cpus_per_actor: float = Field(default=1.0, gt=0.0)
+    tile: TileConfig | None = None
+    score_threshold: float = Field(default=0.25, ge=0.0, le=1.0)
+    iou_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    incremental: bool = True
+    topk: int = Field(default=5, ge=1)
+    max_pixels: int = Field(default=178_956_970, gt=0)
+    storage: StorageConfig = StorageConfig()
+
+    @field_validator("input")
+    @classmethod
+    def _some_input(cls, value: str | list[str]) -> str | list[str]:
+        if not value:
+            raise ValueError("must be a prefix, a glob, a list of URIs or a manifest (.txt/.csv/.parquet)")
+        return value
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (``3``, ``true``, ``[1, 2]``)."""
+    if "=" not in assignment:
+        raise ConfigError("--set", assignment, "Write overrides as key.path=value, e.g. --set train.epochs=3.")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError("--set", assignment, "The key before '=' is empty; e.g. --set train.epochs=3.")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(key, child, f"'{part}' is not a section, so '{key}' cannot be set.")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("CONFIG", str(path), "Pass the path of an existing YAML config file.")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("CONFIG", str(path), f"Fix the YAML syntax: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError("CONFIG", type(data).__name__, "The file must hold a mapping of keys (YAML dict).")
+    return data
+
+
+def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
+    for part in loc:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list | tuple) and isinstance(part, int) and part < len(data):
+            data = data[part]
+        else:
+            return None
+    return data
+
+
+def _fix_for(err: dict[str, Any], model_cls: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        section: Any = model_cls
+        for part in loc[:-1]:
+            field = section.model_fields.get(part) if isinstance(section, type) else None
+            ann = getattr(field, "annotation", None)
+            section = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        allowed = sorted(section.model_fields) if section is not None else []
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"Did you mean '{close[0]}'? " if close else ""
+        return f"Unknown key. {hint}Allowed keys here: {', '.join(allowed)}."
+    if kind == "missing":
+        return "This key is required; add it to the config or pass --set " + ".".join(map(str, loc)) + "=..."
+    msg = str(err.get("msg", "invalid value"))
+    msg = msg.removeprefix("Value error, ")
+    return msg[0].upper() + msg[1:] + ("" if msg.endswith(".") else ".")
+
+
+def _to_config_error(exc: ValidationError, model_cls: type[BaseModel], data: dict[str, Any]) -> ConfigError:
+    err = exc.errors()[0]
+    # Union members add their own names to the location (e.g. 'int' / 'tuple[int, int]'); keep config keys.
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in {"int", "str"})))
+    field = ".".join(str(p) for p in loc) or "CONFIG"
+    value = _lookup(data, loc) if err["type"] != "missing" else None
+    return ConfigError(field, value, _fix_for(err, model_cls, loc))
+
+
+def build_config(model_cls: type[BaseModel], data: dict[str, Any]) -> Any:
+    """Validate ``data`` into ``model_cls``; the first problem becomes a :class:`ConfigError`."""
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise _to_config_error(exc, model_cls, data) from None
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, *, kind: Literal["train", "annotate"] = "train"
+) -> TrainConfig | AnnotateConfig:
+    """Read a YAML config, apply ``--set`` overrides and validate it.
+
+    Raises:
+        ConfigError: naming the field, the value and the fix for the first problem found.
+    """
+    data = _read_yaml(path)
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    return build_config(TrainConfig if kind == "train" else AnnotateConfig, data)  # type: ignore[no-any-return]
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """A JSON-ready dict of a config (for model cards and summaries)."""
+    return cfg.model_dump(mode="json")
+
+
+def check_paths(cfg: TrainConfig | AnnotateConfig) -> None:
+    """Check that the paths a config reads from exist, before anything starts on the cluster.
+
+    Raises:
+        ConfigError: naming the first missing path.
+    """
+    from raycv import storage
+
+    ep = cfg.storage.endpoint_url
+    if isinstance(cfg, TrainConfig):
+        needed = [("data.train", cfg.data.train), ("data.val", cfg.data.val), ("model.weights", cfg.model.weights)]
+    else:
+        needed = [("model", cfg.model)]
+    for field, uri in needed:
+        if uri is None:
+            continue
+        try:
+            found = storage.exists(uri, ep)
+        except Exception as exc:  # unreachable endpoint, bad credentials: say so, with the field
+            raise ConfigError(field, uri, f"It could not be checked ({exc}); check storage.endpoint_url and credentials.") from exc
+        if not found:
+            raise ConfigError(field, uri, "Nothing exists at this path; give an existing local path, file:// or s3:// URI.")

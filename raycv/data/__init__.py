@@ -1,0 +1,1 @@
+"""Readers for each input kind (images, masks, generated datasets)."""

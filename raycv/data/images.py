@@ -1,0 +1,363 @@
+"""Image bytes to RGB arrays, for every file an archive may hold, and label maps to and from PNG.
+
+``Image.open(...).convert("RGB")`` goes wrong on real archives in ways that do not raise; each rule below
+fixes one of them:
+
+- EXIF orientation is applied, so height and width are the displayed ones (phone photos are stored sideways).
+- 16-bit grayscale is scaled by its full range (``v * 255 / 65535``), not clipped to 255. 16-bit RGB(A)
+  arrives from Pillow already reduced to its high byte, which keeps the full range too. 32-bit float
+  images are stretched from their min..max.
+- Transparent pixels (RGBA, LA, palette or colour-key transparency) are composited over **white**: scanned
+  documents, logos and product shots are drawn for a white page, and a model never sees the arbitrary
+  colour stored under alpha 0.
+- Multi-frame files (multipage TIFF, animated GIF/WebP) give their first frame.
+- The pixel count is checked from the header before any pixel is decoded; the limit is a per-call argument.
+  Pillow's own global limit is lifted while raycv decodes, so its warning and error never leak.
+- Truncated files raise (Pillow's ``LOAD_TRUNCATED_IMAGES`` is left off): a half-grey image is worse than
+  an error row.
+
+Every failure is a :class:`~raycv.errors.DecodeError` naming the URI and the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from raycv.errors import DecodeError
+
+DEFAULT_MAX_PIXELS = 178_956_970
+"""Pillow's hard limit (twice its warning limit of 89,478,485 pixels); raise it per call for large scenes."""
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_LOSSY_FORMATS = ("JPEG", "MPO")
+
+# Magic numbers, to say what a file is when Pillow cannot open it.
+_IMAGE_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF8", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
+_OTHER_SIGNATURES = (
+    (b"%PDF", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"\x1f\x8b", "gzip data"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000 data"),
+    (b"\xff\x0a", "JPEG XL data, which Pillow cannot read"),
+    (b"\x00\x00\x00\x0cJXL ", "JPEG XL data, which Pillow cannot read"),
+)
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"mif1", b"msf1")
+
+
+# -- Pillow's global pixel limit ---------------------------------------------------------------------------
+
+_limit_lock = threading.Lock()
+_limit_users = 0
+_limit_saved: int | None = None
+
+
+@contextmanager
+def _pillow_limit_lifted() -> Iterator[None]:
+    """Lift ``Image.MAX_IMAGE_PIXELS`` while at least one raycv decode runs in this process.
+
+    Pillow reads that module global at every check (open, load, GIF frames, TIFF tiles), warns above it and
+    raises above twice it. raycv checks the size itself with the caller's limit (``_check_pixels``) before
+    any pixel is decoded, so Pillow's check is switched off meanwhile and restored when the last concurrent
+    decode ends; threads share one count, so no decode ever restores the limit under another's feet.
+    """
+    global _limit_users, _limit_saved
+    with _limit_lock:
+        if _limit_users == 0:
+            _limit_saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        _limit_users += 1
+    try:
+        yield
+    finally:
+        with _limit_lock:
+            _limit_users -= 1
+            # Leave alone a value that other code set while we were decoding.
+            if _limit_users == 0 and Image.MAX_IMAGE_PIXELS is None:
+                Image.MAX_IMAGE_PIXELS = _limit_saved
+
+
+# -- Public API ----------------------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes, uri: str = "", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an encoded image into the RGB pixels a viewer would display.
+
+    Args:
+        data: the file's bytes (JPEG, PNG, TIFF, BMP, WebP, GIF or any format Pillow reads).
+        uri: where the bytes came from; only used in error messages.
+        max_pixels: largest ``width * height`` accepted, checked from the header before decoding.
+
+    Returns:
+        [H, W, 3] uint8 RGB, C-contiguous and writeable, H and W after EXIF orientation.
+
+    Raises:
+        DecodeError: empty, not an image, truncated, corrupt, or over ``max_pixels``.
+        ValueError: ``max_pixels`` is not positive.
+    """
+    if max_pixels <= 0:
+        raise ValueError(f"max_pixels must be a positive pixel count, got {max_pixels}.")
+    with _pillow_limit_lifted(), _open(data, uri) as im:
+        _check_pixels(im, uri, max_pixels)
+        try:
+            im.load()  # Image.open leaves multi-frame files on frame 0: this decodes only the first frame
+            oriented = _exif_transposed(im)
+            rgb = _to_rgb(oriented)
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise DecodeError(uri, _failure_reason(e, data)) from e
+    return np.ascontiguousarray(rgb)
+
+
+def image_header(data: bytes, uri: str = "") -> tuple[int, int]:
+    """``(width, height)`` as displayed (after EXIF orientation), read from the header without decoding.
+
+    No pixel limit applies: this is how a planner learns that an image needs tiling. A PNG's eXIf chunk
+    placed after the pixel data (rare; the PNG spec asks for it before) is only seen by :func:`decode_image`.
+
+    Raises:
+        DecodeError: empty, not an image, or a header Pillow cannot parse.
+    """
+    with _pillow_limit_lifted(), _open(data, uri) as im:
+        width, height = _stored_size(im)
+        if _header_orientation(im) in _ROTATED:
+            width, height = height, width
+    return int(width), int(height)
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """Encode [H, W] uint8 (a label map, saved as 8-bit grayscale) or [H, W, 3] uint8 RGB as PNG.
+
+    Raises:
+        ValueError: any other dtype or shape.
+    """
+    if not isinstance(array, np.ndarray) or array.dtype != np.uint8:
+        got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+        raise ValueError(f"encode_png expects a uint8 array, got {got}; cast label maps with .astype(np.uint8).")
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+        raise ValueError(f"encode_png expects [H, W] or [H, W, 3], got shape {tuple(array.shape)}.")
+    buffer = io.BytesIO()
+    # Level 1: label maps are mostly runs, so it compresses nearly as well as 6 at a third of the time.
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def decode_png_mask(data: bytes, uri: str = "") -> np.ndarray:
+    """Decode a label map: one class index per pixel.
+
+    8-bit grayscale gives its values, palette images (Pascal VOC style) their palette indices, 1-bit
+    images 0/1, 16-bit images their values when all fit in uint8.
+
+    Returns:
+        [H, W] uint8, C-contiguous.
+
+    Raises:
+        DecodeError: undecodable bytes, a lossy format, several channels, or labels above 255.
+    """
+    with _pillow_limit_lifted(), _open(data, uri) as im:
+        if im.format in _LOSSY_FORMATS:
+            raise DecodeError(uri, f"label maps must be stored losslessly (PNG); {im.format} changes label values")
+        try:
+            im.load()
+            labels = _label_values(im, uri)
+        except DecodeError:
+            raise
+        except Exception as e:
+            raise DecodeError(uri, _failure_reason(e, data)) from e
+    return np.ascontiguousarray(labels)
+
+
+# -- Opening and checking -----------------------------------------------------------------------------------
+
+
+def _open(data: bytes, uri: str) -> Image.Image:
+    if not data:
+        raise DecodeError(uri, "empty file (0 bytes)")
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as e:
+        raise DecodeError(uri, _unidentified_reason(data)) from e
+    except MemoryError:
+        raise
+    except Exception as e:  # plugins raise OSError, SyntaxError, ValueError, struct.error... on bad headers
+        raise DecodeError(uri, _failure_reason(e, data)) from e
+
+
+def _check_pixels(im: Image.Image, uri: str, max_pixels: int) -> None:
+    width, height = im.size
+    if width * height > max_pixels:
+        raise DecodeError(
+            uri,
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}; "
+            "tile it or raise max_pixels",
+        )
+
+
+def _stored_size(im: Image.Image) -> tuple[int, int]:
+    """Width and height as stored, before any orientation.
+
+    Recent Pillow already swaps a TIFF's ``size`` for orientations 5-8 at open (and rotates on load), older
+    Pillow does not: the TIFF tags say what is stored whichever Pillow runs.
+    """
+    tags = getattr(im, "tag_v2", None)
+    if im.format == "TIFF" and tags is not None and 256 in tags and 257 in tags:
+        return int(tags[256]), int(tags[257])
+    return im.size
+
+
+def _header_orientation(im: Image.Image) -> int:
+    """The EXIF (or XMP) orientation found in the header, 1 if none or unreadable."""
+    try:
+        # The base method reads only what open() parsed; PngImageFile.getexif would decode every pixel to
+        # look for an eXIf chunk placed after the image data.
+        return int(Image.Image.getexif(im).get(ExifTags.Base.Orientation, 1))
+    except Exception:  # corrupt EXIF must not cost a decodable image
+        return 1
+
+
+def _exif_transposed(im: Image.Image) -> Image.Image:
+    """The loaded image turned as displayed; corrupt EXIF keeps the stored orientation (as the header does)."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except (SyntaxError, ValueError, KeyError, TypeError, IndexError, struct.error, OSError):
+        return im  # corrupt EXIF must not cost a decodable image
+
+
+# -- Modes to RGB ----------------------------------------------------------------------------------------------
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        return _gray_to_rgb(_scale_16bit(np.asarray(im)))
+    if mode == "I":
+        return _gray_to_rgb(_scale_int32(np.asarray(im)))
+    if mode == "F":
+        return _gray_to_rgb(_scale_min_max(np.asarray(im, dtype=np.float64)))
+    if mode in _ALPHA_MODES or "transparency" in im.info:
+        return _over_white(np.asarray(im.convert("RGBA")))
+    if mode == "RGB":
+        return np.array(im)
+    return np.array(im.convert("RGB"))  # L, 1, P, CMYK (naive, no ICC), YCbCr, LAB, HSV, RGBX
+
+
+def _scale_16bit(values: np.ndarray) -> np.ndarray:
+    """0..65535 to 0..255 by the full range, rounded half up (integer arithmetic, exact)."""
+    wide = values.astype(np.uint32)
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _scale_int32(values: np.ndarray) -> np.ndarray:
+    """Mode ``I`` is how Pillow exposes 16-bit data in several formats: scale by 16 bits when the values fit,
+    else (true 32-bit or signed data) stretch min..max."""
+    if values.size and values.min() >= 0 and values.max() <= 65535:
+        return _scale_16bit(values)
+    return _scale_min_max(values.astype(np.float64))
+
+
+def _scale_min_max(values: np.ndarray) -> np.ndarray:
+    """Stretch the finite values' min..max to 0..255; a constant image gives 0, NaN gives 0."""
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(values.shape, np.uint8)
+    low, high = float(values[finite].min()), float(values[finite].max())
+    if high <= low:
+        return np.zeros(values.shape, np.uint8)
+    clean = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+    return np.rint((clean - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def _over_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite straight-alpha RGBA over a white background, rounded: ``(c * a + 255 * (255 - a)) / 255``."""
+    rgb = rgba[:, :, :3].astype(np.uint32)
+    alpha = rgba[:, :, 3:].astype(np.uint32)
+    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def _label_values(im: Image.Image, uri: str) -> np.ndarray:
+    if im.mode in ("L", "P"):
+        return np.array(im)  # palette images: the indices, not the colours
+    if im.mode == "1":
+        return np.array(im, dtype=np.uint8)
+    if im.mode in (*_SIXTEEN_BIT_MODES, "I"):
+        values = np.asarray(im)
+        if values.size and (values.min() < 0 or values.max() > 255):
+            raise DecodeError(uri, f"label values span {values.min()}..{values.max()}, outside uint8 0..255")
+        return values.astype(np.uint8)
+    raise DecodeError(uri, f"expected a single-channel label map (mode L or P), got mode {im.mode}")
+
+
+# -- Saying what went wrong -------------------------------------------------------------------------------------
+
+
+def _failure_reason(exc: BaseException, data: bytes) -> str:
+    message = str(exc) or type(exc).__name__
+    if "truncated" in message.lower() or isinstance(exc, EOFError) or _riff_is_short(data):
+        return f"truncated image data ({len(data)} bytes): {message}"
+    return f"{type(exc).__name__}: {message}"
+
+
+def _riff_is_short(data: bytes) -> bool:
+    """A WebP whose RIFF header declares more bytes than the file holds (libwebp only says it failed)."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return False
+    return len(data) < 8 + int.from_bytes(data[4:8], "little")
+
+
+def _unidentified_reason(data: bytes) -> str:
+    for magic, name in _IMAGE_SIGNATURES:
+        if data.startswith(magic):
+            return f"truncated image data or a corrupt {name} header ({len(data)} bytes); Pillow cannot parse it"
+    if _riff_is_short(data):
+        return f"truncated image data ({len(data)} bytes): the WebP header declares more"
+    return f"not a recognised image format: {_describe(data)}"
+
+
+def _describe(data: bytes) -> str:
+    """What the first bytes look like, in words."""
+    for magic, name in _OTHER_SIGNATURES:
+        if data.startswith(magic):
+            return f"the file is {name}"
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return "the file is a HEIF/HEIC photo; install and register the pillow-heif plugin to read it"
+    text = _as_text(data[:256])
+    if text is not None:
+        stripped = text.lstrip().lower()
+        kind = "HTML" if stripped.startswith(("<!doctype html", "<html")) else "text"
+        if stripped.startswith(("<?xml", "<svg")):
+            kind = "XML/SVG (vector graphics are not decoded)"
+        return f"the file looks like {kind}: {text[:40]!r}"
+    return f"it starts with bytes {data[:8].hex(' ')}"
+
+
+def _as_text(head: bytes) -> str | None:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # a real decoding error, not a character cut by the slice
+            return None
+        text = head[: e.start].decode("utf-8")
+    printable = all(c.isprintable() or c in "\r\n\t" for c in text)
+    return text if text and printable else None

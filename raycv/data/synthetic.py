@@ -1,0 +1,396 @@
+"""Generated shape datasets for the tests and the demo, deterministic by seed.
+
+A scene is a noisy, low-saturation background with filled circles, squares and triangles in saturated
+colours, drawn with numpy only. Each shape's mask is computed from the same pixel-centre test that paints
+it, so annotations match the pixels exactly; later shapes occlude earlier ones and annotations describe the
+visible pixels.
+
+Sizes: a shape's ``scale`` is the circle's diameter, or the square's or triangle's side, as a fraction of
+the image's shorter side. Squares and triangles are rotated by a random angle.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+import math
+import struct
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TypeVar
+
+import numpy as np
+from PIL import Image
+
+from raycv import storage
+from raycv.data.images import IMAGE_EXTENSIONS
+
+CLASSES = ("circle", "square", "triangle")
+
+_WRITE_THREADS = 16  # S3 PUTs are latency-bound; local writes do not mind
+_IMAGEFOLDER_STREAM, _FLAT_STREAM = 0, 1  # distinct random streams for the two writers
+_Job = TypeVar("_Job")
+
+
+@dataclass(frozen=True, eq=False)
+class Scene:
+    """One rendered scene and its annotations.
+
+    Attributes:
+        image: [H, W, 3] uint8 RGB.
+        mask: [H, W] uint8 semantic label map, 0 = background, k + 1 = class k.
+        instance_masks: [N, H, W] bool, the visible pixels of each instance; disjoint.
+        boxes: [N, 4] float32, (x1, y1, x2, y2) in pixels, tight around the visible pixels, edges on pixel
+            boundaries (a lone pixel at column 3, row 5 is ``(3, 5, 4, 6)``).
+        labels: [N] int64 class index into the ``classes`` the scene was rendered with.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    instance_masks: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+
+
+# -- Rendering -------------------------------------------------------------------------------------------------
+
+
+def render_scene(
+    rng: np.random.Generator,
+    *,
+    size: int | tuple[int, int],
+    n_objects: int,
+    classes: Sequence[str] = CLASSES,
+    min_scale: float = 0.25,
+    max_scale: float = 0.6,
+) -> Scene:
+    """Render ``n_objects`` random shapes, in order, over a noisy background.
+
+    Args:
+        rng: the only source of randomness; the same generator state gives the same scene.
+        size: side of a square image, or ``(height, width)``.
+        n_objects: shapes drawn; instances that later shapes hide completely are dropped, so the scene may
+            hold fewer.
+        classes: shape names (from :data:`CLASSES`); a label is an index into this sequence.
+        min_scale, max_scale: range of each shape's scale (see the module docstring).
+    """
+    height, width = _height_width(size)
+    _check_classes(classes)
+    if n_objects < 0:
+        raise ValueError(f"n_objects must be >= 0, got {n_objects}.")
+    if not 0 < min_scale <= max_scale:
+        raise ValueError(f"Expected 0 < min_scale <= max_scale, got min_scale={min_scale}, max_scale={max_scale}.")
+    image = _background(rng, height, width)
+    owner = np.full((height, width), -1, dtype=np.int32)  # index of the shape visible at each pixel
+    labels = rng.integers(0, len(classes), size=n_objects)
+    # Hues spread around the circle so that no two shapes of a scene share a colour.
+    hues = (rng.random() + rng.permutation(n_objects) / max(n_objects, 1)) % 1.0
+    for i, label in enumerate(labels):
+        scale = rng.uniform(min_scale, max_scale) * min(height, width)
+        shape = _place_shape(rng, classes[label], height, width, scale)
+        image[shape] = _saturated_colour(rng, hues[i])
+        owner[shape] = i
+    return _annotate(image, owner, labels)
+
+
+def render_classification_sample(rng: np.random.Generator, label: int, *, size: int) -> np.ndarray:
+    """One shape of class ``CLASSES[label]`` over a noisy background.
+
+    The shape's scale is 30-70% of the image side, at a random position, angle and colour.
+
+    Returns:
+        [size, size, 3] uint8 RGB.
+    """
+    if not 0 <= label < len(CLASSES):
+        raise ValueError(f"label must be in 0..{len(CLASSES) - 1} (one of {CLASSES}), got {label}.")
+    return _classification_image(rng, CLASSES[label], size)
+
+
+def _classification_image(rng: np.random.Generator, name: str, size: int) -> np.ndarray:
+    height, width = _height_width(size)
+    image = _background(rng, height, width)
+    shape = _place_shape(rng, name, height, width, rng.uniform(0.3, 0.7) * size)
+    image[shape] = _saturated_colour(rng, rng.random())
+    return image
+
+
+def _height_width(size: int | tuple[int, int]) -> tuple[int, int]:
+    height, width = (size, size) if isinstance(size, int | np.integer) else size
+    if height < 1 or width < 1:
+        raise ValueError(f"size must be positive (an int or (height, width)), got {size}.")
+    return int(height), int(width)
+
+
+def _check_classes(classes: Sequence[str]) -> None:
+    unknown = [c for c in classes if c not in _SHAPES]
+    if not classes or unknown:
+        raise ValueError(f"classes must be a non-empty subset of {CLASSES}; unknown: {unknown or 'none given'}.")
+
+
+def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A greyish level with a slight tint, a gentle gradient and per-pixel noise: low saturation, so any
+    saturated shape stands out whatever its brightness."""
+    level = rng.uniform(40, 215) + rng.uniform(-15, 15, size=3)
+    gy, gx = rng.uniform(-25, 25, size=2)
+    ramp = gy * np.linspace(-1, 1, height)[:, None, None] + gx * np.linspace(-1, 1, width)[None, :, None]
+    noise = rng.normal(0.0, rng.uniform(4, 14), size=(height, width, 3))
+    return np.clip(np.rint(level + ramp + noise), 0, 255).astype(np.uint8)
+
+
+def _saturated_colour(rng: np.random.Generator, hue: float) -> np.ndarray:
+    r, g, b = colorsys.hsv_to_rgb(float(hue), rng.uniform(0.75, 1.0), rng.uniform(0.8, 1.0))
+    return np.rint(np.array([r, g, b]) * 255).astype(np.uint8)
+
+
+def _place_shape(rng: np.random.Generator, name: str, height: int, width: int, scale: float) -> np.ndarray:
+    """[H, W] bool: the pixels whose centres fall inside a shape at a random position and angle."""
+    circumradius = scale * _CIRCUMRADIUS[name]
+    # Whole shape inside the image when it fits; centred on an axis where it cannot.
+    cx = rng.uniform(circumradius, width - circumradius) if 2 * circumradius < width else width / 2
+    cy = rng.uniform(circumradius, height - circumradius) if 2 * circumradius < height else height / 2
+    angle = rng.uniform(0.0, 2 * math.pi)
+    dx = (np.arange(width) + 0.5 - cx)[None, :]
+    dy = (np.arange(height) + 0.5 - cy)[:, None]
+    return _SHAPES[name](dx, dy, scale, angle)
+
+
+def _circle(dx: np.ndarray, dy: np.ndarray, scale: float, angle: float) -> np.ndarray:
+    return dx * dx + dy * dy <= (scale / 2) ** 2
+
+
+def _square(dx: np.ndarray, dy: np.ndarray, scale: float, angle: float) -> np.ndarray:
+    return _regular_polygon(dx, dy, 4, scale * _CIRCUMRADIUS["square"], angle)
+
+
+def _triangle(dx: np.ndarray, dy: np.ndarray, scale: float, angle: float) -> np.ndarray:
+    return _regular_polygon(dx, dy, 3, scale * _CIRCUMRADIUS["triangle"], angle)
+
+
+def _regular_polygon(dx: np.ndarray, dy: np.ndarray, sides: int, radius: float, angle: float) -> np.ndarray:
+    """Inside test against each edge's half-plane (vertices counter-clockwise, so inside is on the left)."""
+    inside = np.ones(np.broadcast_shapes(dx.shape, dy.shape), dtype=bool)
+    corners = [
+        (radius * math.cos(angle + 2 * math.pi * k / sides), radius * math.sin(angle + 2 * math.pi * k / sides))
+        for k in range(sides + 1)
+    ]
+    for (x0, y0), (x1, y1) in zip(corners, corners[1:], strict=False):
+        inside &= (x1 - x0) * (dy - y0) - (y1 - y0) * (dx - x0) >= 0
+    return inside
+
+
+_SHAPES: dict[str, Callable[[np.ndarray, np.ndarray, float, float], np.ndarray]] = {
+    "circle": _circle,
+    "square": _square,
+    "triangle": _triangle,
+}
+_CIRCUMRADIUS = {"circle": 0.5, "square": math.sqrt(0.5), "triangle": 1 / math.sqrt(3)}  # per unit scale
+
+
+def _annotate(image: np.ndarray, owner: np.ndarray, labels: np.ndarray) -> Scene:
+    visible = [i for i in range(len(labels)) if (owner == i).any()]  # fully occluded instances are dropped
+    instance_masks = owner[None, :, :] == np.array(visible, dtype=np.int32)[:, None, None]
+    lookup = np.zeros(len(labels) + 1, dtype=np.uint8)  # owner -1 (background) reads lookup[0] = 0
+    lookup[1:] = labels + 1
+    boxes = np.zeros((len(visible), 4), dtype=np.float32)
+    for row, instance in enumerate(instance_masks):
+        ys, xs = np.nonzero(instance.any(axis=1))[0], np.nonzero(instance.any(axis=0))[0]
+        boxes[row] = (xs[0], ys[0], xs[-1] + 1, ys[-1] + 1)
+    return Scene(
+        image=image,
+        mask=lookup[owner + 1],
+        instance_masks=instance_masks,
+        boxes=boxes,
+        labels=labels[visible].astype(np.int64),
+    )
+
+
+# -- Writing datasets ------------------------------------------------------------------------------------------
+
+
+def write_imagefolder(
+    root: str,
+    *,
+    n_per_class: int,
+    size: int = 32,
+    seed: int = 0,
+    classes: Sequence[str] = CLASSES,
+    endpoint_url: str | None = None,
+    ext: str = ".png",
+) -> dict[str, int]:
+    """Write a classification dataset as ``ROOT/<class>/<class>_<i:05d><ext>``.
+
+    Image ``i`` of class ``k`` depends only on ``(seed, k, i)``, so the files are the same whatever the
+    thread scheduling, and a larger ``n_per_class`` extends a smaller one.
+
+    Returns:
+        Images written per class name.
+    """
+    _check_classes(classes)
+    fmt = _format_for(ext)
+    if n_per_class < 0:
+        raise ValueError(f"n_per_class must be >= 0, got {n_per_class}.")
+
+    def write_one(job: tuple[int, int]) -> None:
+        k, i = job
+        rng = np.random.default_rng([seed, _IMAGEFOLDER_STREAM, k, i])
+        image = _classification_image(rng, classes[k], size)
+        uri = storage.join(root, classes[k], f"{classes[k]}_{i:05d}{ext}")
+        storage.write_bytes(uri, _encode(image, fmt), endpoint_url=endpoint_url)
+
+    _run_parallel(write_one, [(k, i) for k in range(len(classes)) for i in range(n_per_class)])
+    return {name: n_per_class for name in classes}
+
+
+def write_flat_archive(
+    root: str, *, n: int, size: int = 32, seed: int = 0, endpoint_url: str | None = None
+) -> dict[str, int]:
+    """Write an "unlabelled archive": ``n`` images directly under ``ROOT/`` as ``<i:05d>_<class>.png``.
+
+    Classes are balanced (as far as ``n`` allows) and shuffled; the true class is in the name.
+
+    Returns:
+        ``{uri: label}`` with labels indexing :data:`CLASSES`.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}.")
+    labels = np.random.default_rng([seed, _FLAT_STREAM]).permutation(np.arange(n) % len(CLASSES))
+    uris = [storage.join(root, f"{i:05d}_{CLASSES[label]}.png") for i, label in enumerate(labels)]
+
+    def write_one(i: int) -> None:
+        rng = np.random.default_rng([seed, _FLAT_STREAM, i])
+        image = _classification_image(rng, CLASSES[labels[i]], size)
+        storage.write_bytes(uris[i], _encode(image, "PNG"), endpoint_url=endpoint_url)
+
+    _run_parallel(write_one, list(range(n)))
+    return {uri: int(label) for uri, label in zip(uris, labels, strict=True)}
+
+
+def _format_for(ext: str) -> str:
+    if ext not in IMAGE_EXTENSIONS:
+        raise ValueError(f"ext must be one of {IMAGE_EXTENSIONS}, got {ext!r}.")
+    return Image.registered_extensions()[ext]
+
+
+def _encode(image: np.ndarray, fmt: str) -> bytes:
+    options: dict[str, object] = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True}}.get(fmt, {})
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _run_parallel(fn: Callable[[_Job], None], jobs: list[_Job]) -> None:
+    if not jobs:
+        return
+    with ThreadPoolExecutor(max_workers=min(_WRITE_THREADS, len(jobs))) as pool:
+        for _ in pool.map(fn, jobs):  # iterating re-raises the first failure
+            pass
+
+
+# -- Edge-case files -------------------------------------------------------------------------------------------
+
+
+def make_special_images() -> dict[str, bytes]:
+    """The files that break naive pipelines, name -> bytes, each small and built in memory.
+
+    ``truncated.jpg`` (a JPEG cut in half), ``empty.png`` (0 bytes), ``text.png`` (UTF-8 text), ``bomb.png``
+    (a valid 1-bit 16000x16000 PNG: 256 megapixels declared, ~31 KB on disk), ``gray16.png`` (16-bit ramp
+    0..65535 over 512 columns), ``cmyk.jpg`` (quadrants cyan, magenta / yellow, black), ``rgba.png`` (three
+    16-pixel bands: red at alpha 0, black at alpha 128, opaque blue), ``gray.png`` (8-bit ramp),
+    ``exif_rotated.jpg`` (stored 40 wide x 20 high, left half red, orientation 6: displayed 20 wide x 40
+    high, red on top), ``palette.gif`` (two frames; the first green on the left, transparent on the right),
+    ``image.webp`` (two lossless frames, the first red), ``image.bmp`` (green left, blue right),
+    ``image.tif`` (two pages, the first 48x32 red).
+    """
+    return dict(_special_images())
+
+
+@lru_cache(maxsize=1)
+def _special_images() -> tuple[tuple[str, bytes], ...]:
+    red, green, blue = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    noise = np.random.default_rng(0).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    jpeg = _save(Image.fromarray(noise), "JPEG", quality=90)
+    files = {
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "empty.png": b"",
+        "text.png": "This is a text file, not an image — résumé.txt renamed to .png\n".encode(),
+        "bomb.png": _bomb_png(16000, 16000),
+        "gray16.png": _save(Image.fromarray(_ramp16(512)[None, :].repeat(8, axis=0)), "PNG"),
+        "cmyk.jpg": _save(_cmyk_quadrants(), "JPEG", quality=95),
+        "rgba.png": _save(_rgba_bands(), "PNG"),
+        "gray.png": _save(Image.fromarray(np.arange(256, dtype=np.uint8)[None, :].repeat(8, axis=0)), "PNG"),
+        "exif_rotated.jpg": _exif_rotated(),
+        "palette.gif": _palette_gif(),
+        "image.webp": _two_frames("WEBP", Image.new("RGB", (30, 20), red), Image.new("RGB", (30, 20), blue)),
+        "image.bmp": _save(_halves((16, 24), green, blue), "BMP"),
+        "image.tif": _two_frames("TIFF", Image.new("RGB", (48, 32), red), Image.new("RGB", (16, 16), blue)),
+    }
+    return tuple(files.items())
+
+
+def _save(im: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    im.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _two_frames(fmt: str, first: Image.Image, second: Image.Image) -> bytes:
+    options = {"lossless": True, "duration": 100} if fmt == "WEBP" else {}
+    return _save(first, fmt, save_all=True, append_images=[second], **options)
+
+
+def _ramp16(n: int) -> np.ndarray:
+    return np.rint(np.linspace(0, 65535, n)).astype(np.uint16)
+
+
+def _halves(height_width: tuple[int, int], left: tuple[int, ...], right: tuple[int, ...]) -> Image.Image:
+    height, width = height_width
+    pixels = np.empty((height, width, len(left)), dtype=np.uint8)
+    pixels[:, : width // 2], pixels[:, width // 2 :] = left, right
+    return Image.fromarray(pixels)
+
+
+def _cmyk_quadrants() -> Image.Image:
+    pixels = np.zeros((64, 64, 4), dtype=np.uint8)
+    pixels[:32, :32, 0] = pixels[:32, 32:, 1] = pixels[32:, :32, 2] = pixels[32:, 32:, 3] = 255
+    return Image.fromarray(pixels, mode="CMYK")
+
+
+def _rgba_bands() -> Image.Image:
+    pixels = np.zeros((16, 48, 4), dtype=np.uint8)
+    pixels[:, :16] = (255, 0, 0, 0)  # red that must not show through
+    pixels[:, 16:32] = (0, 0, 0, 128)
+    pixels[:, 32:] = (0, 0, 255, 255)
+    return Image.fromarray(pixels)
+
+
+def _exif_rotated() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored image is displayed turned 90 degrees clockwise
+    return _save(_halves((20, 40), (255, 0, 0), (0, 0, 255)), "JPEG", quality=95, exif=exif.tobytes())
+
+
+def _palette_gif() -> bytes:
+    first = Image.new("P", (30, 20), 0)
+    first.putpalette([255, 255, 0, 0, 160, 0, 0, 0, 255] + [0] * (3 * 253))  # 0 transparent, 1 green, 2 blue
+    first.paste(1, (0, 0, 15, 20))
+    second = first.copy()
+    second.paste(2, (0, 0, 30, 20))
+    return _save(first, "GIF", save_all=True, append_images=[second], transparency=0, duration=100, disposal=2)
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A valid 1-bit grayscale PNG of all-black rows, streamed through zlib so it never exists in memory."""
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then packed bits
+    compressor = zlib.compressobj(9)
+    block = row * 1000
+    idat = b"".join(compressor.compress(block) for _ in range(height // 1000))
+    idat += compressor.compress(row * (height % 1000)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, grayscale
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))

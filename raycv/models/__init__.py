@@ -1,0 +1,24 @@
+"""Model registry and builders. Importing this package registers every built-in model.
+
+>>> from raycv.models import create_model, list_models
+>>> model = create_model("resnet18", num_classes=10, in_channels=1)
+>>> list_models("resnet*", task="classification")[:2]
+['resnet101', 'resnet152']
+"""
+
+from raycv.models import classification as classification  # registers the classifiers
+from raycv.models.registry import TASKS, ModelInfo, create_model, get_model_info, list_models, register_model
+from raycv.models.transfer import LoadReport, freeze_backbone, head_module_names, load_weights
+
+__all__ = [
+    "TASKS",
+    "LoadReport",
+    "ModelInfo",
+    "create_model",
+    "freeze_backbone",
+    "get_model_info",
+    "head_module_names",
+    "list_models",
+    "load_weights",
+    "register_model",
+]

@@ -1,0 +1,194 @@
+"""One registry of model builders, keyed by name, for every task.
+
+Builders register themselves with :func:`register_model` when their module is imported (``raycv.models``
+imports them all). :func:`create_model` validates the common arguments and calls the builder; every builder of
+a task takes the same keyword-only arguments, e.g. ``(*, num_classes, in_channels=3, image_size=None)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from torch import nn
+
+from raycv.errors import UnknownModelError
+
+TASKS: tuple[str, ...] = ("classification", "semantic_segmentation", "detection", "instance_segmentation")
+SOURCES: tuple[str, ...] = ("raycv", "torchvision")
+
+Builder = Callable[..., nn.Module]
+B = TypeVar("B", bound=Builder)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the registry knows about one model.
+
+    Attributes:
+        name: Registry name, e.g. ``"resnet18"``.
+        task: One of :data:`TASKS`.
+        builder: Keyword-only function that returns a freshly initialised ``nn.Module``.
+        source: ``"raycv"`` for raycv's own architectures, ``"torchvision"`` for wrapped torchvision ones.
+        min_input_size: Smallest square side, in pixels, that a forward accepts (measured). Most models accept
+            every side from there up; a few fixed-grid ones (ViT, MaxViT) accept only multiples of it, which
+            their ``description`` says.
+        description: One line for ``raycv models``.
+    """
+
+    name: str
+    task: str
+    builder: Builder
+    source: Literal["raycv", "torchvision"]
+    min_input_size: int
+    description: str
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(
+    name: str,
+    *,
+    task: str,
+    source: Literal["raycv", "torchvision"] = "raycv",
+    min_input_size: int = 32,
+    description: str = "",
+) -> Callable[[B], B]:
+    """Decorator that adds a builder to the registry under ``name``.
+
+    Args:
+        name: Unique registry name.
+        task: One of :data:`TASKS`.
+        source: ``"raycv"`` or ``"torchvision"``.
+        min_input_size: Smallest square input side, in pixels, the model accepts.
+        description: One line for listings; defaults to the first line of the builder's docstring.
+
+    Returns:
+        The decorator; it returns the builder unchanged.
+
+    Raises:
+        ValueError: ``name`` is already registered, or ``task``, ``source`` or ``min_input_size`` is invalid.
+    """
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r} for model {name!r}. Use one of {', '.join(TASKS)}.")
+    if source not in SOURCES:
+        raise ValueError(f"Unknown source {source!r} for model {name!r}. Use one of {', '.join(SOURCES)}.")
+    if min_input_size < 1:
+        raise ValueError(f"min_input_size of model {name!r} must be >= 1, got {min_input_size}.")
+
+    def decorator(builder: B) -> B:
+        if name in _REGISTRY:
+            previous = _REGISTRY[name].builder
+            raise ValueError(
+                f"Model {name!r} is already registered by {previous.__module__}.{previous.__qualname__}. "
+                "Register it under another name."
+            )
+        doc = (inspect.getdoc(builder) or "").strip()
+        _REGISTRY[name] = ModelInfo(
+            name=name,
+            task=task,
+            builder=builder,
+            source=source,
+            min_input_size=min_input_size,
+            description=description or doc.split("\n", 1)[0],
+        )
+        return builder
+
+    return decorator
+
+
+def get_model_info(name: str) -> ModelInfo:
+    """Returns the registry entry of ``name``.
+
+    Raises:
+        UnknownModelError: ``name`` is not registered; the message suggests the closest name.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownModelError(_unknown_model_message(name)) from None
+
+
+def _unknown_model_message(name: str) -> str:
+    matches = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=1)
+    if not matches:
+        return f"Unknown model {name!r}. Run `raycv models` to list them."
+    task = _REGISTRY[matches[0]].task
+    return (
+        f"Unknown model {name!r}. Did you mean {matches[0]!r}? "
+        f"Run `raycv models --task {task}` to list them."
+    )
+
+
+def list_models(pattern: str = "*", task: str | None = None) -> list[str]:
+    """Names of the registered models, sorted.
+
+    Args:
+        pattern: Shell-style wildcard matched case-sensitively against the name, e.g. ``"*resnet*"``.
+        task: Keep only the models of this task (one of :data:`TASKS`); ``None`` keeps all.
+
+    Raises:
+        ValueError: ``task`` is not one of :data:`TASKS`.
+    """
+    if task is not None and task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}. Use one of {', '.join(TASKS)}.")
+    return sorted(
+        name
+        for name, info in _REGISTRY.items()
+        if fnmatch.fnmatchcase(name, pattern) and (task is None or info.task == task)
+    )
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Builds a freshly initialised model (never downloads weights).
+
+    Args:
+        name: Registry name, see :func:`list_models`.
+        num_classes: Number of output classes; classifiers return logits ``[N, num_classes]``.
+        in_channels: Channels C of the input ``[N, C, H, W]``.
+        image_size: Side of the square training images. Passed to builders that need it (ViT); for the others
+            it is only checked against ``min_input_size``.
+        **kwargs: Extra builder-specific arguments.
+
+    Returns:
+        The model, in training mode.
+
+    Raises:
+        UnknownModelError: ``name`` is not registered.
+        ValueError: An argument is out of range or the model does not support it.
+    """
+    info = get_model_info(name)
+    _check_positive_int("num_classes", num_classes)
+    _check_positive_int("in_channels", in_channels)
+    params = inspect.signature(info.builder).parameters
+    if image_size is not None:
+        _check_positive_int("image_size", image_size)
+        if image_size < info.min_input_size:
+            raise ValueError(
+                f"image_size={image_size} is too small for {name!r}, which needs at least "
+                f"{info.min_input_size} px. Resize the images to >= {info.min_input_size} or pick another model."
+            )
+        if "image_size" in params:
+            kwargs["image_size"] = image_size
+    if "in_channels" in params:
+        kwargs["in_channels"] = in_channels
+    elif in_channels != 3:
+        raise ValueError(f"Model {name!r} takes 3-channel input only, got in_channels={in_channels}.")
+    return info.builder(num_classes=num_classes, **kwargs)
+
+
+def _check_positive_int(argument: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{argument} must be an integer >= 1, got {value!r}.")

@@ -1,0 +1,222 @@
+"""URIs to filesystems: local paths, ``file://`` and ``s3://`` (AWS or any S3-compatible endpoint).
+
+Every function takes plain URIs plus an optional ``endpoint_url``; nothing here holds credentials.
+Credentials come from the standard AWS chain (environment, profile, instance/IRSA role) on whichever
+process opens the filesystem, so the same calls work on the driver and inside Ray workers.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from raycv.errors import StorageError
+
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One listed file: its full URI, its size in bytes and a content fingerprint (ETag or size-mtime)."""
+
+    uri: str
+    size: int
+    fingerprint: str
+
+
+def scheme(uri: str) -> str:
+    """``"s3"`` for ``s3://...``, ``"file"`` for local paths and ``file://`` URIs."""
+    if "://" in uri:
+        return uri.split("://", 1)[0].lower()
+    return "file"
+
+
+def resolve_endpoint(endpoint_url: str | None) -> str | None:
+    """The S3 endpoint to use: the config's, else ``AWS_ENDPOINT_URL(_S3)``, else AWS itself (None)."""
+    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def get_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri`` and the path inside it (no scheme).
+
+    Raises:
+        StorageError: for a scheme raycv does not support.
+    """
+    kind = scheme(uri)
+    if kind == "file":
+        path = uri[len("file://") :] if uri.startswith("file://") else uri
+        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
+    if kind in ("s3", "s3a"):
+        import s3fs
+
+        endpoint = resolve_endpoint(endpoint_url)
+        client_kwargs: dict[str, Any] = {"endpoint_url": endpoint} if endpoint else {}
+        # Listings are not cached: an archive grows between runs of the same process (tests, daemons).
+        fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, use_listings_cache=False)
+        return fs, uri.split("://", 1)[1].rstrip("/") if uri.endswith("/") else uri.split("://", 1)[1]
+    raise StorageError(f"Unsupported URI scheme '{kind}://' in {uri!r}: use a local path, file:// or s3://.")
+
+
+def pyarrow_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[Any, str]:
+    """A ``pyarrow.fs.FileSystem`` and scheme-less path for ``uri`` (for Ray Train's storage and pyarrow)."""
+    import pyarrow.fs as pafs
+
+    fs, path = get_filesystem(uri, endpoint_url)
+    if scheme(uri) == "file":
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with ``/`` whatever the scheme."""
+    if scheme(uri) == "file" and "://" not in uri:
+        return os.path.join(uri, *parts)
+    return posixpath.join(uri.rstrip("/"), *parts)
+
+
+def _with_scheme(uri: str, path: str) -> str:
+    kind = scheme(uri)
+    if kind == "file":
+        return "file://" + path if uri.startswith("file://") else path
+    return f"{kind}://{path}"
+
+
+def _wrap(uri: str, exc: Exception) -> StorageError:
+    return StorageError(f"{uri}: {type(exc).__name__}: {exc}")
+
+
+def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
+    """The whole content of ``uri``.
+
+    Raises:
+        FileNotFoundError: when nothing is stored at ``uri``.
+        StorageError: for any other failure, with the URI.
+    """
+    fs, path = get_filesystem(uri, endpoint_url)
+    try:
+        return fs.cat_file(path)  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No such file: {uri}") from None
+    except Exception as exc:
+        raise _wrap(uri, exc) from exc
+
+
+def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
+    """Write ``data`` to ``uri`` atomically: readers see the old content or the new, never a part.
+
+    Local files are written to a temporary name and renamed; an S3 PUT is atomic by itself.
+    """
+    fs, path = get_filesystem(uri, endpoint_url)
+    try:
+        if scheme(uri) == "file":
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        else:
+            fs.pipe_file(path, data)
+    except Exception as exc:
+        raise _wrap(uri, exc) from exc
+
+
+def exists(uri: str, endpoint_url: str | None = None) -> bool:
+    fs, path = get_filesystem(uri, endpoint_url)
+    try:
+        return bool(fs.exists(path))
+    except Exception as exc:
+        raise _wrap(uri, exc) from exc
+
+
+def remove(uri: str, endpoint_url: str | None = None, *, recursive: bool = False) -> None:
+    """Delete ``uri`` (a folder too with ``recursive``); a missing path is not an error."""
+    fs, path = get_filesystem(uri, endpoint_url)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=recursive)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:
+        raise _wrap(uri, exc) from exc
+
+
+def move(src: str, dst: str, endpoint_url: str | None = None) -> None:
+    """Move one file (a rename locally, copy then delete on S3)."""
+    fs, src_path = get_filesystem(src, endpoint_url)
+    _, dst_path = get_filesystem(dst, endpoint_url)
+    try:
+        if scheme(src) == "file":
+            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+            os.replace(src_path, dst_path)
+        else:
+            fs.copy(src_path, dst_path)
+            fs.rm(src_path)
+    except Exception as exc:
+        raise _wrap(src, exc) from exc
+
+
+def _fingerprint(info: dict[str, Any]) -> str:
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return "etag:" + str(etag).strip('"')
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"size:{info.get('size', 0)}-mtime:{mtime}"
+
+
+def iter_files(
+    uri: str, *, extensions: tuple[str, ...] | None = None, endpoint_url: str | None = None
+) -> Iterator[FileEntry]:
+    """Files under a prefix (recursive) or matching a glob, in sorted order, as :class:`FileEntry`.
+
+    Args:
+        uri: a folder/prefix (``s3://bucket/archive/``), a glob (``s3://bucket/**/*.jpg``) or one file.
+        extensions: keep only names ending in one of these (lower-case, with the dot); None keeps all.
+
+    Hidden and underscore-prefixed names (``.DS_Store``, ``_SUCCESS``) are skipped.
+    """
+    fs, path = get_filesystem(uri, endpoint_url)
+    try:
+        if _GLOB_CHARS & set(path):
+            found = fs.glob(path, detail=True)
+        elif fs.isfile(path):
+            found = {path: fs.info(path)}
+        else:
+            found = fs.find(path, detail=True)
+            if not found and not fs.exists(path):
+                raise FileNotFoundError(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No such file or prefix: {uri}") from None
+    except Exception as exc:
+        raise _wrap(uri, exc) from exc
+    for p in sorted(found):
+        info = found[p]
+        if info.get("type") == "directory":
+            continue
+        name = posixpath.basename(p)
+        if name.startswith((".", "_")):
+            continue
+        if extensions and not name.lower().endswith(extensions):
+            continue
+        yield FileEntry(_with_scheme(uri, p), int(info.get("size") or 0), _fingerprint(info))
+
+
+def list_dirs(uri: str, endpoint_url: str | None = None) -> list[str]:
+    """Immediate sub-folders of ``uri`` (names only, sorted, hidden ones skipped)."""
+    fs, path = get_filesystem(uri, endpoint_url)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No such folder: {uri}") from None
+    except Exception as exc:
+        raise _wrap(uri, exc) from exc
+    names = [posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"]
+    return sorted(n for n in names if not n.startswith((".", "_")))
+

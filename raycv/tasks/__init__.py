@@ -1,0 +1,1 @@
+"""Per-task pieces: losses, metrics, post-processing."""

@@ -1,0 +1,83 @@
+"""Classification: metrics from a confusion matrix, the loss, and prediction post-processing."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[K, K] int64 counts; row = true class, column = predicted class."""
+    idx = targets.to(torch.int64) * num_classes + preds.to(torch.int64)
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def metrics_from_confusion(cm: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro precision, recall, F1 from a confusion matrix summed over the whole set.
+
+    Classes absent from both targets and predictions are left out of the macro averages; a class that
+    is predicted but never true (or the reverse) counts with 0 for the undefined ratio, as scikit-learn does.
+    """
+    m = np.asarray(cm, dtype=np.float64)
+    total = m.sum()
+    tp = np.diag(m)
+    predicted = m.sum(axis=0)
+    actual = m.sum(axis=1)
+    present = (predicted + actual) > 0
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    if not present.any():
+        return {"accuracy": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0}
+    return {
+        "accuracy": float(tp.sum() / total) if total else 0.0,
+        "precision": float(precision[present].mean()),
+        "recall": float(recall[present].mean()),
+        "f1": float(f1[present].mean()),
+    }
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy for hard labels [N] (int64) or mixed soft labels [N, K] (from mixup)."""
+    if targets.ndim == 1:
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    k = logits.shape[1]
+    soft = targets * (1.0 - label_smoothing) + label_smoothing / k
+    return torch.sum(-soft * F.log_softmax(logits, dim=1), dim=1).mean()
+
+
+def mixup(
+    images: torch.Tensor, labels: torch.Tensor, num_classes: int, alpha: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al. 2018): convex combinations of image pairs and of their one-hot labels.
+
+    Args:
+        images: [N, C, H, W] float.
+        labels: [N] int64.
+        alpha: Beta(alpha, alpha) concentration; 0 returns the inputs with one-hot labels.
+
+    Returns:
+        The mixed images [N, C, H, W] and soft labels [N, K].
+    """
+    one_hot = F.one_hot(labels, num_classes).to(images.dtype)
+    if alpha <= 0:
+        return images, one_hot
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.from_numpy(rng.permutation(images.shape[0])).to(images.device)
+    return lam * images + (1 - lam) * images[perm], lam * one_hot + (1 - lam) * one_hot[perm]
+
+
+def topk_rows(probs: np.ndarray, class_names: list[str], k: int) -> list[list[dict[str, object]]]:
+    """Per image, the ``k`` most likely classes as ``{label, label_name, score}`` dicts, best first.
+
+    Args:
+        probs: [N, K] float softmax probabilities.
+    """
+    k = min(k, probs.shape[1])
+    order = np.argsort(-probs, axis=1)[:, :k]
+    return [
+        [{"label": int(c), "label_name": class_names[c], "score": float(p[c])} for c in row]
+        for p, row in zip(probs, order, strict=True)
+    ]

@@ -1,0 +1,346 @@
+"""Distributed training with Ray Train V2: ``train_loop_per_worker`` and :func:`run_training`.
+
+Every worker builds the model, wraps it in DDP (gloo on CPU, nccl on GPU), reads its own shard of the
+dataset from object storage, and after each epoch the whole validation set (split across workers) is
+scored from one confusion matrix summed over all ranks. Rank 0 then writes the run directory and a Ray
+Train checkpoint; a worker that dies is replaced and every rank resumes from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import raycv
+from raycv import runs, storage
+from raycv.config import TrainConfig, config_to_dict
+from raycv.data.formats import Sample, read_imagefolder, split_train_val
+from raycv.data.loader import BatchLoader, shard_indices
+from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD, augment, normalize, to_tensor_resized
+from raycv.errors import ConfigError, DatasetError, RaycvError
+from raycv.tasks import classification as cls_task
+
+log = logging.getLogger(__name__)
+PRIMARY_METRIC = {"classification": "accuracy"}
+CHECKPOINT_FILE = "state.pt"
+
+
+class TrainingError(RaycvError, RuntimeError):
+    """Training failed after the allowed number of worker failures."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    epochs: int
+    best_metrics: dict[str, float]
+    duration_s: float
+
+
+# --------------------------------------------------------------------------------------------- worker side
+
+
+def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    from raycv.models import create_model, freeze_backbone, load_weights
+
+    h, _ = cfg.data.size_hw
+    model = create_model(cfg.model.arch, num_classes=num_classes, image_size=h)
+    if cfg.model.weights:
+        state = runs.load_state_dict(storage.read_bytes(cfg.model.weights, cfg.storage.endpoint_url), cfg.model.weights)
+        report = load_weights(model, state)
+        if ray.train.get_context().get_world_rank() == 0:
+            print(f"[raycv] weights {cfg.model.weights}: {len(report.loaded)} tensors loaded, "
+                  f"{len(report.skipped)} skipped (shape differs, e.g. the head)", flush=True)
+    if cfg.model.freeze_backbone:
+        freeze_backbone(model)
+    return model
+
+
+def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    t = cfg.train
+    opt: torch.optim.Optimizer
+    if t.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay, nesterov=True)
+    elif t.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    sched: Any = None
+    if t.scheduler == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
+    elif t.scheduler == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, t.epochs // 3), gamma=0.1)
+    return opt, sched
+
+
+def _transforms(cfg: TrainConfig) -> tuple[Any, Any]:
+    size = cfg.data.size_hw
+    aug = cfg.train.augment
+
+    def train_tf(image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        t = to_tensor_resized(image, size)
+        t = augment(t, rng, hflip=aug.hflip, vflip=aug.vflip, rotate=aug.rotate, color_jitter=aug.color_jitter)
+        return normalize(t, IMAGENET_MEAN, IMAGENET_STD)
+
+    def eval_tf(image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        return normalize(to_tensor_resized(image, size), IMAGENET_MEAN, IMAGENET_STD)
+
+    return train_tf, eval_tf
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _amp(device: torch.device, enabled: bool) -> tuple[Any, torch.amp.GradScaler | None]:
+    """Native AMP on GPU: bf16 where supported (no scaler needed), else fp16 with a GradScaler."""
+    if device.type != "cuda" or not enabled:
+        return torch.autocast(device.type, enabled=False), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def _train_epoch(model, loader, indices, opt, scaler, autocast, cfg, num_classes, epoch, device) -> float:  # type: ignore[no-untyped-def]
+    model.train()
+    aug = cfg.train.augment
+    rng = np.random.default_rng([cfg.train.seed, epoch, ray.train.get_context().get_world_rank()])
+    total, count = torch.zeros(2, dtype=torch.float64), 0
+    for images, labels in loader.iterate(indices, seed=cfg.train.seed * 1_000_003 + epoch * 7919):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        targets: torch.Tensor = labels
+        if aug.mixup > 0:
+            images, targets = cls_task.mixup(images, labels, num_classes, aug.mixup, rng)
+        with autocast:
+            loss = cls_task.soft_cross_entropy(model(images), targets, aug.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        total[0] += float(loss.detach()) * len(labels)
+        total[1] += len(labels)
+        count += 1
+    total = _all_reduce_sum(total)
+    return float(total[0] / max(total[1], 1))
+
+
+@torch.no_grad()
+def evaluate_confusion(model: nn.Module, loader: BatchLoader, indices: list[int], num_classes: int, device) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The [K, K] confusion matrix of ``model`` on ``indices`` (this rank's part only)."""
+    model.eval()
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for images, labels in loader.iterate(indices):
+        preds = model(images.to(device)).argmax(dim=1).cpu()
+        cm += cls_task.confusion_matrix(labels, preds, num_classes)
+    return cm
+
+
+def _save_checkpoint(state: dict[str, Any]) -> ray.train.Checkpoint:
+    # mkdtemp, not TemporaryDirectory: report() uploads the folder after this function returns.
+    path = tempfile.mkdtemp(prefix="raycv-ckpt-")
+    torch.save(state, os.path.join(path, CHECKPOINT_FILE))
+    return ray.train.Checkpoint.from_directory(path)
+
+
+def _restore(model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> tuple[int, dict[str, Any]]:
+    """Load the last reported checkpoint, if any; returns the epoch to start at and the run's record."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0, {"history": [], "best": None, "resumed_at_epochs": []}
+    with ckpt.as_directory() as d:
+        state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    if sched is not None and state.get("scheduler"):
+        sched.load_state_dict(state["scheduler"])
+    start = int(state["epoch"]) + 1
+    record = {"history": list(state["history"]), "best": state["best"],
+              "resumed_at_epochs": [*state.get("resumed_at_epochs", []), start]}
+    return start, record
+
+
+def _write_run_dir(cfg: TrainConfig, info: dict[str, Any], record: dict[str, Any]) -> None:
+    run_dir, ep = cfg.output.dir, cfg.storage.endpoint_url
+    runs.write_metrics(run_dir, record["history"], ep)
+    best = record["best"]
+    card = {
+        "task": cfg.task,
+        "arch": cfg.model.arch,
+        "num_classes": info["num_classes"],
+        "class_names": info["class_names"],
+        "image_size": cfg.data.image_size,
+        "in_channels": 3,
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "raycv_version": raycv.__version__,
+        "torch_version": torch.__version__,
+        "best_epoch": best["epoch"],
+        "best_metrics": best["metrics"],
+        "train_images": info["n_train"],
+        "val_images": info["n_val"],
+        "resumed_at_epochs": record["resumed_at_epochs"],
+        "config": config_to_dict(cfg),
+    }
+    runs.write_json(storage.join(run_dir, runs.MODEL_CARD), card, ep)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs (classification)."""
+    cfg = TrainConfig.model_validate(loop_config["cfg"])
+    info = loop_config["dataset"]
+    train_samples = [Sample(u, lb) for u, lb in info["train"]]
+    val_samples = [Sample(u, lb) for u, lb in info["val"]]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank before DDP broadcasts
+    device = ray.train.torch.get_device()
+    num_classes = info["num_classes"]
+
+    model = _build_model(cfg, num_classes)
+    opt, sched = _make_optimizer(cfg, model)
+    start, record = _restore(model, opt, sched)
+    ddp = ray.train.torch.prepare_model(model)
+    autocast, scaler = _amp(device, cfg.train.amp)
+    train_tf, eval_tf = _transforms(cfg)
+    ep = cfg.storage.endpoint_url
+    train_loader = BatchLoader(train_samples, train_tf, batch_size=cfg.train.batch_size, endpoint_url=ep)
+    val_loader = BatchLoader(val_samples, eval_tf, batch_size=cfg.train.batch_size, endpoint_url=ep)
+    if start and rank == 0:
+        print(f"[raycv] resumed from the checkpoint of epoch {start}", flush=True)
+
+    primary = PRIMARY_METRIC[cfg.task]
+    for epoch in range(start, cfg.train.epochs):
+        t0 = time.time()
+        idx = shard_indices(len(train_samples), rank, world, shuffle=True, seed=cfg.train.seed + epoch, pad=True)
+        loss = _train_epoch(ddp, train_loader, idx, opt, scaler, autocast, cfg, num_classes, epoch, device)
+        if sched is not None:
+            sched.step()
+        vidx = shard_indices(len(val_samples), rank, world, shuffle=False, seed=0, pad=False)
+        cm = _all_reduce_sum(evaluate_confusion(model, val_loader, vidx, num_classes, device))
+        metrics = {"epoch": epoch + 1, "train_loss": round(loss, 6)}
+        metrics.update({k: round(v, 6) for k, v in cls_task.metrics_from_confusion(cm).items()})
+        metrics["lr"] = opt.param_groups[0]["lr"]
+        metrics["epoch_s"] = round(time.time() - t0, 3)
+        record["history"].append(metrics)
+        best = record["best"]
+        if best is None or metrics[primary] > best["metrics"][primary]:
+            record["best"] = {"epoch": epoch + 1, "metrics": {k: v for k, v in metrics.items() if k not in ("lr", "epoch_s")}}
+            if rank == 0:
+                runs.save_weights(storage.join(cfg.output.dir, runs.WEIGHTS), model.state_dict(), ep)
+        checkpoint = None
+        if rank == 0:
+            _write_run_dir(cfg, info, record)
+            state = {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict() if sched is not None else None,
+                "epoch": epoch,
+                **record,
+            }
+            checkpoint = _save_checkpoint(state)
+            shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "lr"))
+            print(f"[raycv] epoch {epoch + 1}/{cfg.train.epochs} {shown}", flush=True)
+        ray.train.report(metrics, checkpoint=checkpoint)
+    train_loader.close()
+    val_loader.close()
+
+
+# --------------------------------------------------------------------------------------------- driver side
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray, unless already connected."""
+    if ray.is_initialized():
+        return
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+
+
+def plan_dataset(cfg: TrainConfig) -> dict[str, Any]:
+    """List and split the dataset on the driver: the URIs and labels every worker reads from."""
+    if cfg.data_format != "imagefolder":
+        raise ConfigError("data.format", cfg.data_format, f"Task '{cfg.task}' reads the imagefolder format.")
+    ep = cfg.storage.endpoint_url
+    ds = read_imagefolder(cfg.data.train, ep)
+    if cfg.data.val:
+        val_ds = read_imagefolder(cfg.data.val, ep)
+        if val_ds.class_names != ds.class_names:
+            raise DatasetError(f"data.val classes {val_ds.class_names} differ from data.train {ds.class_names}")
+        train, val = ds.samples, val_ds.samples
+    else:
+        train, val = split_train_val(ds.samples, cfg.data.val_fraction, cfg.train.seed)
+    if not val:
+        raise DatasetError("The validation set is empty: raise data.val_fraction or set data.val.")
+    num_classes = cfg.model.num_classes or len(ds.class_names)
+    if num_classes < len(ds.class_names):
+        raise ConfigError("model.num_classes", num_classes, f"The dataset has {len(ds.class_names)} classes; use at least that.")
+    names = ds.class_names + [f"class_{i}" for i in range(len(ds.class_names), num_classes)]
+    return {
+        "train": [(s.uri, s.label) for s in train],
+        "val": [(s.uri, s.label) for s in val],
+        "class_names": names,
+        "num_classes": num_classes,
+        "n_train": len(train),
+        "n_val": len(val),
+    }
+
+
+def run_training(cfg: TrainConfig, address: str | None = None) -> TrainResult:
+    """Train ``cfg`` on Ray (a cluster at ``address``, or local) and write the run directory.
+
+    Re-running with the same ``output.dir`` resumes from its last checkpoint.
+
+    Raises:
+        TrainingError: when the workers failed more than ``output.max_failures`` times.
+    """
+    t0 = time.time()
+    plan = plan_dataset(cfg)
+    ensure_ray(address)
+    fs, path = storage.pyarrow_filesystem(storage.join(cfg.output.dir, "checkpoints"), cfg.storage.endpoint_url)
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": config_to_dict(cfg), "dataset": plan},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name="ray_train",
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.output.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingError(f"training failed after {cfg.output.max_failures} allowed worker failures: {exc}") from exc
+    history = _read_history(cfg)
+    best = max(history, key=lambda r: r[PRIMARY_METRIC[cfg.task]]) if history else dict(result.metrics or {})
+    return TrainResult(cfg.output.dir, len(history), best, time.time() - t0)
+
+
+def _read_history(cfg: TrainConfig) -> list[dict[str, Any]]:
+    import json
+
+    text = storage.read_bytes(storage.join(cfg.output.dir, runs.METRICS), cfg.storage.endpoint_url).decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
