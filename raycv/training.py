@@ -210,6 +210,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_samples = [Sample(u, lb) for u, lb in info["val"]]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Ray sets OMP_NUM_THREADS, but a reused worker keeps the thread count of its first torch import.
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank before DDP broadcasts
     device = ray.train.torch.get_device()
     num_classes = info["num_classes"]
@@ -336,6 +338,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainResult:
         raise TrainingError(f"training failed after {cfg.output.max_failures} allowed worker failures: {exc}") from exc
     history = _read_history(cfg)
     best = max(history, key=lambda r: r[PRIMARY_METRIC[cfg.task]]) if history else dict(result.metrics or {})
+    best = {k: v for k, v in best.items() if k not in ("lr", "epoch_s")}
     return TrainResult(cfg.output.dir, len(history), best, time.time() - t0)
 
 

@@ -52,6 +52,7 @@ def ray_local(s3_endpoint):
     """One local Ray with 2 CPUs for the whole session (started after the S3 variables are set)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    # The dashboard serves the state API (ray.util.state) that the failure tests use to find workers.
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True)
     yield ray
     ray.shutdown()

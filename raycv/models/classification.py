@@ -36,7 +36,7 @@ _EXTRA_KWARGS: dict[str, dict[str, Any]] = {
 
 @register_model("simple_cnn", task=_TASK, min_input_size=16)
 def simple_cnn(*, num_classes: int, in_channels: int = 3, image_size: int | None = None) -> nn.Module:
-    """LeNet-5 modernised (BatchNorm, ReLU, max-pool, padding): ~60k params, for small images.
+    """LeNet-5 modernised (BatchNorm, ReLU, max-pool, padding): ~61k params, for small images.
 
     conv5x5(6) -> pool -> conv5x5(16) -> pool -> adaptive pool to 5x5 -> fc120 -> fc84 -> num_classes.
     Padding and the adaptive pool let it take any side >= 16 px; ``image_size`` is not needed.
