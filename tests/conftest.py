@@ -5,11 +5,15 @@ The AWS variables are set before ``ray.init`` so that Ray's workers inherit them
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
 
 import pytest
+
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request otherwise
 
 
 def _free_port() -> int:

@@ -151,7 +151,9 @@ def encode_png(array: np.ndarray) -> bytes:
     """
     if not isinstance(array, np.ndarray) or array.dtype != np.uint8:
         got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
-        raise ValueError(f"encode_png expects a uint8 array, got {got}; cast label maps with .astype(np.uint8).")
+        raise ValueError(
+            f"encode_png expects a uint8 array, got {got}; cast label maps with .astype(np.uint8)."
+        )
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
         raise ValueError(f"encode_png expects [H, W] or [H, W, 3], got shape {tuple(array.shape)}.")
     buffer = io.BytesIO()
@@ -174,7 +176,9 @@ def decode_png_mask(data: bytes, uri: str = "") -> np.ndarray:
     """
     with _pillow_limit_lifted(), _open(data, uri) as im:
         if im.format in _LOSSY_FORMATS:
-            raise DecodeError(uri, f"label maps must be stored losslessly (PNG); {im.format} changes label values")
+            raise DecodeError(
+                uri, f"label maps must be stored losslessly (PNG); {im.format} changes label values"
+            )
         try:
             im.load()
             labels = _label_values(im, uri)
@@ -329,7 +333,9 @@ def _riff_is_short(data: bytes) -> bool:
 def _unidentified_reason(data: bytes) -> str:
     for magic, name in _IMAGE_SIGNATURES:
         if data.startswith(magic):
-            return f"truncated image data or a corrupt {name} header ({len(data)} bytes); Pillow cannot parse it"
+            return (
+                f"truncated image data or a corrupt {name} header ({len(data)} bytes); Pillow cannot parse it"
+            )
     if _riff_is_short(data):
         return f"truncated image data ({len(data)} bytes): the WebP header declares more"
     return f"not a recognised image format: {_describe(data)}"

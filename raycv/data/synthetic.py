@@ -6,13 +6,15 @@ it, so annotations match the pixels exactly; later shapes occlude earlier ones a
 visible pixels.
 
 Sizes: a shape's ``scale`` is the circle's diameter, or the square's or triangle's side, as a fraction of
-the image's shorter side. Squares and triangles are rotated by a random angle.
+the image's shorter side. In scenes, squares and triangles turn by a random angle; classification samples
+are upright.
 """
 
 from __future__ import annotations
 
 import colorsys
 import io
+import itertools
 import math
 import struct
 import zlib
@@ -31,8 +33,9 @@ from raycv.data.images import IMAGE_EXTENSIONS
 CLASSES = ("circle", "square", "triangle")
 
 _WRITE_THREADS = 16  # S3 PUTs are latency-bound; local writes do not mind
-_IMAGEFOLDER_STREAM, _FLAT_STREAM = 0, 1  # distinct random streams for the two writers
+_IMAGEFOLDER_STREAM, _FLAT_STREAM, _FLAT_ORDER_STREAM = 0, 1, 2  # distinct random streams per use
 _Job = TypeVar("_Job")
+_SAVE_OPTIONS: dict[str, dict[str, object]] = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True}}
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,7 +85,9 @@ def render_scene(
     if n_objects < 0:
         raise ValueError(f"n_objects must be >= 0, got {n_objects}.")
     if not 0 < min_scale <= max_scale:
-        raise ValueError(f"Expected 0 < min_scale <= max_scale, got min_scale={min_scale}, max_scale={max_scale}.")
+        raise ValueError(
+            f"Expected 0 < min_scale <= max_scale, got min_scale={min_scale}, max_scale={max_scale}."
+        )
     image = _background(rng, height, width)
     owner = np.full((height, width), -1, dtype=np.int32)  # index of the shape visible at each pixel
     labels = rng.integers(0, len(classes), size=n_objects)
@@ -99,7 +104,9 @@ def render_scene(
 def render_classification_sample(rng: np.random.Generator, label: int, *, size: int) -> np.ndarray:
     """One shape of class ``CLASSES[label]`` over a noisy background.
 
-    The shape's scale is 30-70% of the image side, at a random position, angle and colour.
+    The shape's scale is 30-70% of the image side, at a random position and colour, upright (square
+    axis-aligned, triangle apex up): unlike random angles, which a small CNN needs thousands of steps to
+    see through at 32 pixels, upright shapes are learnt to ~100% in about a hundred steps.
 
     Returns:
         [size, size, 3] uint8 RGB.
@@ -112,7 +119,7 @@ def render_classification_sample(rng: np.random.Generator, label: int, *, size: 
 def _classification_image(rng: np.random.Generator, name: str, size: int) -> np.ndarray:
     height, width = _height_width(size)
     image = _background(rng, height, width)
-    shape = _place_shape(rng, name, height, width, rng.uniform(0.3, 0.7) * size)
+    shape = _place_shape(rng, name, height, width, rng.uniform(0.3, 0.7) * size, angle=_UPRIGHT[name])
     image[shape] = _saturated_colour(rng, rng.random())
     return image
 
@@ -127,7 +134,9 @@ def _height_width(size: int | tuple[int, int]) -> tuple[int, int]:
 def _check_classes(classes: Sequence[str]) -> None:
     unknown = [c for c in classes if c not in _SHAPES]
     if not classes or unknown:
-        raise ValueError(f"classes must be a non-empty subset of {CLASSES}; unknown: {unknown or 'none given'}.")
+        raise ValueError(
+            f"classes must be a non-empty subset of {CLASSES}; unknown: {unknown or 'none given'}."
+        )
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -145,13 +154,16 @@ def _saturated_colour(rng: np.random.Generator, hue: float) -> np.ndarray:
     return np.rint(np.array([r, g, b]) * 255).astype(np.uint8)
 
 
-def _place_shape(rng: np.random.Generator, name: str, height: int, width: int, scale: float) -> np.ndarray:
-    """[H, W] bool: the pixels whose centres fall inside a shape at a random position and angle."""
+def _place_shape(
+    rng: np.random.Generator, name: str, height: int, width: int, scale: float, *, angle: float | None = None
+) -> np.ndarray:
+    """[H, W] bool: the pixels whose centres fall inside a shape at a random position (and angle if None)."""
     circumradius = scale * _CIRCUMRADIUS[name]
     # Whole shape inside the image when it fits; centred on an axis where it cannot.
     cx = rng.uniform(circumradius, width - circumradius) if 2 * circumradius < width else width / 2
     cy = rng.uniform(circumradius, height - circumradius) if 2 * circumradius < height else height / 2
-    angle = rng.uniform(0.0, 2 * math.pi)
+    if angle is None:
+        angle = rng.uniform(0.0, 2 * math.pi)
     dx = (np.arange(width) + 0.5 - cx)[None, :]
     dy = (np.arange(height) + 0.5 - cy)[:, None]
     return _SHAPES[name](dx, dy, scale, angle)
@@ -173,10 +185,13 @@ def _regular_polygon(dx: np.ndarray, dy: np.ndarray, sides: int, radius: float, 
     """Inside test against each edge's half-plane (vertices counter-clockwise, so inside is on the left)."""
     inside = np.ones(np.broadcast_shapes(dx.shape, dy.shape), dtype=bool)
     corners = [
-        (radius * math.cos(angle + 2 * math.pi * k / sides), radius * math.sin(angle + 2 * math.pi * k / sides))
+        (
+            radius * math.cos(angle + 2 * math.pi * k / sides),
+            radius * math.sin(angle + 2 * math.pi * k / sides),
+        )
         for k in range(sides + 1)
     ]
-    for (x0, y0), (x1, y1) in zip(corners, corners[1:], strict=False):
+    for (x0, y0), (x1, y1) in itertools.pairwise(corners):
         inside &= (x1 - x0) * (dy - y0) - (y1 - y0) * (dx - x0) >= 0
     return inside
 
@@ -187,6 +202,8 @@ _SHAPES: dict[str, Callable[[np.ndarray, np.ndarray, float, float], np.ndarray]]
     "triangle": _triangle,
 }
 _CIRCUMRADIUS = {"circle": 0.5, "square": math.sqrt(0.5), "triangle": 1 / math.sqrt(3)}  # per unit scale
+# Angle of the first corner (image y points down): square sides along the axes, triangle apex up.
+_UPRIGHT = {"circle": 0.0, "square": math.pi / 4, "triangle": -math.pi / 2}
 
 
 def _annotate(image: np.ndarray, owner: np.ndarray, labels: np.ndarray) -> Scene:
@@ -235,7 +252,7 @@ def write_imagefolder(
 
     def write_one(job: tuple[int, int]) -> None:
         k, i = job
-        rng = np.random.default_rng([seed, _IMAGEFOLDER_STREAM, k, i])
+        rng = _rng(seed, _IMAGEFOLDER_STREAM, k, i)
         image = _classification_image(rng, classes[k], size)
         uri = storage.join(root, classes[k], f"{classes[k]}_{i:05d}{ext}")
         storage.write_bytes(uri, _encode(image, fmt), endpoint_url=endpoint_url)
@@ -249,23 +266,33 @@ def write_flat_archive(
 ) -> dict[str, int]:
     """Write an "unlabelled archive": ``n`` images directly under ``ROOT/`` as ``<i:05d>_<class>.png``.
 
-    Classes are balanced (as far as ``n`` allows) and shuffled; the true class is in the name.
+    Each run of ``len(CLASSES)`` consecutive images holds every class once, in a shuffled order. File ``i``
+    depends only on ``(seed, i)``, so a larger ``n`` rewrites the first files identically and adds more.
 
     Returns:
         ``{uri: label}`` with labels indexing :data:`CLASSES`.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}.")
-    labels = np.random.default_rng([seed, _FLAT_STREAM]).permutation(np.arange(n) % len(CLASSES))
+    k = len(CLASSES)
+    orders = [_rng(seed, _FLAT_ORDER_STREAM, block).permutation(k) for block in range(-(-n // k))]
+    labels = [int(orders[i // k][i % k]) for i in range(n)]
     uris = [storage.join(root, f"{i:05d}_{CLASSES[label]}.png") for i, label in enumerate(labels)]
 
     def write_one(i: int) -> None:
-        rng = np.random.default_rng([seed, _FLAT_STREAM, i])
+        rng = _rng(seed, _FLAT_STREAM, i)
         image = _classification_image(rng, CLASSES[labels[i]], size)
         storage.write_bytes(uris[i], _encode(image, "PNG"), endpoint_url=endpoint_url)
 
     _run_parallel(write_one, list(range(n)))
-    return {uri: int(label) for uri, label in zip(uris, labels, strict=True)}
+    return dict(zip(uris, labels, strict=True))
+
+
+def _rng(seed: int, *ids: int) -> np.random.Generator:
+    """The generator of one file: a function of the seed and the file's ids only, not of write order."""
+    if not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+    return np.random.default_rng([int(seed), *ids])
 
 
 def _format_for(ext: str) -> str:
@@ -275,10 +302,7 @@ def _format_for(ext: str) -> str:
 
 
 def _encode(image: np.ndarray, fmt: str) -> bytes:
-    options: dict[str, object] = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True}}.get(fmt, {})
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format=fmt, **options)
-    return buffer.getvalue()
+    return _save(Image.fromarray(image), fmt, **_SAVE_OPTIONS.get(fmt, {}))
 
 
 def _run_parallel(fn: Callable[[_Job], None], jobs: list[_Job]) -> None:
@@ -378,7 +402,9 @@ def _palette_gif() -> bytes:
     first.paste(1, (0, 0, 15, 20))
     second = first.copy()
     second.paste(2, (0, 0, 30, 20))
-    return _save(first, "GIF", save_all=True, append_images=[second], transparency=0, duration=100, disposal=2)
+    return _save(
+        first, "GIF", save_all=True, append_images=[second], transparency=0, duration=100, disposal=2
+    )
 
 
 def _bomb_png(width: int, height: int) -> bytes:

@@ -1,0 +1,43 @@
+import pytest
+
+from raycv import storage
+from raycv.data.formats import Sample, read_imagefolder, split_train_val
+from raycv.errors import DatasetError
+
+
+def test_imagefolder_classes_are_sorted_names_and_loose_files_ignored(tmp_path):
+    for rel in ["b/1.png", "b/2.jpg", "a/x.png", "a/deep/y.png", "c/readme.txt", "loose.png"]:
+        storage.write_bytes(str(tmp_path / rel), b"x")
+    ds = read_imagefolder(str(tmp_path))
+    assert ds.class_names == ["a", "b"]
+    got = sorted((s.uri.split(str(tmp_path))[1], s.label) for s in ds.samples)
+    assert got == [("/a/deep/y.png", 0), ("/a/x.png", 0), ("/b/1.png", 1), ("/b/2.jpg", 1)]
+
+
+def test_imagefolder_on_s3(bucket):
+    for rel in ["ds/cat/1.png", "ds/dog/2.png", "ds/dog/3.png"]:
+        storage.write_bytes(f"{bucket}/{rel}", b"x")
+    ds = read_imagefolder(f"{bucket}/ds")
+    assert ds.class_names == ["cat", "dog"]
+    assert [s.label for s in ds.samples] == [0, 1, 1]
+    assert ds.samples[0].uri == f"{bucket}/ds/cat/1.png"
+
+
+def test_imagefolder_errors(tmp_path):
+    storage.write_bytes(str(tmp_path / "only.png"), b"x")
+    with pytest.raises(DatasetError, match=r"ROOT/<class_name>/<image>"):
+        read_imagefolder(str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        read_imagefolder(str(tmp_path / "missing"))
+
+
+def test_split_is_stratified_deterministic_and_disjoint():
+    samples = [Sample(f"u{i}", i % 3) for i in range(90)] + [Sample("lonely", 3)]
+    train, val = split_train_val(samples, 0.2, seed=5)
+    again = split_train_val(samples, 0.2, seed=5)
+    assert (train, val) == again
+    assert {s.uri for s in train}.isdisjoint({s.uri for s in val})
+    assert len(train) + len(val) == 91
+    assert [sum(s.label == k for s in val) for k in range(4)] == [6, 6, 6, 0]  # a 1-image class stays in train
+    other = split_train_val(samples, 0.2, seed=6)[1]
+    assert {s.uri for s in other} != {s.uri for s in val}
