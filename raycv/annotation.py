@@ -68,7 +68,9 @@ def _manifest_uris(uri: str, endpoint_url: str | None) -> list[str]:
 
         table = pq.read_table(io.BytesIO(data))
     if "image_uri" not in table.column_names:
-        raise ConfigError("input", uri, f"A manifest needs an 'image_uri' column; found {table.column_names}.")
+        raise ConfigError(
+            "input", uri, f"A manifest needs an 'image_uri' column; found {table.column_names}."
+        )
     return [u for u in table.column("image_uri").to_pylist() if u]
 
 
@@ -95,10 +97,14 @@ def plan_inputs(source: str | list[str], endpoint_url: str | None = None) -> lis
         planned = _fingerprints(_manifest_uris(source, endpoint_url), endpoint_url)
     else:
         try:
-            planned = [(e.uri, e.fingerprint) for e in storage.iter_files(source, extensions=IMAGE_EXTENSIONS,
-                                                                              endpoint_url=endpoint_url)]
+            planned = [
+                (e.uri, e.fingerprint)
+                for e in storage.iter_files(source, extensions=IMAGE_EXTENSIONS, endpoint_url=endpoint_url)
+            ]
         except FileNotFoundError:
-            raise ConfigError("input", source, "Nothing there: give an existing prefix, glob, list or manifest.") from None
+            raise ConfigError(
+                "input", source, "Nothing there: give an existing prefix, glob, list or manifest."
+            ) from None
     seen: set[str] = set()
     return [(u, f) for u, f in planned if not (u in seen or seen.add(u))]  # type: ignore[func-returns-value]
 
@@ -110,8 +116,9 @@ def _error(stage: str, exc: BaseException) -> tuple[str, str, str]:
     return stage, type(exc).__name__, str(exc)[:2000]
 
 
-def read_decode_batch(batch: dict[str, np.ndarray], *, size_hw: tuple[int, int], endpoint_url: str | None,
-                      max_pixels: int) -> dict[str, np.ndarray]:
+def read_decode_batch(
+    batch: dict[str, np.ndarray], *, size_hw: tuple[int, int], endpoint_url: str | None, max_pixels: int
+) -> dict[str, np.ndarray]:
     """Fetch and decode a batch of images into fixed-size uint8 pixels, catching each image's failure.
 
     Returns the plan columns plus ``pixels`` [B, h, w, 3] uint8 (zeros for failed images), ``width`` and
@@ -147,9 +154,12 @@ def read_decode_batch(batch: dict[str, np.ndarray], *, size_hw: tuple[int, int],
 class Classifier:
     """A model replica (one per actor): loads the run's weights in ``__init__``, labels batches."""
 
-    def __init__(self, run_dir: str, endpoint_url: str | None, run_id: str, topk: int, threads: int,
-                 use_gpu: bool) -> None:
-        torch.set_num_threads(max(1, threads))  # Ray sets OMP threads, but a reused worker keeps its old count
+    def __init__(
+        self, run_dir: str, endpoint_url: str | None, run_id: str, topk: int, threads: int, use_gpu: bool
+    ) -> None:
+        torch.set_num_threads(
+            max(1, threads)
+        )  # Ray sets OMP threads, but a reused worker keeps its old count
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.run = runs.load_run(run_dir, endpoint_url, self.device)
         norm = self.run.card.get("normalization", {})
@@ -158,7 +168,13 @@ class Classifier:
         self.schema = outputs.images_schema(self.run.card["task"])
 
     def _predict(self, pixels: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        x = (
+            torch.from_numpy(np.ascontiguousarray(pixels))
+            .to(self.device)
+            .permute(0, 3, 1, 2)
+            .float()
+            .div_(255.0)
+        )
         with torch.inference_mode():
             logits = self.run.model(normalize(x, self.mean, self.std))
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
@@ -178,7 +194,12 @@ class Classifier:
                 probs = self._predict(batch["pixels"][good])
                 rows = topk_rows(probs, self.run.class_names, self.topk)
                 for j, i in enumerate(good):
-                    label[i], name[i], score[i], topk[i] = rows[j][0]["label"], rows[j][0]["label_name"], rows[j][0]["score"], rows[j]
+                    label[i], name[i], score[i], topk[i] = (
+                        rows[j][0]["label"],
+                        rows[j][0]["label_name"],
+                        rows[j][0]["score"],
+                        rows[j],
+                    )
             except Exception as exc:  # a model failure marks this batch's images, the run goes on
                 for i in good:
                     stage[i], etype[i], emsg[i] = _error("model", exc)
@@ -188,42 +209,63 @@ class Classifier:
             "image_uri": [str(v) for v in batch["image_uri"]],
             "source_etag": [str(v) or None for v in batch["source_etag"]],
             "status": ["error" if s else "ok" for s in stage],
-            "error_stage": stage, "error_type": etype, "error_message": emsg,
+            "error_stage": stage,
+            "error_type": etype,
+            "error_message": emsg,
             "width": [int(w) if w >= 0 else None for w in batch["width"]],
             "height": [int(h) if h >= 0 else None for h in batch["height"]],
             "task": [self.run.card["task"]] * n,
             "model_id": [self.run.model_id] * n,
             "run_id": [self.run_id] * n,
             "annotated_at": [now] * n,
-            "label": label, "label_name": name, "score": score, "topk": topk,
+            "label": label,
+            "label_name": name,
+            "score": score,
+            "topk": topk,
         }
         return pa.table(columns, schema=self.schema)
 
 
 def _plan_table(todo: list[tuple[str, str | None]]) -> list[pa.Table]:
-    table = pa.table({
-        "image_id": [outputs.image_id_of(u) for u, _ in todo],
-        "image_uri": [u for u, _ in todo],
-        "source_etag": [f or "" for _, f in todo],
-    })
+    table = pa.table(
+        {
+            "image_id": [outputs.image_id_of(u) for u, _ in todo],
+            "image_uri": [u for u, _ in todo],
+            "source_etag": [f or "" for _, f in todo],
+        }
+    )
     return [table.slice(i, ROWS_PER_BLOCK) for i in range(0, table.num_rows, ROWS_PER_BLOCK)]
 
 
-def _run_pipeline(cfg: AnnotateConfig, todo: list[tuple[str, str | None]], card: dict[str, Any], run_id: str) -> None:
+def _run_pipeline(
+    cfg: AnnotateConfig, todo: list[tuple[str, str | None]], card: dict[str, Any], run_id: str
+) -> None:
     ep = cfg.storage.endpoint_url
     size = card["image_size"]
     size_hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    ds = ray.data.from_arrow(_plan_table(todo))
+    ds: ray.data.Dataset = ray.data.from_arrow(_plan_table(todo))
     ds = ds.map_batches(
-        read_decode_batch, batch_size=ROWS_PER_BLOCK, num_cpus=DECODE_CPUS, batch_format="numpy",
+        read_decode_batch,  # type: ignore[arg-type]
+        batch_size=ROWS_PER_BLOCK,
+        num_cpus=DECODE_CPUS,
+        batch_format="numpy",
         fn_kwargs={"size_hw": size_hw, "endpoint_url": ep, "max_pixels": cfg.max_pixels},
     )
     ds = ds.map_batches(
-        Classifier, batch_size=cfg.batch_size, batch_format="numpy",
+        Classifier,
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
-        fn_constructor_kwargs={"run_dir": cfg.model, "endpoint_url": ep, "run_id": run_id, "topk": cfg.topk,
-                               "threads": int(cfg.cpus_per_actor), "use_gpu": cfg.gpus_per_actor > 0},
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor or None,
+        fn_constructor_kwargs={
+            "run_dir": cfg.model,
+            "endpoint_url": ep,
+            "run_id": run_id,
+            "topk": cfg.topk,
+            "threads": int(cfg.cpus_per_actor),
+            "use_gpu": cfg.gpus_per_actor > 0,
+        },
     )
     fs, path = storage.pyarrow_filesystem(outputs.staging_dir(cfg.output, run_id), ep)
     ds.write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": 0.25}, compression="zstd")
@@ -245,7 +287,8 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
     planned = plan_inputs(cfg.input, ep)
     index = outputs.read_index(cfg.output, ep)
     todo = [
-        (u, f) for u, f in planned
+        (u, f)
+        for u, f in planned
         if not (cfg.incremental and _is_current(index.get(outputs.image_id_of(u)), f, model_id))
     ]
     run_id = new_run_id()
@@ -262,9 +305,16 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
         counts = outputs.count_status(files, ep)
     duration = time.time() - t0
     summary = AnnotateSummary(
-        total=len(planned), ok=counts.get("ok", 0), error=counts.get("error", 0), skipped=len(planned) - len(todo),
-        images_per_s=round(len(todo) / duration, 3) if duration else 0.0, duration_s=round(duration, 3),
-        run_id=run_id, model_id=model_id, output=cfg.output, recovered=recovered,
+        total=len(planned),
+        ok=counts.get("ok", 0),
+        error=counts.get("error", 0),
+        skipped=len(planned) - len(todo),
+        images_per_s=round(len(todo) / duration, 3) if duration else 0.0,
+        duration_s=round(duration, 3),
+        run_id=run_id,
+        model_id=model_id,
+        output=cfg.output,
+        recovered=recovered,
     )
     runs.write_json(storage.join(cfg.output, outputs.SUMMARY), asdict(summary), ep)
     return summary
@@ -272,5 +322,6 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
 
 def _is_current(row: outputs.IndexedRow | None, fingerprint: str | None, model_id: str) -> bool:
     """Whether a committed row already annotates this content with this model (and succeeded)."""
-    return row is not None and row.status == "ok" and row.model_id == model_id and row.fingerprint == fingerprint
-
+    return (
+        row is not None and row.status == "ok" and row.model_id == model_id and row.fingerprint == fingerprint
+    )

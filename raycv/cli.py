@@ -25,14 +25,24 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_config_args(p: argparse.ArgumentParser, address: bool = True) -> None:
     p.add_argument("config", metavar="CONFIG.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="key.path=value",
-                   help="override any config key (value parsed as YAML); repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="key.path=value",
+        help="override any config key (value parsed as YAML); repeatable",
+    )
     if address:
-        p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
+        p.add_argument(
+            "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="raycv", description="Distributed training and bulk annotation of image archives on Ray.")
+    parser = _Parser(
+        prog="raycv", description="Distributed training and bulk annotation of image archives on Ray."
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_config_args(sub.add_parser("train", help="train a model with Ray Train (SPEC §3)"))
     _add_config_args(sub.add_parser("annotate", help="annotate an image archive into Parquet with Ray Data"))
@@ -61,8 +71,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _validated(args, "train")
     result = run_training(cfg, args.address)
     shown = ", ".join(f"{k}={v}" for k, v in result.best_metrics.items())
-    print(f"\nraycv train: done in {result.duration_s:.1f}s, {result.epochs} epochs\n"
-          f"  best: {shown}\n  run directory: {result.run_dir} (model.json, model.pt, metrics.jsonl)")
+    print(
+        f"\nraycv train: done in {result.duration_s:.1f}s, {result.epochs} epochs\n"
+        f"  best: {shown}\n  run directory: {result.run_dir} (model.json, model.pt, metrics.jsonl)"
+    )
     return EXIT_OK
 
 
@@ -70,10 +82,12 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     from raycv.annotation import run_annotation
 
     s = run_annotation(_validated(args, "annotate"), args.address)
-    print(f"\nraycv annotate: {s.total} images: {s.ok} ok, {s.error} error, {s.skipped} skipped "
-          f"in {s.duration_s:.1f}s ({s.images_per_s:.1f} img/s)\n"
-          f"  output: {s.output}/images (Parquet), summary: {s.output}/_summary.json\n"
-          f"  run_id={s.run_id} model_id={s.model_id}")
+    print(
+        f"\nraycv annotate: {s.total} images: {s.ok} ok, {s.error} error, {s.skipped} skipped "
+        f"in {s.duration_s:.1f}s ({s.images_per_s:.1f} img/s)\n"
+        f"  output: {s.output}/images (Parquet), summary: {s.output}/_summary.json\n"
+        f"  run_id={s.run_id} model_id={s.model_id}"
+    )
     return EXIT_OK
 
 
@@ -123,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raycv: invalid config: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (RaycvError, FileNotFoundError, PermissionError) as exc:
-        print(f"raycv {args.command}: {type(exc).__name__}: {exc}\n"
-              "  (Ray's logs: /tmp/ray/session_latest/logs, or the dashboard's job page)", file=sys.stderr)
+        print(
+            f"raycv {args.command}: {type(exc).__name__}: {exc}\n"
+            "  (Ray's logs: /tmp/ray/session_latest/logs, or the dashboard's job page)",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("raycv: interrupted", file=sys.stderr)

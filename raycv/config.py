@@ -182,7 +182,9 @@ class AnnotateConfig(_Strict):
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (``3``, ``true``, ``[1, 2]``)."""
     if "=" not in assignment:
-        raise ConfigError("--set", assignment, "Write overrides as key.path=value, e.g. --set train.epochs=3.")
+        raise ConfigError(
+            "--set", assignment, "Write overrides as key.path=value, e.g. --set train.epochs=3."
+        )
     key, raw = assignment.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
@@ -213,24 +215,22 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
 
 def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
     for part in loc:
-        if isinstance(data, dict) and part in data:
-            data = data[part]
-        elif isinstance(data, list | tuple) and isinstance(part, int) and part < len(data):
+        if (isinstance(data, dict) and part in data) or (isinstance(data, list | tuple) and isinstance(part, int) and part < len(data)):
             data = data[part]
         else:
             return None
     return data
 
 
-def _fix_for(err: dict[str, Any], model_cls: type[BaseModel], loc: tuple[Any, ...]) -> str:
+def _fix_for(err: Any, model_cls: type[BaseModel], loc: tuple[Any, ...]) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         section: Any = model_cls
         for part in loc[:-1]:
-            field = section.model_fields.get(part) if isinstance(section, type) else None
+            field = getattr(section, "model_fields", {}).get(part)
             ann = getattr(field, "annotation", None)
             section = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        allowed = sorted(section.model_fields) if section is not None else []
+        allowed = sorted(getattr(section, "model_fields", {}))
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f"Did you mean '{close[0]}'? " if close else ""
         return f"Unknown key. {hint}Allowed keys here: {', '.join(allowed)}."
@@ -287,7 +287,11 @@ def check_paths(cfg: TrainConfig | AnnotateConfig) -> None:
 
     ep = cfg.storage.endpoint_url
     if isinstance(cfg, TrainConfig):
-        needed = [("data.train", cfg.data.train), ("data.val", cfg.data.val), ("model.weights", cfg.model.weights)]
+        needed = [
+            ("data.train", cfg.data.train),
+            ("data.val", cfg.data.val),
+            ("model.weights", cfg.model.weights),
+        ]
     else:
         needed = [("model", cfg.model)]
     for field, uri in needed:
@@ -296,6 +300,10 @@ def check_paths(cfg: TrainConfig | AnnotateConfig) -> None:
         try:
             found = storage.exists(uri, ep)
         except Exception as exc:  # unreachable endpoint, bad credentials: say so, with the field
-            raise ConfigError(field, uri, f"It could not be checked ({exc}); check storage.endpoint_url and credentials.") from exc
+            raise ConfigError(
+                field, uri, f"It could not be checked ({exc}); check storage.endpoint_url and credentials."
+            ) from exc
         if not found:
-            raise ConfigError(field, uri, "Nothing exists at this path; give an existing local path, file:// or s3:// URI.")
+            raise ConfigError(
+                field, uri, "Nothing exists at this path; give an existing local path, file:// or s3:// URI."
+            )

@@ -31,30 +31,46 @@ def run_demo(workdir: str) -> None:
         storage.write_bytes(os.path.join(archive, "edge_cases", name), data)
 
     if not ray.is_initialized():
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False)
+        ray.init(num_cpus=max(2, os.cpu_count() or 2))
     print("[demo] 2/3 training simple_cnn with 2 Ray Train workers", flush=True)
-    train_cfg = TrainConfig.model_validate({
-        "model": {"arch": "simple_cnn"},
-        "data": {"train": dataset, "image_size": 32, "val_fraction": 0.2},
-        "train": {"epochs": 6, "batch_size": 32, "lr": 0.003, "augment": {"hflip": 0.5}},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
-        "output": {"dir": run_dir},
-    })
+    train_cfg = TrainConfig.model_validate(
+        {
+            "model": {"arch": "simple_cnn"},
+            "data": {"train": dataset, "image_size": 32, "val_fraction": 0.2},
+            "train": {"epochs": 6, "batch_size": 32, "lr": 0.003, "augment": {"hflip": 0.5}},
+            "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+            "output": {"dir": run_dir},
+        }
+    )
     result = run_training(train_cfg)
     print("[demo] 3/3 annotating the archive with 2 model actors", flush=True)
-    ann_cfg = AnnotateConfig.model_validate({
-        "model": run_dir, "input": archive, "output": out, "batch_size": 32, "actors": 2, "cpus_per_actor": 0.5,
-    })
+    ann_cfg = AnnotateConfig.model_validate(
+        {
+            "model": run_dir,
+            "input": archive,
+            "output": out,
+            "batch_size": 32,
+            "actors": 2,
+            "cpus_per_actor": 0.5,
+        }
+    )
     summary = run_annotation(ann_cfg)
     table = pq.read_table(os.path.join(out, outputs.IMAGES_DIR))
     rows = {r["image_uri"]: r for r in table.to_pylist()}
     correct = sum(rows[u]["label"] == lb for u, lb in truth.items() if rows.get(u, {}).get("status") == "ok")
-    errors = [(os.path.basename(r["image_uri"]), r["error_stage"], r["error_type"]) for r in rows.values()
-              if r["status"] == "error"]
+    errors = [
+        (os.path.basename(r["image_uri"]), r["error_stage"], r["error_type"])
+        for r in rows.values()
+        if r["status"] == "error"
+    ]
     print("\n=== raycv demo ===")
     print(f"trained: {json.dumps(result.best_metrics)}")
-    print(f"annotated: {summary.total} images, {summary.ok} ok, {summary.error} error rows; "
-          f"accuracy on the labelled part of the archive {correct}/{len(truth)}")
+    print(
+        f"annotated: {summary.total} images, {summary.ok} ok, {summary.error} error rows; "
+        f"accuracy on the labelled part of the archive {correct}/{len(truth)}"
+    )
     for name, stage, etype in sorted(errors):
         print(f"  error row: {name:<18} stage={stage:<7} {etype}")
-    print(f"\nrun directory: {run_dir}\nannotations:   {out}/images (Parquet)\nsummary:       {out}/_summary.json")
+    print(
+        f"\nrun directory: {run_dir}\nannotations:   {out}/images (Parquet)\nsummary:       {out}/_summary.json"
+    )

@@ -87,7 +87,9 @@ def read_index(output: str, endpoint_url: str | None = None) -> dict[str, Indexe
 def committed_files(output: str, endpoint_url: str | None = None) -> list[str]:
     images = storage.join(output, IMAGES_DIR)
     try:
-        return [e.uri for e in storage.iter_files(images, extensions=(".parquet",), endpoint_url=endpoint_url)]
+        return [
+            e.uri for e in storage.iter_files(images, extensions=(".parquet",), endpoint_url=endpoint_url)
+        ]
     except FileNotFoundError:
         return []
 
@@ -134,8 +136,12 @@ def commit(
     Returns:
         The committed URIs of this run's files.
     """
-    staged = [e.uri for e in storage.iter_files(staging_dir(output, run_id), extensions=(".parquet",),
-                                                  endpoint_url=endpoint_url)]
+    staged = [
+        e.uri
+        for e in storage.iter_files(
+            staging_dir(output, run_id), extensions=(".parquet",), endpoint_url=endpoint_url
+        )
+    ]
     moves = [(s, storage.join(output, IMAGES_DIR, f"{run_id}-{i:05d}.parquet")) for i, s in enumerate(staged)]
     journal = {"run_id": run_id, "moves": moves, "supersede": supersede}
     storage.write_bytes(_journal_uri(output, run_id), json.dumps(journal).encode(), endpoint_url)
@@ -146,8 +152,11 @@ def commit(
 def recover(output: str, endpoint_url: str | None = None) -> list[str]:
     """Finish the commits a crashed run left half-done; returns their run ids."""
     try:
-        journals = list(storage.iter_files(storage.join(output, JOURNAL_DIR), extensions=(".json",),
-                                           endpoint_url=endpoint_url))
+        journals = list(
+            storage.iter_files(
+                storage.join(output, JOURNAL_DIR), extensions=(".json",), endpoint_url=endpoint_url
+            )
+        )
     except FileNotFoundError:
         return []
     done = []

@@ -41,7 +41,9 @@ def load_state_dict(data: bytes, uri: str = "") -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{uri or 'weights'} is not a torch state_dict loadable with weights_only=True: {exc}") from exc
+        raise ValueError(
+            f"{uri or 'weights'} is not a torch state_dict loadable with weights_only=True: {exc}"
+        ) from exc
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict):

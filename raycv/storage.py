@@ -219,4 +219,3 @@ def list_dirs(uri: str, endpoint_url: str | None = None) -> list[str]:
         raise _wrap(uri, exc) from exc
     names = [posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"]
     return sorted(n for n in names if not n.startswith((".", "_")))
-

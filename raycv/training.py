@@ -58,11 +58,16 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     h, _ = cfg.data.size_hw
     model = create_model(cfg.model.arch, num_classes=num_classes, image_size=h)
     if cfg.model.weights:
-        state = runs.load_state_dict(storage.read_bytes(cfg.model.weights, cfg.storage.endpoint_url), cfg.model.weights)
+        state = runs.load_state_dict(
+            storage.read_bytes(cfg.model.weights, cfg.storage.endpoint_url), cfg.model.weights
+        )
         report = load_weights(model, state)
         if ray.train.get_context().get_world_rank() == 0:
-            print(f"[raycv] weights {cfg.model.weights}: {len(report.loaded)} tensors loaded, "
-                  f"{len(report.skipped)} skipped (shape differs, e.g. the head)", flush=True)
+            print(
+                f"[raycv] weights {cfg.model.weights}: {len(report.loaded)} tensors loaded, "
+                f"{len(report.skipped)} skipped (shape differs, e.g. the head)",
+                flush=True,
+            )
     if cfg.model.freeze_backbone:
         freeze_backbone(model)
     return model
@@ -92,7 +97,9 @@ def _transforms(cfg: TrainConfig) -> tuple[Any, Any]:
 
     def train_tf(image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         t = to_tensor_resized(image, size)
-        t = augment(t, rng, hflip=aug.hflip, vflip=aug.vflip, rotate=aug.rotate, color_jitter=aug.color_jitter)
+        t = augment(
+            t, rng, hflip=aug.hflip, vflip=aug.vflip, rotate=aug.rotate, color_jitter=aug.color_jitter
+        )
         return normalize(t, IMAGENET_MEAN, IMAGENET_STD)
 
     def eval_tf(image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
@@ -120,7 +127,7 @@ def _train_epoch(model, loader, indices, opt, scaler, autocast, cfg, num_classes
     model.train()
     aug = cfg.train.augment
     rng = np.random.default_rng([cfg.train.seed, epoch, ray.train.get_context().get_world_rank()])
-    total, count = torch.zeros(2, dtype=torch.float64), 0
+    total = torch.zeros(2, dtype=torch.float64)
     for images, labels in loader.iterate(indices, seed=cfg.train.seed * 1_000_003 + epoch * 7919):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         targets: torch.Tensor = labels
@@ -138,13 +145,14 @@ def _train_epoch(model, loader, indices, opt, scaler, autocast, cfg, num_classes
             opt.step()
         total[0] += float(loss.detach()) * len(labels)
         total[1] += len(labels)
-        count += 1
     total = _all_reduce_sum(total)
-    return float(total[0] / max(total[1], 1))
+    return float(total[0]) / max(float(total[1]), 1.0)
 
 
 @torch.no_grad()
-def evaluate_confusion(model: nn.Module, loader: BatchLoader, indices: list[int], num_classes: int, device) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def evaluate_confusion(
+    model: nn.Module, loader: BatchLoader, indices: list[int], num_classes: int, device
+) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """The [K, K] confusion matrix of ``model`` on ``indices`` (this rank's part only)."""
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
@@ -173,8 +181,11 @@ def _restore(model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> tuple[
     if sched is not None and state.get("scheduler"):
         sched.load_state_dict(state["scheduler"])
     start = int(state["epoch"]) + 1
-    record = {"history": list(state["history"]), "best": state["best"],
-              "resumed_at_epochs": [*state.get("resumed_at_epochs", []), start]}
+    record = {
+        "history": list(state["history"]),
+        "best": state["best"],
+        "resumed_at_epochs": [*state.get("resumed_at_epochs", []), start],
+    }
     return start, record
 
 
@@ -231,7 +242,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     primary = PRIMARY_METRIC[cfg.task]
     for epoch in range(start, cfg.train.epochs):
         t0 = time.time()
-        idx = shard_indices(len(train_samples), rank, world, shuffle=True, seed=cfg.train.seed + epoch, pad=True)
+        idx = shard_indices(
+            len(train_samples), rank, world, shuffle=True, seed=cfg.train.seed + epoch, pad=True
+        )
         loss = _train_epoch(ddp, train_loader, idx, opt, scaler, autocast, cfg, num_classes, epoch, device)
         if sched is not None:
             sched.step()
@@ -244,7 +257,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         record["history"].append(metrics)
         best = record["best"]
         if best is None or metrics[primary] > best["metrics"][primary]:
-            record["best"] = {"epoch": epoch + 1, "metrics": {k: v for k, v in metrics.items() if k not in ("lr", "epoch_s")}}
+            record["best"] = {
+                "epoch": epoch + 1,
+                "metrics": {k: v for k, v in metrics.items() if k not in ("lr", "epoch_s")},
+            }
             if rank == 0:
                 runs.save_weights(storage.join(cfg.output.dir, runs.WEIGHTS), model.state_dict(), ep)
         checkpoint = None
@@ -284,7 +300,9 @@ def plan_dataset(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.data.val:
         val_ds = read_imagefolder(cfg.data.val, ep)
         if val_ds.class_names != ds.class_names:
-            raise DatasetError(f"data.val classes {val_ds.class_names} differ from data.train {ds.class_names}")
+            raise DatasetError(
+                f"data.val classes {val_ds.class_names} differ from data.train {ds.class_names}"
+            )
         train, val = ds.samples, val_ds.samples
     else:
         train, val = split_train_val(ds.samples, cfg.data.val_fraction, cfg.train.seed)
@@ -292,7 +310,11 @@ def plan_dataset(cfg: TrainConfig) -> dict[str, Any]:
         raise DatasetError("The validation set is empty: raise data.val_fraction or set data.val.")
     num_classes = cfg.model.num_classes or len(ds.class_names)
     if num_classes < len(ds.class_names):
-        raise ConfigError("model.num_classes", num_classes, f"The dataset has {len(ds.class_names)} classes; use at least that.")
+        raise ConfigError(
+            "model.num_classes",
+            num_classes,
+            f"The dataset has {len(ds.class_names)} classes; use at least that.",
+        )
     names = ds.class_names + [f"class_{i}" for i in range(len(ds.class_names), num_classes)]
     return {
         "train": [(s.uri, s.label) for s in train],
@@ -315,7 +337,9 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     t0 = time.time()
     plan = plan_dataset(cfg)
     ensure_ray(address)
-    fs, path = storage.pyarrow_filesystem(storage.join(cfg.output.dir, "checkpoints"), cfg.storage.endpoint_url)
+    fs, path = storage.pyarrow_filesystem(
+        storage.join(cfg.output.dir, "checkpoints"), cfg.storage.endpoint_url
+    )
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": config_to_dict(cfg), "dataset": plan},
@@ -335,7 +359,9 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        raise TrainingError(f"training failed after {cfg.output.max_failures} allowed worker failures: {exc}") from exc
+        raise TrainingError(
+            f"training failed after {cfg.output.max_failures} allowed worker failures: {exc}"
+        ) from exc
     history = _read_history(cfg)
     best = max(history, key=lambda r: r[PRIMARY_METRIC[cfg.task]]) if history else dict(result.metrics or {})
     best = {k: v for k, v in best.items() if k not in ("lr", "epoch_s")}

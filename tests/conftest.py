@@ -12,7 +12,6 @@ import uuid
 
 import pytest
 
-
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request otherwise
 
 

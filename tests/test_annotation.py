@@ -21,16 +21,24 @@ def archive(tmp_path):
 def test_prefix_glob_and_list_inputs(archive):
     by_prefix = [u for u, _ in plan_inputs(str(archive))]
     assert [u.split(str(archive))[1] for u in by_prefix] == ["/a/1.png", "/a/2.jpg", "/b/3.png"]
-    assert [u for u, _ in plan_inputs(str(archive / "*" / "*.png"))] == [str(archive / "a/1.png"), str(archive / "b/3.png")]
+    assert [u for u, _ in plan_inputs(str(archive / "*" / "*.png"))] == [
+        str(archive / "a/1.png"),
+        str(archive / "b/3.png"),
+    ]
     listed = plan_inputs([str(archive / "b/3.png"), str(archive / "a/1.png"), str(archive / "b/3.png")])
-    assert [u for u, _ in listed] == [str(archive / "b/3.png"), str(archive / "a/1.png")]  # order kept, de-duplicated
+    assert [u for u, _ in listed] == [
+        str(archive / "b/3.png"),
+        str(archive / "a/1.png"),
+    ]  # order kept, de-duplicated
     assert all(f and f.startswith("size:") for _, f in listed)
 
 
 def test_manifests_txt_csv_parquet(archive, tmp_path):
     uris = [str(archive / "a/1.png"), str(archive / "b/3.png")]
     storage.write_bytes(str(tmp_path / "m.txt"), ("# comment\n" + "\n".join(uris) + "\n").encode())
-    storage.write_bytes(str(tmp_path / "m.csv"), ("image_uri,other\n" + "\n".join(f"{u},1" for u in uris)).encode())
+    storage.write_bytes(
+        str(tmp_path / "m.csv"), ("image_uri,other\n" + "\n".join(f"{u},1" for u in uris)).encode()
+    )
     pq.write_table(pa.table({"image_uri": uris}), str(tmp_path / "m.parquet"))
     for name in ["m.txt", "m.csv", "m.parquet"]:
         assert [u for u, _ in plan_inputs(str(tmp_path / name))] == uris

@@ -18,7 +18,11 @@ def _write(tmp_path: Path, data: dict) -> Path:
 
 
 def _train(tmp_path: Path, **over) -> dict:
-    data = {"model": {"arch": "simple_cnn"}, "data": {"train": str(tmp_path)}, "output": {"dir": str(tmp_path / "run")}}
+    data = {
+        "model": {"arch": "simple_cnn"},
+        "data": {"train": str(tmp_path)},
+        "output": {"dir": str(tmp_path / "run")},
+    }
     data.update(over)
     return data
 
@@ -32,8 +36,10 @@ def test_defaults_follow_the_spec(tmp_path):
 
 
 def test_set_overrides_parse_values_as_yaml(tmp_path):
-    cfg = load_config(_write(tmp_path, _train(tmp_path)),
-                      ["train.epochs=3", "train.augment.mixup=0.2", "data.image_size=[32, 48]", "train.amp=false"])
+    cfg = load_config(
+        _write(tmp_path, _train(tmp_path)),
+        ["train.epochs=3", "train.augment.mixup=0.2", "data.image_size=[32, 48]", "train.amp=false"],
+    )
     assert cfg.train.epochs == 3 and cfg.train.augment.mixup == 0.2
     assert cfg.data.size_hw == (32, 48) and cfg.train.amp is False
 
@@ -61,7 +67,7 @@ def test_bad_values_name_field_value_and_fix(tmp_path, override, field, words):
 def test_missing_required_section(tmp_path):
     data = _train(tmp_path)
     del data["output"]
-    with pytest.raises(ConfigError, match="output: got None. This key is required"):
+    with pytest.raises(ConfigError, match=r"output: got None\. This key is required"):
         load_config(_write(tmp_path, data))
 
 
@@ -78,15 +84,22 @@ def test_task_and_arch_must_agree(tmp_path):
 
 
 def test_override_syntax_errors():
-    with pytest.raises(ConfigError, match="key.path=value"):
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
         apply_override({}, "train.epochs")
     with pytest.raises(ConfigError, match="not a section"):
         apply_override({"task": "x"}, "task.y=1")
 
 
 def test_annotate_config(tmp_path):
-    p = _write(tmp_path, {"model": "s3://b/run", "input": ["s3://b/a.jpg"], "output": "s3://b/out",
-                          "tile": {"size": 512, "overlap": 64}})
+    p = _write(
+        tmp_path,
+        {
+            "model": "s3://b/run",
+            "input": ["s3://b/a.jpg"],
+            "output": "s3://b/out",
+            "tile": {"size": 512, "overlap": 64},
+        },
+    )
     cfg = load_config(p, kind="annotate")
     assert isinstance(cfg, AnnotateConfig) and cfg.tile is not None and cfg.tile.size == 512
     with pytest.raises(ConfigError, match=r"tile: got .*overlap must be less than half"):
@@ -103,7 +116,8 @@ def test_every_example_config_validates():
 
 def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path):
     p = _write(tmp_path, _train(tmp_path, train={"epochs": 0}))
-    proc = subprocess.run([sys.executable, "-m", "raycv.cli", "train", str(p)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raycv.cli", "train", str(p)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     assert "train.epochs: got 0" in proc.stderr and "Traceback" not in proc.stderr

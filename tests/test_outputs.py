@@ -12,11 +12,23 @@ def _rows(run_id: str, uris: list[str], status: str = "ok") -> pa.Table:
     n = len(uris)
     now = dt.datetime.now(dt.timezone.utc)
     cols = {
-        "image_id": [outputs.image_id_of(u) for u in uris], "image_uri": uris, "source_etag": ["e"] * n,
-        "status": [status] * n, "error_stage": [None] * n, "error_type": [None] * n, "error_message": [None] * n,
-        "width": [4] * n, "height": [4] * n, "task": ["classification"] * n, "model_id": ["m"] * n,
-        "run_id": [run_id] * n, "annotated_at": [now] * n, "label": [1] * n, "label_name": ["b"] * n,
-        "score": [0.5] * n, "topk": [[{"label": 1, "label_name": "b", "score": 0.5}]] * n,
+        "image_id": [outputs.image_id_of(u) for u in uris],
+        "image_uri": uris,
+        "source_etag": ["e"] * n,
+        "status": [status] * n,
+        "error_stage": [None] * n,
+        "error_type": [None] * n,
+        "error_message": [None] * n,
+        "width": [4] * n,
+        "height": [4] * n,
+        "task": ["classification"] * n,
+        "model_id": ["m"] * n,
+        "run_id": [run_id] * n,
+        "annotated_at": [now] * n,
+        "label": [1] * n,
+        "label_name": ["b"] * n,
+        "score": [0.5] * n,
+        "topk": [[{"label": 1, "label_name": "b", "score": 0.5}]] * n,
     }
     return pa.table(cols, schema=outputs.images_schema("classification"))
 
@@ -67,11 +79,16 @@ def test_a_half_done_commit_is_finished_by_recover(tmp_path):
     _stage(out, "r2", ["a"])
     # the journal of a commit that crashed right after being written
     staged = next(storage.iter_files(outputs.staging_dir(out, "r2"))).uri
-    journal = {"run_id": "r2", "moves": [[staged, os.path.join(out, "images", "r2-00000.parquet")]],
-               "supersede": {old: [outputs.image_id_of("a")]}}
+    journal = {
+        "run_id": "r2",
+        "moves": [[staged, os.path.join(out, "images", "r2-00000.parquet")]],
+        "supersede": {old: [outputs.image_id_of("a")]},
+    }
     storage.write_bytes(os.path.join(out, "_journal", "r2.json"), json.dumps(journal).encode())
     assert outputs.recover(out) == ["r2"]
     table = pq.read_table(os.path.join(out, "images"))
     assert sorted(zip(table.column("image_uri").to_pylist(), table.column("run_id").to_pylist())) == [
-        ("a", "r2"), ("b", "r1")]
+        ("a", "r2"),
+        ("b", "r1"),
+    ]
     assert outputs.recover(out) == []

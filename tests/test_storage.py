@@ -45,9 +45,14 @@ def test_s3_round_trip_listing_and_etags(bucket):
     assert [e.uri for e in entries] == [f"{bucket}/imgs/a.jpg", f"{bucket}/imgs/deep/b.png"]
     assert [e.size for e in entries] == [3, 4]
     assert all(e.fingerprint.startswith("etag:") for e in entries)
-    assert [e.uri for e in storage.iter_files(f"{bucket}/**/*.jpg")] == [f"{bucket}/imgs/a.jpg", f"{bucket}/other/c.jpg"]
+    assert [e.uri for e in storage.iter_files(f"{bucket}/**/*.jpg")] == [
+        f"{bucket}/imgs/a.jpg",
+        f"{bucket}/other/c.jpg",
+    ]
     storage.move(f"{bucket}/imgs/a.jpg", f"{bucket}/moved/a.jpg")
-    assert not storage.exists(f"{bucket}/imgs/a.jpg") and storage.read_bytes(f"{bucket}/moved/a.jpg") == b"aaa"
+    assert (
+        not storage.exists(f"{bucket}/imgs/a.jpg") and storage.read_bytes(f"{bucket}/moved/a.jpg") == b"aaa"
+    )
     storage.remove(f"{bucket}/imgs", recursive=True)
     assert not storage.exists(f"{bucket}/imgs/deep/b.png")
 

@@ -23,13 +23,15 @@ def test_a_sigkilled_worker_is_replaced_and_training_resumes_from_the_checkpoint
 
     write_imagefolder(str(tmp_path / "ds"), n_per_class=80, size=48, seed=1)
     run_dir = str(tmp_path / "run")
-    cfg = TrainConfig.model_validate({
-        "model": {"arch": "simple_cnn"},
-        "data": {"train": str(tmp_path / "ds"), "image_size": 48},
-        "train": {"epochs": 6, "batch_size": 8},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
-        "output": {"dir": run_dir, "max_failures": 2},
-    })
+    cfg = TrainConfig.model_validate(
+        {
+            "model": {"arch": "simple_cnn"},
+            "data": {"train": str(tmp_path / "ds"), "image_size": 48},
+            "train": {"epochs": 6, "batch_size": 8},
+            "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+            "output": {"dir": run_dir, "max_failures": 2},
+        }
+    )
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(r=run_training(cfg)), daemon=True)
     thread.start()

@@ -54,7 +54,9 @@ def read_imagefolder(root: str, endpoint_url: str | None = None) -> Classificati
     return ClassificationDataset(samples, names)
 
 
-def split_train_val(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+def split_train_val(
+    samples: list[Sample], val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
     """A deterministic, stratified split: the same ``seed`` always gives the same validation images.
 
     Each class keeps at least one training image; a class with one image contributes none to val.

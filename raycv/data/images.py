@@ -25,7 +25,7 @@ import io
 import struct
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -118,8 +118,8 @@ def decode_image(data: bytes, uri: str = "", *, max_pixels: int = DEFAULT_MAX_PI
         _check_pixels(im, uri, max_pixels)
         try:
             im.load()  # Image.open leaves multi-frame files on frame 0: this decodes only the first frame
-            oriented = _exif_transposed(im)
-            rgb = _to_rgb(oriented)
+            _exif_transpose(im)
+            rgb = _to_rgb(im)
         except MemoryError:
             raise
         except Exception as e:
@@ -157,8 +157,8 @@ def encode_png(array: np.ndarray) -> bytes:
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
         raise ValueError(f"encode_png expects [H, W] or [H, W, 3], got shape {tuple(array.shape)}.")
     buffer = io.BytesIO()
-    # Level 1: label maps are mostly runs, so it compresses nearly as well as 6 at a third of the time.
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", compress_level=1)
+    # Pillow's default level 6: on a 1024x1024 label map, 8 KB in 6.3 ms against level 1's 14 KB in 4.9 ms.
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -237,12 +237,14 @@ def _header_orientation(im: Image.Image) -> int:
         return 1
 
 
-def _exif_transposed(im: Image.Image) -> Image.Image:
-    """The loaded image turned as displayed; corrupt EXIF keeps the stored orientation (as the header does)."""
-    try:
-        return ImageOps.exif_transpose(im)
-    except (SyntaxError, ValueError, KeyError, TypeError, IndexError, struct.error, OSError):
-        return im  # corrupt EXIF must not cost a decodable image
+def _exif_transpose(im: Image.Image) -> None:
+    """Turn the loaded image as displayed, in place (a copy of a large image costs as much as its decode).
+
+    Corrupt EXIF keeps the stored orientation, as :func:`_header_orientation` does: it must not cost a
+    decodable image.
+    """
+    with suppress(SyntaxError, ValueError, KeyError, TypeError, IndexError, struct.error, OSError):
+        ImageOps.exif_transpose(im, in_place=True)
 
 
 # -- Modes to RGB ----------------------------------------------------------------------------------------------

@@ -87,7 +87,9 @@ class BatchLoader:
         with ThreadPoolExecutor(max_workers=1) as prefetch:
             for k, chunk in enumerate(chunks):
                 current = pending or prefetch.submit(self._load_batch, chunk, seed)
-                pending = prefetch.submit(self._load_batch, chunks[k + 1], seed) if k + 1 < len(chunks) else None
+                pending = (
+                    prefetch.submit(self._load_batch, chunks[k + 1], seed) if k + 1 < len(chunks) else None
+                )
                 yield current.result()
 
     def close(self) -> None:

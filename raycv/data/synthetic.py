@@ -105,8 +105,9 @@ def render_classification_sample(rng: np.random.Generator, label: int, *, size: 
     """One shape of class ``CLASSES[label]`` over a noisy background.
 
     The shape's scale is 30-70% of the image side, at a random position and colour, upright (square
-    axis-aligned, triangle apex up): unlike random angles, which a small CNN needs thousands of steps to
-    see through at 32 pixels, upright shapes are learnt to ~100% in about a hundred steps.
+    axis-aligned, triangle apex up) so that a small CNN learns them fast: the tests' three-conv CNN reaches
+    100% held-out accuracy after 100 steps of 32 images at size 32, against 85% after 300 steps when the
+    shapes turn by random angles.
 
     Returns:
         [size, size, 3] uint8 RGB.
@@ -182,7 +183,8 @@ def _triangle(dx: np.ndarray, dy: np.ndarray, scale: float, angle: float) -> np.
 
 
 def _regular_polygon(dx: np.ndarray, dy: np.ndarray, sides: int, radius: float, angle: float) -> np.ndarray:
-    """Inside test against each edge's half-plane (vertices counter-clockwise, so inside is on the left)."""
+    """Inside test against each edge's half-plane: corners come at increasing angles, so the inside is on
+    the left of every edge (non-negative cross product)."""
     inside = np.ones(np.broadcast_shapes(dx.shape, dy.shape), dtype=bool)
     corners = [
         (

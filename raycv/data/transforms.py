@@ -56,4 +56,3 @@ def augment(
         image = TF.adjust_saturation(image, float(rng.uniform(max(0.0, 1 - s), 1 + s)))
         image = TF.adjust_hue(image, float(rng.uniform(-min(0.5, s / 2), min(0.5, s / 2))))
     return image.clamp_(0.0, 1.0)
-

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,9 @@ def metrics_from_confusion(cm: np.ndarray | torch.Tensor) -> dict[str, float]:
     }
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+def soft_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Cross-entropy for hard labels [N] (int64) or mixed soft labels [N, K] (from mixup)."""
     if targets.ndim == 1:
         return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
@@ -69,7 +73,7 @@ def mixup(
     return lam * images + (1 - lam) * images[perm], lam * one_hot + (1 - lam) * one_hot[perm]
 
 
-def topk_rows(probs: np.ndarray, class_names: list[str], k: int) -> list[list[dict[str, object]]]:
+def topk_rows(probs: np.ndarray, class_names: list[str], k: int) -> list[list[dict[str, Any]]]:
     """Per image, the ``k`` most likely classes as ``{label, label_name, score}`` dicts, best first.
 
     Args:

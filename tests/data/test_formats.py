@@ -38,6 +38,11 @@ def test_split_is_stratified_deterministic_and_disjoint():
     assert (train, val) == again
     assert {s.uri for s in train}.isdisjoint({s.uri for s in val})
     assert len(train) + len(val) == 91
-    assert [sum(s.label == k for s in val) for k in range(4)] == [6, 6, 6, 0]  # a 1-image class stays in train
+    assert [sum(s.label == k for s in val) for k in range(4)] == [
+        6,
+        6,
+        6,
+        0,
+    ]  # a 1-image class stays in train
     other = split_train_val(samples, 0.2, seed=6)[1]
     assert {s.uri for s in other} != {s.uri for s in val}

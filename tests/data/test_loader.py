@@ -1,10 +1,10 @@
 import numpy as np
 import torch
 
+from raycv import storage
 from raycv.data.formats import Sample
 from raycv.data.images import encode_png
 from raycv.data.loader import BatchLoader, shard_indices
-from raycv import storage
 
 
 def test_padded_shards_are_equal_and_cover_everything():

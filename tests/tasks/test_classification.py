@@ -1,7 +1,13 @@
 import numpy as np
 import torch
 
-from raycv.tasks.classification import confusion_matrix, metrics_from_confusion, mixup, soft_cross_entropy, topk_rows
+from raycv.tasks.classification import (
+    confusion_matrix,
+    metrics_from_confusion,
+    mixup,
+    soft_cross_entropy,
+    topk_rows,
+)
 
 
 def test_metrics_against_hand_computed_values():
