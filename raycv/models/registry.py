@@ -120,8 +120,7 @@ def _unknown_model_message(name: str) -> str:
         return f"Unknown model {name!r}. Run `raycv models` to list them."
     task = _REGISTRY[matches[0]].task
     return (
-        f"Unknown model {name!r}. Did you mean {matches[0]!r}? "
-        f"Run `raycv models --task {task}` to list them."
+        f"Unknown model {name!r}. Did you mean {matches[0]!r}? Run `raycv models --task {task}` to list them."
     )
 
 
@@ -158,7 +157,7 @@ def create_model(
         name: Registry name, see :func:`list_models`.
         num_classes: Number of output classes; classifiers return logits ``[N, num_classes]``.
         in_channels: Channels C of the input ``[N, C, H, W]``.
-        image_size: Side of the square training images. Passed to builders that need it (ViT); for the others
+        image_size: Side of the square training images. Passed to builders that take it (ViT, MaxViT); for the others
             it is only checked against ``min_input_size``.
         **kwargs: Extra builder-specific arguments.
 
@@ -172,7 +171,6 @@ def create_model(
     info = get_model_info(name)
     _check_positive_int("num_classes", num_classes)
     _check_positive_int("in_channels", in_channels)
-    params = inspect.signature(info.builder).parameters
     if image_size is not None:
         _check_positive_int("image_size", image_size)
         if image_size < info.min_input_size:
@@ -180,13 +178,18 @@ def create_model(
                 f"image_size={image_size} is too small for {name!r}, which needs at least "
                 f"{info.min_input_size} px. Resize the images to >= {info.min_input_size} or pick another model."
             )
-        if "image_size" in params:
+        if _accepts(info.builder, "image_size"):
             kwargs["image_size"] = image_size
-    if "in_channels" in params:
+    if _accepts(info.builder, "in_channels"):
         kwargs["in_channels"] = in_channels
     elif in_channels != 3:
         raise ValueError(f"Model {name!r} takes 3-channel input only, got in_channels={in_channels}.")
     return info.builder(num_classes=num_classes, **kwargs)
+
+
+def _accepts(builder: Builder, argument: str) -> bool:
+    parameters = inspect.signature(builder).parameters.values()
+    return any(p.name == argument or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _check_positive_int(argument: str, value: object) -> None:
