@@ -215,7 +215,9 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
 
 def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
     for part in loc:
-        if (isinstance(data, dict) and part in data) or (isinstance(data, list | tuple) and isinstance(part, int) and part < len(data)):
+        if (isinstance(data, dict) and part in data) or (
+            isinstance(data, list | tuple) and isinstance(part, int) and part < len(data)
+        ):
             data = data[part]
         else:
             return None

@@ -25,7 +25,7 @@ def run_demo(workdir: str) -> None:
     dataset, archive = os.path.join(root, "dataset"), os.path.join(root, "archive")
     run_dir, out = os.path.join(root, "runs", "shapes"), os.path.join(root, "annotations", "shapes")
     print(f"[demo] 1/3 generating a shapes dataset in {dataset}", flush=True)
-    write_imagefolder(dataset, n_per_class=120, size=32, seed=0)
+    write_imagefolder(dataset, n_per_class=150, size=32, seed=0)
     truth = write_flat_archive(archive, n=60, size=48, seed=1)
     for name, data in make_special_images().items():
         storage.write_bytes(os.path.join(archive, "edge_cases", name), data)
@@ -37,7 +37,7 @@ def run_demo(workdir: str) -> None:
         {
             "model": {"arch": "simple_cnn"},
             "data": {"train": dataset, "image_size": 32, "val_fraction": 0.2},
-            "train": {"epochs": 6, "batch_size": 32, "lr": 0.003, "augment": {"hflip": 0.5}},
+            "train": {"epochs": 12, "batch_size": 8, "lr": 0.003, "augment": {"hflip": 0.5}},
             "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
             "output": {"dir": run_dir},
         }
@@ -69,8 +69,9 @@ def run_demo(workdir: str) -> None:
         f"annotated: {summary.total} images, {summary.ok} ok, {summary.error} error rows; "
         f"accuracy on the labelled part of the archive {correct}/{len(truth)}"
     )
-    for name, stage, etype in sorted(errors):
-        print(f"  error row: {name:<18} stage={stage:<7} {etype}")
+    for name, stage, message in sorted(errors):
+        reason = message.split(": ", 1)[-1]
+        print(f"  error row: {name:<14} stage={stage:<7} {reason[:80]}")
     print(
         f"\nrun directory: {run_dir}\nannotations:   {out}/images (Parquet)\nsummary:       {out}/_summary.json"
     )

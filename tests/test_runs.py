@@ -16,8 +16,14 @@ class NotWeights:
 def _run_dir(tmp_path, arch="test_classifier"):
     model = create_model(arch, num_classes=3)
     mid = runs.save_weights(str(tmp_path / "model.pt"), model.state_dict())
-    card = {"task": "classification", "arch": arch, "num_classes": 3, "class_names": ["a", "b", "c"],
-            "image_size": 32, "in_channels": 3}
+    card = {
+        "task": "classification",
+        "arch": arch,
+        "num_classes": 3,
+        "class_names": ["a", "b", "c"],
+        "image_size": 32,
+        "in_channels": 3,
+    }
     runs.write_json(str(tmp_path / "model.json"), card)
     return model, mid
 

@@ -1,0 +1,50 @@
+"""The `raycv` entry point as users run it (subprocesses of the installed console script)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+
+
+def _raycv() -> list[str]:
+    exe = shutil.which("raycv", path=os.path.dirname(sys.executable))
+    return [exe] if exe else [sys.executable, "-m", "raycv.cli"]
+
+
+def test_models_lists_the_registry_by_task():
+    out = subprocess.run(
+        [*_raycv(), "models", "--task", "classification", "resnet*"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    names = [line.split()[0] for line in out.splitlines()[1:] if line.strip() and not line.endswith("models")]
+    assert "resnet18" in names and "resnet50" in names and all(n.startswith("resnet") for n in names)
+    bad = subprocess.run([*_raycv(), "models", "--task", "nope"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--task: got 'nope'" in bad.stderr
+
+
+def test_usage_errors_exit_2():
+    proc = subprocess.run([*_raycv(), "train"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "CONFIG.yaml" in proc.stderr
+    missing = subprocess.run(
+        [*_raycv(), "annotate", "/nonexistent.yaml"], capture_output=True, text=True, timeout=120
+    )
+    assert missing.returncode == 2 and "Pass the path of an existing YAML config file" in missing.stderr
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    proc = subprocess.run(
+        [*_raycv(), "demo", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "=== raycv demo ===" in out
+    for name in ["truncated.jpg", "empty.png", "text.png", "bomb.png"]:
+        assert f"error row: {name}" in out
+    table = pq.read_table(str(tmp_path / "annotations" / "shapes" / "images"))
+    assert table.num_rows == 73 and len(set(table.column("image_uri").to_pylist())) == 73
+    assert (tmp_path / "runs" / "shapes" / "model.pt").exists()
