@@ -226,7 +226,8 @@ class Classifier:
         return pa.table(columns, schema=self.schema)
 
 
-def _plan_table(todo: list[tuple[str, str | None]]) -> list[pa.Table]:
+def _plan_table(todo: list[tuple[str, str | None]], actors: int) -> list[pa.Table]:
+    """The plan as Arrow blocks: up to ROWS_PER_BLOCK rows each, and at least two blocks per actor."""
     table = pa.table(
         {
             "image_id": [outputs.image_id_of(u) for u, _ in todo],
@@ -234,7 +235,8 @@ def _plan_table(todo: list[tuple[str, str | None]]) -> list[pa.Table]:
             "source_etag": [f or "" for _, f in todo],
         }
     )
-    return [table.slice(i, ROWS_PER_BLOCK) for i in range(0, table.num_rows, ROWS_PER_BLOCK)]
+    rows = max(1, min(ROWS_PER_BLOCK, -(-table.num_rows // (2 * actors))))
+    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
 
 
 def _run_pipeline(
@@ -243,7 +245,7 @@ def _run_pipeline(
     ep = cfg.storage.endpoint_url
     size = card["image_size"]
     size_hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    ds: ray.data.Dataset = ray.data.from_arrow(_plan_table(todo))
+    ds: ray.data.Dataset = ray.data.from_arrow(_plan_table(todo, cfg.actors))
     ds = ds.map_batches(
         read_decode_batch,  # type: ignore[arg-type]
         batch_size=ROWS_PER_BLOCK,

@@ -132,6 +132,11 @@ class TrainConfig(_Strict):
                 f"model.arch '{self.model.arch}' is a {info.task} model but task is '{self.task}'; "
                 f"pick one from `raycv models --task {self.task}`"
             )
+        if min(self.data.size_hw) < info.min_input_size:
+            raise ValueError(
+                f"data.image_size {self.data.image_size} is below the {info.min_input_size} px that "
+                f"'{self.model.arch}' needs; raise data.image_size or pick a smaller-input model"
+            )
         return self
 
     @property

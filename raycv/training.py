@@ -123,8 +123,19 @@ def _amp(device: torch.device, enabled: bool) -> tuple[Any, torch.amp.GradScaler
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
+def _freeze_frozen_batchnorm(model: nn.Module) -> None:
+    """Keep the running statistics of frozen BatchNorm layers fixed: a frozen backbone stays as loaded."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in m.parameters()
+        ):
+            m.eval()
+
+
 def _train_epoch(model, loader, indices, opt, scaler, autocast, cfg, num_classes, epoch, device) -> float:  # type: ignore[no-untyped-def]
     model.train()
+    if cfg.model.freeze_backbone:
+        _freeze_frozen_batchnorm(model)
     aug = cfg.train.augment
     rng = np.random.default_rng([cfg.train.seed, epoch, ray.train.get_context().get_world_rank()])
     total = torch.zeros(2, dtype=torch.float64)

@@ -59,3 +59,15 @@ def ray_local(s3_endpoint):
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: they run on a GPU machine and are skipped elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

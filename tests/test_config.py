@@ -121,3 +121,8 @@ def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "train.epochs: got 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_image_size_below_the_model_minimum(tmp_path):
+    with pytest.raises(ConfigError, match=r"below the 75 px that 'inception_v3' needs"):
+        load_config(_write(tmp_path, _train(tmp_path)), ["model.arch=inception_v3", "data.image_size=64"])

@@ -8,6 +8,8 @@ import signal
 import threading
 import time
 
+import pytest
+
 from raycv.config import TrainConfig
 from raycv.data.synthetic import write_imagefolder
 from raycv.training import run_training
@@ -60,3 +62,64 @@ def test_a_sigkilled_worker_is_replaced_and_training_resumes_from_the_checkpoint
     card = json.loads(open(os.path.join(run_dir, "model.json")).read())
     assert card["resumed_at_epochs"] and card["resumed_at_epochs"][0] >= checkpointed
     assert card["best_metrics"]["accuracy"] > 0.5
+
+
+def test_transfer_learning_with_a_frozen_backbone_and_every_augmentation(tmp_path, ray_local):
+    import torch
+
+    from raycv.models import create_model
+    from raycv.runs import load_state_dict
+
+    pretrained = create_model("test_classifier", num_classes=5)  # another head size: it must be replaced
+    torch.save(pretrained.state_dict(), tmp_path / "pretrained.pt")
+    write_imagefolder(str(tmp_path / "ds"), n_per_class=20, size=32, seed=2)
+    cfg = TrainConfig.model_validate(
+        {
+            "model": {
+                "arch": "test_classifier",
+                "weights": str(tmp_path / "pretrained.pt"),
+                "freeze_backbone": True,
+            },
+            "data": {"train": str(tmp_path / "ds"), "image_size": 32},
+            "train": {
+                "epochs": 2,
+                "batch_size": 8,
+                "optimizer": "sgd",
+                "scheduler": "step",
+                "augment": {
+                    "hflip": 0.5,
+                    "vflip": 0.5,
+                    "rotate": 15,
+                    "color_jitter": 0.3,
+                    "mixup": 0.4,
+                    "label_smoothing": 0.1,
+                },
+            },
+            "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+            "output": {"dir": str(tmp_path / "run")},
+        }
+    )
+    run_training(cfg)
+    trained = load_state_dict((tmp_path / "run" / "model.pt").read_bytes())
+    before = pretrained.state_dict()
+    backbone = [k for k in trained if k.startswith("features.")]
+    assert backbone and all(torch.equal(trained[k], before[k]) for k in backbone)  # frozen, BN stats included
+    assert trained["classifier.weight"].shape == (3, 32)  # a new head for the 3 classes
+    history = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl").read().splitlines()]
+    assert len(history) == 2 and all(h["train_loss"] > 0 for h in history)
+
+
+@pytest.mark.gpu
+def test_gpu_training_with_amp_learns(tmp_path, ray_local):
+    write_imagefolder(str(tmp_path / "ds"), n_per_class=60, size=32, seed=4)
+    cfg = TrainConfig.model_validate(
+        {
+            "model": {"arch": "resnet18"},
+            "data": {"train": str(tmp_path / "ds"), "image_size": 32, "val_fraction": 0.2},
+            "train": {"epochs": 8, "batch_size": 16, "amp": True},
+            "scaling": {"num_workers": 1, "use_gpu": True, "cpus_per_worker": 1},
+            "output": {"dir": str(tmp_path / "run")},
+        }
+    )
+    result = run_training(cfg)
+    assert result.best_metrics["accuracy"] >= 0.8
