@@ -23,12 +23,13 @@ import ray.data
 import torch
 
 from raycv import outputs, runs, storage
+from raycv.annotators import Classifier, Segmenter, error_fields
 from raycv.config import AnnotateConfig
+from raycv.data import geotiff
 from raycv.data.formats import IMAGE_EXTENSIONS
 from raycv.data.images import decode_image
-from raycv.data.transforms import normalize, to_tensor_resized
+from raycv.data.transforms import to_tensor_resized
 from raycv.errors import ConfigError
-from raycv.tasks.classification import topk_rows
 
 log = logging.getLogger(__name__)
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
@@ -112,8 +113,16 @@ def plan_inputs(source: str | list[str], endpoint_url: str | None = None) -> lis
 # ------------------------------------------------------------------------------------------ pipeline
 
 
-def _error(stage: str, exc: BaseException) -> tuple[str, str, str]:
-    return stage, type(exc).__name__, str(exc)[:2000]
+def _fetch_all(uris: list[str], endpoint_url: str | None, fetch: Any) -> list[Any]:
+    with ThreadPoolExecutor(max_workers=8) as pool:  # object storage is latency-bound: overlap requests
+        return list(pool.map(fetch, uris))
+
+
+def _with_errors(batch: dict[str, np.ndarray], errors: list[tuple[str, str, str]]) -> dict[str, np.ndarray]:
+    out = dict(batch)
+    for i, col in enumerate(("error_stage", "error_type", "error_message")):
+        out[col] = np.array([e[i] for e in errors], dtype=object)
+    return out
 
 
 def read_decode_batch(
@@ -124,106 +133,49 @@ def read_decode_batch(
     Returns the plan columns plus ``pixels`` [B, h, w, 3] uint8 (zeros for failed images), ``width`` and
     ``height`` (original, -1 when unknown) and ``error_stage/error_type/error_message`` ("" when fine).
     """
-    uris = [str(u) for u in batch["image_uri"]]
+    ok: tuple[str, str, str] = ("", "", "")
 
     def one(uri: str) -> tuple[np.ndarray, int, int, tuple[str, str, str]]:
         blank = np.zeros((*size_hw, 3), np.uint8)
         try:
             data = storage.read_bytes(uri, endpoint_url)
         except Exception as exc:
-            return blank, -1, -1, _error("read", exc)
+            return blank, -1, -1, error_fields("read", exc)
         try:
             image = decode_image(data, uri, max_pixels=max_pixels)
         except Exception as exc:
-            return blank, -1, -1, _error("decode", exc)
+            return blank, -1, -1, error_fields("decode", exc)
         h, w = image.shape[:2]
         resized = to_tensor_resized(image, size_hw).mul_(255.0).round_().to(torch.uint8)
-        return resized.permute(1, 2, 0).numpy(), w, h, ("", "", "")
+        return resized.permute(1, 2, 0).numpy(), w, h, ok
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(one, uris))
-    out = dict(batch)
+    results = _fetch_all([str(u) for u in batch["image_uri"]], endpoint_url, one)
+    out = _with_errors(batch, [r[3] for r in results])
     out["pixels"] = np.stack([r[0] for r in results])
     out["width"] = np.array([r[1] for r in results], np.int32)
     out["height"] = np.array([r[2] for r in results], np.int32)
-    for i, col in enumerate(("error_stage", "error_type", "error_message")):
-        out[col] = np.array([r[3][i] for r in results], dtype=object)
     return out
 
 
-class Classifier:
-    """A model replica (one per actor): loads the run's weights in ``__init__``, labels batches."""
+def read_bytes_batch(batch: dict[str, np.ndarray], *, endpoint_url: str | None) -> dict[str, np.ndarray]:
+    """Fetch the encoded bytes of a batch (GeoTIFFs are left to the actor's windowed reads).
 
-    def __init__(
-        self, run_dir: str, endpoint_url: str | None, run_id: str, topk: int, threads: int, use_gpu: bool
-    ) -> None:
-        torch.set_num_threads(
-            max(1, threads)
-        )  # Ray sets OMP threads, but a reused worker keeps its old count
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.run = runs.load_run(run_dir, endpoint_url, self.device)
-        norm = self.run.card.get("normalization", {})
-        self.mean, self.std = tuple(norm.get("mean", (0.0,) * 3)), tuple(norm.get("std", (1.0,) * 3))
-        self.run_id, self.topk = run_id, topk
-        self.schema = outputs.images_schema(self.run.card["task"])
+    Shipping encoded bytes rather than decoded pixels keeps object-store traffic ~10x smaller; the model
+    actor decodes at the original resolution, which segmentation needs anyway.
+    """
 
-    def _predict(self, pixels: np.ndarray) -> np.ndarray:
-        x = (
-            torch.from_numpy(np.ascontiguousarray(pixels))
-            .to(self.device)
-            .permute(0, 3, 1, 2)
-            .float()
-            .div_(255.0)
-        )
-        with torch.inference_mode():
-            logits = self.run.model(normalize(x, self.mean, self.std))
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+    def one(uri: str) -> tuple[bytes, tuple[str, str, str]]:
+        if geotiff.is_geotiff(uri):
+            return b"", ("", "", "")
+        try:
+            return storage.read_bytes(uri, endpoint_url), ("", "", "")
+        except Exception as exc:
+            return b"", error_fields("read", exc)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        n = len(batch["image_uri"])
-        stage = [str(s) or None for s in batch["error_stage"]]
-        etype = [str(s) or None for s in batch["error_type"]]
-        emsg = [str(s) or None for s in batch["error_message"]]
-        good = [i for i in range(n) if stage[i] is None]
-        label: list[int | None] = [None] * n
-        name: list[str | None] = [None] * n
-        score: list[float | None] = [None] * n
-        topk: list[Any] = [None] * n
-        if good:
-            try:
-                probs = self._predict(batch["pixels"][good])
-                rows = topk_rows(probs, self.run.class_names, self.topk)
-                for j, i in enumerate(good):
-                    label[i], name[i], score[i], topk[i] = (
-                        rows[j][0]["label"],
-                        rows[j][0]["label_name"],
-                        rows[j][0]["score"],
-                        rows[j],
-                    )
-            except Exception as exc:  # a model failure marks this batch's images, the run goes on
-                for i in good:
-                    stage[i], etype[i], emsg[i] = _error("model", exc)
-        now = dt.datetime.now(dt.timezone.utc)
-        columns = {
-            "image_id": [str(v) for v in batch["image_id"]],
-            "image_uri": [str(v) for v in batch["image_uri"]],
-            "source_etag": [str(v) or None for v in batch["source_etag"]],
-            "status": ["error" if s else "ok" for s in stage],
-            "error_stage": stage,
-            "error_type": etype,
-            "error_message": emsg,
-            "width": [int(w) if w >= 0 else None for w in batch["width"]],
-            "height": [int(h) if h >= 0 else None for h in batch["height"]],
-            "task": [self.run.card["task"]] * n,
-            "model_id": [self.run.model_id] * n,
-            "run_id": [self.run_id] * n,
-            "annotated_at": [now] * n,
-            "label": label,
-            "label_name": name,
-            "score": score,
-            "topk": topk,
-        }
-        return pa.table(columns, schema=self.schema)
+    results = _fetch_all([str(u) for u in batch["image_uri"]], endpoint_url, one)
+    out = _with_errors(batch, [r[1] for r in results])
+    out["data"] = np.array([r[0] for r in results], dtype=object)
+    return out
 
 
 def _plan_table(todo: list[tuple[str, str | None]], actors: int) -> list[pa.Table]:
@@ -239,37 +191,54 @@ def _plan_table(todo: list[tuple[str, str | None]], actors: int) -> list[pa.Tabl
     return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
 
 
+def _stages(
+    cfg: AnnotateConfig, card: dict[str, Any], run_id: str
+) -> tuple[Any, dict[str, Any], type, dict[str, Any]]:
+    """(read function, its kwargs, annotator class, its constructor kwargs) for the run's task."""
+    ep = cfg.storage.endpoint_url
+    common = {
+        "run_dir": cfg.model,
+        "endpoint_url": ep,
+        "run_id": run_id,
+        "threads": int(cfg.cpus_per_actor),
+        "use_gpu": cfg.gpus_per_actor > 0,
+    }
+    if card["task"] == "classification":
+        size = card["image_size"]
+        size_hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        read_kw = {"size_hw": size_hw, "endpoint_url": ep, "max_pixels": cfg.max_pixels}
+        return read_decode_batch, read_kw, Classifier, {**common, "topk": cfg.topk}
+    if card["task"] == "semantic_segmentation":
+        tile = cfg.tile.model_dump() if cfg.tile else None
+        seg_kw = {
+            **common,
+            "output": cfg.output,
+            "tile": tile,
+            "geo": cfg.geo.model_dump(),
+            "batch_size": cfg.batch_size,
+        }
+        return read_bytes_batch, {"endpoint_url": ep}, Segmenter, seg_kw
+    raise ConfigError("model", cfg.model, f"This run's task '{card['task']}' cannot be annotated yet.")
+
+
 def _run_pipeline(
     cfg: AnnotateConfig, todo: list[tuple[str, str | None]], card: dict[str, Any], run_id: str
 ) -> None:
-    ep = cfg.storage.endpoint_url
-    size = card["image_size"]
-    size_hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    read_fn, read_kw, annotator, annotator_kw = _stages(cfg, card, run_id)
     ds: ray.data.Dataset = ray.data.from_arrow(_plan_table(todo, cfg.actors))
     ds = ds.map_batches(
-        read_decode_batch,  # type: ignore[arg-type]
-        batch_size=ROWS_PER_BLOCK,
-        num_cpus=DECODE_CPUS,
-        batch_format="numpy",
-        fn_kwargs={"size_hw": size_hw, "endpoint_url": ep, "max_pixels": cfg.max_pixels},
+        read_fn, batch_size=ROWS_PER_BLOCK, num_cpus=DECODE_CPUS, batch_format="numpy", fn_kwargs=read_kw
     )
     ds = ds.map_batches(
-        Classifier,
+        annotator,
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor or None,
-        fn_constructor_kwargs={
-            "run_dir": cfg.model,
-            "endpoint_url": ep,
-            "run_id": run_id,
-            "topk": cfg.topk,
-            "threads": int(cfg.cpus_per_actor),
-            "use_gpu": cfg.gpus_per_actor > 0,
-        },
+        fn_constructor_kwargs=annotator_kw,
     )
-    fs, path = storage.pyarrow_filesystem(outputs.staging_dir(cfg.output, run_id), ep)
+    fs, path = storage.pyarrow_filesystem(outputs.staging_dir(cfg.output, run_id), cfg.storage.endpoint_url)
     ds.write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": 0.25}, compression="zstd")
 
 

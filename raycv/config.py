@@ -86,6 +86,7 @@ class AugmentConfig(_Strict):
     color_jitter: float = Field(default=0.0, ge=0.0, le=1.0)
     mixup: float = Field(default=0.0, ge=0.0)
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    crop_scale: float = Field(default=1.0, gt=0.0, le=1.0)  # segmentation: random crop of this..1 of the area
 
 
 class TrainParams(_Strict):
@@ -97,6 +98,7 @@ class TrainParams(_Strict):
     scheduler: Literal["cosine", "step", "none"] = "cosine"
     amp: bool = True
     seed: int = 0
+    loss: Literal["ce", "dice", "ce+dice"] = "ce"  # segmentation; classification always uses cross-entropy
     augment: AugmentConfig = AugmentConfig()
 
 
@@ -132,6 +134,12 @@ class TrainConfig(_Strict):
                 f"model.arch '{self.model.arch}' is a {info.task} model but task is '{self.task}'; "
                 f"pick one from `raycv models --task {self.task}`"
             )
+        if self.task != "semantic_segmentation" and (
+            self.train.loss != "ce" or self.train.augment.crop_scale < 1
+        ):
+            raise ValueError("train.loss and train.augment.crop_scale apply to semantic_segmentation only")
+        if self.task == "semantic_segmentation" and self.train.augment.mixup > 0:
+            raise ValueError("train.augment.mixup applies to classification only; set it to 0")
         if min(self.data.size_hw) < info.min_input_size:
             raise ValueError(
                 f"data.image_size {self.data.image_size} is below the {info.min_input_size} px that "
@@ -155,6 +163,21 @@ class TileConfig(_Strict):
         return self
 
 
+class GeoConfig(_Strict):
+    """How geo-referenced rasters (GeoTIFF) are read and written."""
+
+    bands: list[int] | None = None  # 1-based band indices, e.g. [3, 2, 1]; default: the first three
+    scale: Literal["dtype", "minmax"] | list[tuple[float, float]] = "dtype"  # to 8 bits: per-band (lo, hi)
+    write_rasters: bool = False  # also write each label map as a COG under OUTPUT/rasters/
+
+    @field_validator("bands")
+    @classmethod
+    def _one_based(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 1):
+            raise ValueError("bands are 1-based band numbers, e.g. [3, 2, 1]")
+        return value
+
+
 class AnnotateConfig(_Strict):
     """``raycv annotate``."""
 
@@ -171,6 +194,7 @@ class AnnotateConfig(_Strict):
     incremental: bool = True
     topk: int = Field(default=5, ge=1)
     max_pixels: int = Field(default=178_956_970, gt=0)
+    geo: GeoConfig = GeoConfig()
     storage: StorageConfig = StorageConfig()
 
     @field_validator("input")

@@ -42,13 +42,22 @@ COMMON_FIELDS = [
     pa.field("model_id", pa.string()),
     pa.field("run_id", pa.string()),
     pa.field("annotated_at", pa.timestamp("us", tz="UTC")),
+    pa.field("crs", pa.string()),  # geo-referenced inputs: "EPSG:32633" or WKT
+    pa.field("transform", pa.list_(pa.float64())),  # geo-referenced inputs: 6 floats, GDAL order
 ]
+CLASS_PIXELS_TYPE = pa.list_(
+    pa.struct([("label", pa.int32()), ("label_name", pa.string()), ("pixels", pa.int64())])
+)
 TASK_FIELDS: dict[str, list[pa.Field]] = {
     "classification": [
         pa.field("label", pa.int32()),
         pa.field("label_name", pa.string()),
         pa.field("score", pa.float32()),
         pa.field("topk", TOPK_TYPE),
+    ],
+    "semantic_segmentation": [
+        pa.field("mask_png", pa.binary()),  # PNG of the uint8 label map at the original resolution
+        pa.field("class_pixels", CLASS_PIXELS_TYPE),
     ],
 }
 

@@ -25,15 +25,23 @@ from torch import nn
 
 import raycv
 from raycv import runs, storage
-from raycv.config import TrainConfig, config_to_dict
-from raycv.data.formats import Sample, read_imagefolder, split_train_val
-from raycv.data.loader import BatchLoader, shard_indices
-from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD, augment, normalize, to_tensor_resized
+from raycv.config import DEFAULT_FORMATS, TrainConfig, config_to_dict
+from raycv.data.formats import Dataset, Sample, read_imagefolder, read_masks, split_train_val
+from raycv.data.loader import BatchLoader, Target, Transform, shard_indices
+from raycv.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    augment,
+    augment_pair,
+    normalize,
+    resize_mask,
+    to_tensor_resized,
+)
 from raycv.errors import ConfigError, DatasetError, RaycvError
+from raycv.tasks import TaskOps, task_ops
 from raycv.tasks import classification as cls_task
 
 log = logging.getLogger(__name__)
-PRIMARY_METRIC = {"classification": "accuracy"}
 CHECKPOINT_FILE = "state.pt"
 
 
@@ -91,19 +99,41 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> tuple[torch.optim.Opt
     return opt, sched
 
 
-def _transforms(cfg: TrainConfig) -> tuple[Any, Any]:
+def make_transforms(cfg: TrainConfig) -> tuple[Transform, Transform]:
+    """The train and eval transforms of ``cfg``: (image, target, rng) -> (normalised tensor, target).
+
+    Label maps get the image's geometric augmentations (nearest neighbour) and never its colour ones.
+    """
     size = cfg.data.size_hw
     aug = cfg.train.augment
 
-    def train_tf(image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        t = to_tensor_resized(image, size)
+    def train_tf(image: np.ndarray, target: Target, rng: np.random.Generator) -> tuple[torch.Tensor, Any]:
+        if isinstance(target, np.ndarray):
+            t, m = augment_pair(
+                image,
+                target,
+                size,
+                rng,
+                hflip=aug.hflip,
+                vflip=aug.vflip,
+                rotate=aug.rotate,
+                color_jitter=aug.color_jitter,
+                crop_scale=aug.crop_scale,
+            )
+            return normalize(t, IMAGENET_MEAN, IMAGENET_STD), m
         t = augment(
-            t, rng, hflip=aug.hflip, vflip=aug.vflip, rotate=aug.rotate, color_jitter=aug.color_jitter
+            to_tensor_resized(image, size),
+            rng,
+            hflip=aug.hflip,
+            vflip=aug.vflip,
+            rotate=aug.rotate,
+            color_jitter=aug.color_jitter,
         )
-        return normalize(t, IMAGENET_MEAN, IMAGENET_STD)
+        return normalize(t, IMAGENET_MEAN, IMAGENET_STD), target
 
-    def eval_tf(image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        return normalize(to_tensor_resized(image, size), IMAGENET_MEAN, IMAGENET_STD)
+    def eval_tf(image: np.ndarray, target: Target, rng: np.random.Generator) -> tuple[torch.Tensor, Any]:
+        t = normalize(to_tensor_resized(image, size), IMAGENET_MEAN, IMAGENET_STD)
+        return t, resize_mask(target, size) if isinstance(target, np.ndarray) else target
 
     return train_tf, eval_tf
 
@@ -132,7 +162,9 @@ def _freeze_frozen_batchnorm(model: nn.Module) -> None:
             m.eval()
 
 
-def _train_epoch(model, loader, indices, opt, scaler, autocast, cfg, num_classes, epoch, device) -> float:  # type: ignore[no-untyped-def]
+def _train_epoch(
+    model, loader, indices, opt, scaler, autocast, cfg, ops, num_classes, epoch, device
+) -> float:  # type: ignore[no-untyped-def]
     model.train()
     if cfg.model.freeze_backbone:
         _freeze_frozen_batchnorm(model)
@@ -145,7 +177,7 @@ def _train_epoch(model, loader, indices, opt, scaler, autocast, cfg, num_classes
         if aug.mixup > 0:
             images, targets = cls_task.mixup(images, labels, num_classes, aug.mixup, rng)
         with autocast:
-            loss = cls_task.soft_cross_entropy(model(images), targets, aug.label_smoothing)
+            loss = ops.loss(model(images), targets, cfg)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -162,15 +194,22 @@ def _train_epoch(model, loader, indices, opt, scaler, autocast, cfg, num_classes
 
 @torch.no_grad()
 def evaluate_confusion(
-    model: nn.Module, loader: BatchLoader, indices: list[int], num_classes: int, device
-) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """The [K, K] confusion matrix of ``model`` on ``indices`` (this rank's part only)."""
+    model: nn.Module, loader: BatchLoader, indices: list[int], ops: TaskOps, num_classes: int, device: Any
+) -> torch.Tensor:
+    """The [K, K] confusion matrix of ``model``'s argmax predictions on ``indices`` (this rank's part).
+
+    Classification compares one label per image, segmentation one per pixel: both argmax over dim 1.
+    """
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    for images, labels in loader.iterate(indices):
+    for images, targets in loader.iterate(indices):
         preds = model(images.to(device)).argmax(dim=1).cpu()
-        cm += cls_task.confusion_matrix(labels, preds, num_classes)
+        cm += ops.confusion(targets, preds, num_classes)
     return cm
+
+
+def _round(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
 
 
 def _save_checkpoint(state: dict[str, Any]) -> ray.train.Checkpoint:
@@ -225,11 +264,12 @@ def _write_run_dir(cfg: TrainConfig, info: dict[str, Any], record: dict[str, Any
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """The function every Ray Train worker runs (classification)."""
+    """The function every Ray Train worker runs."""
     cfg = TrainConfig.model_validate(loop_config["cfg"])
     info = loop_config["dataset"]
-    train_samples = [Sample(u, lb) for u, lb in info["train"]]
-    val_samples = [Sample(u, lb) for u, lb in info["val"]]
+    train_samples = [Sample(*row) for row in info["train"]]
+    val_samples = [Sample(*row) for row in info["val"]]
+    ops = task_ops(cfg.task)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Ray sets OMP_NUM_THREADS, but a reused worker keeps the thread count of its first torch import.
@@ -243,26 +283,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     start, record = _restore(model, opt, sched)
     ddp = ray.train.torch.prepare_model(model)
     autocast, scaler = _amp(device, cfg.train.amp)
-    train_tf, eval_tf = _transforms(cfg)
+    train_tf, eval_tf = make_transforms(cfg)
     ep = cfg.storage.endpoint_url
     train_loader = BatchLoader(train_samples, train_tf, batch_size=cfg.train.batch_size, endpoint_url=ep)
     val_loader = BatchLoader(val_samples, eval_tf, batch_size=cfg.train.batch_size, endpoint_url=ep)
     if start and rank == 0:
         print(f"[raycv] resumed from the checkpoint of epoch {start}", flush=True)
 
-    primary = PRIMARY_METRIC[cfg.task]
+    primary = ops.primary_metric
     for epoch in range(start, cfg.train.epochs):
         t0 = time.time()
         idx = shard_indices(
             len(train_samples), rank, world, shuffle=True, seed=cfg.train.seed + epoch, pad=True
         )
-        loss = _train_epoch(ddp, train_loader, idx, opt, scaler, autocast, cfg, num_classes, epoch, device)
+        loss = _train_epoch(
+            ddp, train_loader, idx, opt, scaler, autocast, cfg, ops, num_classes, epoch, device
+        )
         if sched is not None:
             sched.step()
         vidx = shard_indices(len(val_samples), rank, world, shuffle=False, seed=0, pad=False)
-        cm = _all_reduce_sum(evaluate_confusion(model, val_loader, vidx, num_classes, device))
-        metrics = {"epoch": epoch + 1, "train_loss": round(loss, 6)}
-        metrics.update({k: round(v, 6) for k, v in cls_task.metrics_from_confusion(cm).items()})
+        cm = _all_reduce_sum(evaluate_confusion(model, val_loader, vidx, ops, num_classes, device))
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": round(loss, 6)}
+        metrics.update(_round(ops.metrics(cm)))
         metrics["lr"] = opt.param_groups[0]["lr"]
         metrics["epoch_s"] = round(time.time() - t0, 3)
         record["history"].append(metrics)
@@ -285,7 +327,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 **record,
             }
             checkpoint = _save_checkpoint(state)
-            shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "lr"))
+            shown = " ".join(
+                f"{k}={v:.4f}"
+                for k, v in metrics.items()
+                if k not in ("epoch", "lr") and isinstance(v, float)
+            )
             print(f"[raycv] epoch {epoch + 1}/{cfg.train.epochs} {shown}", flush=True)
         ray.train.report(metrics, checkpoint=checkpoint)
     train_loader.close()
@@ -302,14 +348,22 @@ def ensure_ray(address: str | None = None) -> None:
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
 
 
-def plan_dataset(cfg: TrainConfig) -> dict[str, Any]:
-    """List and split the dataset on the driver: the URIs and labels every worker reads from."""
-    if cfg.data_format != "imagefolder":
-        raise ConfigError("data.format", cfg.data_format, f"Task '{cfg.task}' reads the imagefolder format.")
+def _read_dataset(cfg: TrainConfig, root: str) -> Dataset:
     ep = cfg.storage.endpoint_url
-    ds = read_imagefolder(cfg.data.train, ep)
+    if cfg.data_format == "imagefolder" and cfg.task == "classification":
+        return read_imagefolder(root, ep)
+    if cfg.data_format == "masks" and cfg.task == "semantic_segmentation":
+        return read_masks(root, ep, cfg.model.num_classes)
+    raise ConfigError(
+        "data.format", cfg.data_format, f"Task '{cfg.task}' reads the {DEFAULT_FORMATS[cfg.task]} format."
+    )
+
+
+def plan_dataset(cfg: TrainConfig) -> dict[str, Any]:
+    """List and split the dataset on the driver: the samples every worker reads its shard of."""
+    ds = _read_dataset(cfg, cfg.data.train)
     if cfg.data.val:
-        val_ds = read_imagefolder(cfg.data.val, ep)
+        val_ds = _read_dataset(cfg, cfg.data.val)
         if val_ds.class_names != ds.class_names:
             raise DatasetError(
                 f"data.val classes {val_ds.class_names} differ from data.train {ds.class_names}"
@@ -328,8 +382,8 @@ def plan_dataset(cfg: TrainConfig) -> dict[str, Any]:
         )
     names = ds.class_names + [f"class_{i}" for i in range(len(ds.class_names), num_classes)]
     return {
-        "train": [(s.uri, s.label) for s in train],
-        "val": [(s.uri, s.label) for s in val],
+        "train": [(s.uri, s.label, s.mask_uri) for s in train],
+        "val": [(s.uri, s.label, s.mask_uri) for s in val],
         "class_names": names,
         "num_classes": num_classes,
         "n_train": len(train),
@@ -374,7 +428,8 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainResult:
             f"training failed after {cfg.output.max_failures} allowed worker failures: {exc}"
         ) from exc
     history = _read_history(cfg)
-    best = max(history, key=lambda r: r[PRIMARY_METRIC[cfg.task]]) if history else dict(result.metrics or {})
+    primary = task_ops(cfg.task).primary_metric
+    best = max(history, key=lambda r: r[primary]) if history else dict(result.metrics or {})
     best = {k: v for k, v in best.items() if k not in ("lr", "epoch_s")}
     return TrainResult(cfg.output.dir, len(history), best, time.time() - t0)
 

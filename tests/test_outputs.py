@@ -25,6 +25,8 @@ def _rows(run_id: str, uris: list[str], status: str = "ok") -> pa.Table:
         "model_id": ["m"] * n,
         "run_id": [run_id] * n,
         "annotated_at": [now] * n,
+        "crs": [None] * n,
+        "transform": [None] * n,
         "label": [1] * n,
         "label_name": ["b"] * n,
         "score": [0.5] * n,

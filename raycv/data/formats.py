@@ -15,19 +15,22 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", "
 
 @dataclass(frozen=True)
 class Sample:
-    """One labelled image: its URI and class index."""
+    """One labelled image: its URI and either a class index or the URI of its label-map PNG."""
 
     uri: str
-    label: int
+    label: int = -1
+    mask_uri: str | None = None
 
 
 @dataclass(frozen=True)
-class ClassificationDataset:
+class Dataset:
+    """A listed dataset: its samples and class names (index = label)."""
+
     samples: list[Sample]
     class_names: list[str]
 
 
-def read_imagefolder(root: str, endpoint_url: str | None = None) -> ClassificationDataset:
+def read_imagefolder(root: str, endpoint_url: str | None = None) -> Dataset:
     """``ROOT/<class_name>/<image>``; class index = position of the name in the sorted class names.
 
     One recursive listing of the root (a single paged LIST on S3), nothing decoded.
@@ -51,7 +54,53 @@ def read_imagefolder(root: str, endpoint_url: str | None = None) -> Classificati
         )
     names = sorted(by_class)
     samples = [Sample(uri, i) for i, name in enumerate(names) for uri in sorted(by_class[name])]
-    return ClassificationDataset(samples, names)
+    return Dataset(samples, names)
+
+
+def read_masks(root: str, endpoint_url: str | None = None, num_classes: int | None = None) -> Dataset:
+    """``ROOT/images/<stem>.<ext>`` with ``ROOT/masks/<stem>.png`` (uint8 label maps, 255 = ignore).
+
+    Class names come from ``ROOT/classes.txt`` (one per line, line k = label k); without it, from
+    ``num_classes`` as ``class_0 ...``. Images and masks are paired by stem with two listings.
+
+    Raises:
+        DatasetError: no images, an image without a mask, or no way to know the classes.
+    """
+    images = {
+        stem(e.uri): e.uri
+        for e in storage.iter_files(
+            storage.join(root, "images"), extensions=IMAGE_EXTENSIONS, endpoint_url=endpoint_url
+        )
+    }
+    try:
+        masks = {
+            stem(e.uri): e.uri
+            for e in storage.iter_files(
+                storage.join(root, "masks"), extensions=(".png",), endpoint_url=endpoint_url
+            )
+        }
+    except FileNotFoundError:
+        masks = {}
+    if not images:
+        raise DatasetError(
+            f"No images under {root}/images: the masks format expects ROOT/images and ROOT/masks."
+        )
+    missing = sorted(set(images) - set(masks))
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} image(s) under {root}/images have no ROOT/masks/<stem>.png, e.g. '{missing[0]}'; "
+            "add the masks or remove those images."
+        )
+    try:
+        text = storage.read_bytes(storage.join(root, "classes.txt"), endpoint_url).decode()
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    except FileNotFoundError:
+        if not num_classes:
+            raise DatasetError(
+                f"No {root}/classes.txt: add it (one class name per line) or set model.num_classes."
+            ) from None
+        names = [f"class_{i}" for i in range(num_classes)]
+    return Dataset([Sample(images[s], mask_uri=masks[s]) for s in sorted(images)], names)
 
 
 def split_train_val(

@@ -19,9 +19,11 @@ import torch
 
 from raycv import storage
 from raycv.data.formats import Sample
-from raycv.data.images import decode_image
+from raycv.data.images import decode_image, decode_png_mask
 
-Transform = Callable[[np.ndarray, np.random.Generator], torch.Tensor]
+Target = int | np.ndarray
+# (image [H, W, 3] uint8, target: class index or [H, W] uint8 label map, rng) -> (image tensor, target)
+Transform = Callable[[np.ndarray, Target, np.random.Generator], tuple[torch.Tensor, torch.Tensor | int]]
 
 
 def shard_indices(n: int, rank: int, world: int, *, shuffle: bool, seed: int, pad: bool) -> list[int]:
@@ -38,7 +40,10 @@ def shard_indices(n: int, rank: int, world: int, *, shuffle: bool, seed: int, pa
 
 
 class BatchLoader:
-    """Yields ``(images [B, C, H, W] float, labels [B] int64)`` for a list of indices into ``samples``."""
+    """Yields ``(images [B, C, H, W] float, targets)`` for a list of indices into ``samples``.
+
+    Targets are class indices [B] int64, or label maps [B, H, W] int64 for samples with a ``mask_uri``.
+    """
 
     def __init__(
         self,
@@ -69,16 +74,21 @@ class BatchLoader:
                     self._cache_left -= len(data)
         return data
 
-    def _load_one(self, index: int, seed: int) -> tuple[torch.Tensor, int]:
+    def _load_one(self, index: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | int]:
         sample = self.samples[index]
         image = decode_image(self._fetch(sample.uri), sample.uri)
-        return self.transform(image, np.random.default_rng(seed)), sample.label
+        target: Target = sample.label
+        if sample.mask_uri is not None:
+            target = decode_png_mask(self._fetch(sample.mask_uri), sample.mask_uri)
+        return self.transform(image, target, np.random.default_rng(seed))
 
     def _load_batch(self, indices: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         items = list(self._pool.map(self._load_one, indices, [seed + i for i in indices]))
         images = torch.stack([im for im, _ in items])
-        labels = torch.tensor([lb for _, lb in items], dtype=torch.int64)
-        return images, labels
+        targets = [t for _, t in items]
+        if isinstance(targets[0], torch.Tensor):
+            return images, torch.stack(targets).to(torch.int64)  # type: ignore[arg-type]
+        return images, torch.tensor(targets, dtype=torch.int64)
 
     def iterate(self, indices: list[int], *, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches over ``indices`` in order, loading batch k+1 while the caller works on batch k."""

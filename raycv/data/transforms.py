@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -56,3 +58,62 @@ def augment(
         image = TF.adjust_saturation(image, float(rng.uniform(max(0.0, 1 - s), 1 + s)))
         image = TF.adjust_hue(image, float(rng.uniform(-min(0.5, s / 2), min(0.5, s / 2))))
     return image.clamp_(0.0, 1.0)
+
+
+def resize_mask(mask: np.ndarray | torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    """[H, W] label map -> [h, w] int64, nearest neighbour (labels are never blended)."""
+    t = torch.as_tensor(np.ascontiguousarray(mask) if isinstance(mask, np.ndarray) else mask)
+    if tuple(t.shape) != tuple(size_hw):
+        t = F.interpolate(t[None, None].float(), size=size_hw, mode="nearest-exact")[0, 0]
+    return t.to(torch.int64)
+
+
+def random_crop_box(h: int, w: int, rng: np.random.Generator, min_scale: float) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop covering ``min_scale``..1 of the area, aspect 3/4..4/3."""
+    area = float(rng.uniform(min_scale, 1.0)) * h * w
+    ratio = math.exp(float(rng.uniform(math.log(3 / 4), math.log(4 / 3))))
+    ch = min(h, max(1, round(math.sqrt(area / ratio))))
+    cw = min(w, max(1, round(math.sqrt(area * ratio))))
+    return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+
+
+def augment_pair(
+    image: np.ndarray,
+    mask: np.ndarray,
+    size_hw: tuple[int, int],
+    rng: np.random.Generator,
+    *,
+    hflip: float = 0.0,
+    vflip: float = 0.0,
+    rotate: float = 0.0,
+    color_jitter: float = 0.0,
+    crop_scale: float = 1.0,
+    ignore_index: int = 255,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same geometric augmentation on an image and its label map; colour on the image only.
+
+    Args:
+        image: [H, W, 3] uint8.
+        mask: [H, W] uint8 label map.
+        crop_scale: the smallest area fraction of the random crop taken before resizing (1 = no crop).
+
+    Returns:
+        [3, h, w] float image in 0..1 and [h, w] int64 labels; pixels rotated in from outside are ignore_index.
+    """
+    if crop_scale < 1.0:
+        top, left, ch, cw = random_crop_box(image.shape[0], image.shape[1], rng, crop_scale)
+        image, mask = image[top : top + ch, left : left + cw], mask[top : top + ch, left : left + cw]
+    t = to_tensor_resized(image, size_hw)
+    m = resize_mask(mask, size_hw)
+    if hflip and rng.random() < hflip:
+        t, m = t.flip(-1), m.flip(-1)
+    if vflip and rng.random() < vflip:
+        t, m = t.flip(-2), m.flip(-2)
+    if rotate:
+        angle = float(rng.uniform(-rotate, rotate))
+        fill = [float(v) for v in t.mean(dim=(1, 2))]
+        t = TF.rotate(t, angle, interpolation=TF.InterpolationMode.BILINEAR, fill=fill)
+        m = TF.rotate(m[None], angle, interpolation=TF.InterpolationMode.NEAREST, fill=[ignore_index])[0]
+    if color_jitter:
+        t = augment(t, rng, color_jitter=color_jitter)
+    return t, m

@@ -99,9 +99,16 @@ def head_module_names(model: nn.Module) -> list[str]:
     Networks without one (SqueezeNet) end with a 1x1 ``nn.Conv2d``: the last conv is the head then. For
     torchvision that is ``fc``, the last layer of ``classifier``, ``heads.head`` or ``head``.
 
+    A model whose head is not that one layer names its head modules in a ``head_modules`` attribute (a tuple
+    of names), which wins: raycv's segmenters do, e.g. LR-ASPP's two convs
+    ``("classifier.low_classifier", "classifier.high_classifier")``.
+
     Raises:
         ValueError: ``model`` has neither an ``nn.Linear`` nor an ``nn.Conv2d``.
     """
+    declared = getattr(model, "head_modules", None)
+    if declared:
+        return list(declared)
     for kind in (nn.Linear, nn.Conv2d):
         names = [name for name, module in model.named_modules() if isinstance(module, kind)]
         if names:

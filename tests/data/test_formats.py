@@ -46,3 +46,28 @@ def test_split_is_stratified_deterministic_and_disjoint():
     ]  # a 1-image class stays in train
     other = split_train_val(samples, 0.2, seed=6)[1]
     assert {s.uri for s in other} != {s.uri for s in val}
+
+
+def test_masks_format_pairs_images_and_masks_by_stem(tmp_path):
+    from raycv.data.formats import read_masks
+    from raycv.data.synthetic import write_masks_dataset
+
+    names = write_masks_dataset(str(tmp_path / "ds"), n=5, size=24, seed=1)
+    ds = read_masks(str(tmp_path / "ds"))
+    assert ds.class_names == names == ["background", "circle", "square", "triangle"]
+    assert [s.uri.rsplit("/", 1)[1] for s in ds.samples] == [f"{i:05d}.png" for i in range(5)]
+    assert all(s.mask_uri and s.mask_uri.endswith(f"masks/{i:05d}.png") for i, s in enumerate(ds.samples))
+
+
+def test_masks_format_errors_say_what_to_fix(tmp_path):
+    from raycv.data.formats import read_masks
+
+    storage.write_bytes(str(tmp_path / "images" / "a.png"), b"x")
+    storage.write_bytes(str(tmp_path / "images" / "b.png"), b"x")
+    storage.write_bytes(str(tmp_path / "masks" / "a.png"), b"x")
+    with pytest.raises(DatasetError, match=r"1 image\(s\) .* have no ROOT/masks/<stem>.png, e.g. 'b'"):
+        read_masks(str(tmp_path))
+    storage.write_bytes(str(tmp_path / "masks" / "b.png"), b"x")
+    with pytest.raises(DatasetError, match="add it .* or set model.num_classes"):
+        read_masks(str(tmp_path))
+    assert read_masks(str(tmp_path), num_classes=3).class_names == ["class_0", "class_1", "class_2"]

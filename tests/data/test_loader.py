@@ -26,8 +26,8 @@ def test_batches_keep_order_labels_and_shapes(tmp_path):
         storage.write_bytes(uri, encode_png(np.full((8, 8, 3), i * 30, np.uint8)))
         samples.append(Sample(uri, i % 2))
 
-    def tf(image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        return torch.from_numpy(image).permute(2, 0, 1).float()
+    def tf(image: np.ndarray, target, rng: np.random.Generator):
+        return torch.from_numpy(image).permute(2, 0, 1).float(), target
 
     loader = BatchLoader(samples, tf, batch_size=3)
     batches = list(loader.iterate([6, 0, 1, 2, 3, 4, 5]))

@@ -1,0 +1,263 @@
+"""The model replicas of an annotation run: one callable class per task, used as Ray Data actors.
+
+Each loads the run's weights in ``__init__`` (never a ``ray.put`` model) and turns a batch of planned
+images into rows of the task's Parquet schema; one image's failure becomes that image's error row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from raycv import outputs, runs, storage
+from raycv.data import geotiff
+from raycv.data.images import decode_image, encode_png
+from raycv.data.transforms import normalize, to_tensor_resized
+from raycv.tasks.classification import topk_rows
+
+# Above this many logits ([K, H, W] float32 = 4 bytes each) an untiled image is labelled at the model's
+# resolution and its label map upsampled (nearest), instead of upsampling every class's scores.
+MAX_UPSAMPLED_LOGITS = 64 * 1024 * 1024
+
+
+def error_fields(stage: str, exc: BaseException) -> tuple[str, str, str]:
+    """(error_stage, error_type, error_message) for one image's failure."""
+    return stage, type(exc).__name__, str(exc)[:2000]
+
+
+class _Annotator:
+    """Shared set-up: the model on its device, its card, its normalisation, the output schema."""
+
+    def __init__(
+        self, run_dir: str, endpoint_url: str | None, run_id: str, threads: int, use_gpu: bool
+    ) -> None:
+        torch.set_num_threads(
+            max(1, threads)
+        )  # Ray sets OMP threads, but a reused worker keeps its old count
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.endpoint_url = endpoint_url
+        self.run = runs.load_run(run_dir, endpoint_url, self.device)
+        norm = self.run.card.get("normalization", {})
+        self.mean = tuple(norm.get("mean", (0.0, 0.0, 0.0)))
+        self.std = tuple(norm.get("std", (1.0, 1.0, 1.0)))
+        self.run_id = run_id
+        self.task = self.run.card["task"]
+        self.schema = outputs.images_schema(self.task)
+
+    def _forward(self, pixels: np.ndarray) -> torch.Tensor:
+        """[B, H, W, 3] uint8 -> the model's output (logits) for the normalised batch, float32 on the CPU."""
+        x = (
+            torch.from_numpy(np.ascontiguousarray(pixels))
+            .to(self.device)
+            .permute(0, 3, 1, 2)
+            .float()
+            .div_(255.0)
+        )
+        with torch.inference_mode():
+            return self.run.model(normalize(x, self.mean, self.std)).float().cpu()
+
+    def _common(
+        self, batch: dict[str, np.ndarray], errors: list[tuple[str, str, str] | None]
+    ) -> dict[str, list]:
+        n = len(errors)
+        now = dt.datetime.now(dt.timezone.utc)
+        return {
+            "image_id": [str(v) for v in batch["image_id"]],
+            "image_uri": [str(v) for v in batch["image_uri"]],
+            "source_etag": [str(v) or None for v in batch["source_etag"]],
+            "status": ["error" if e else "ok" for e in errors],
+            "error_stage": [e[0] if e else None for e in errors],
+            "error_type": [e[1] if e else None for e in errors],
+            "error_message": [e[2] if e else None for e in errors],
+            "task": [self.task] * n,
+            "model_id": [self.run.model_id] * n,
+            "run_id": [self.run_id] * n,
+            "annotated_at": [now] * n,
+            "crs": [None] * n,
+            "transform": [None] * n,
+        }
+
+
+def _window_reader(image: np.ndarray) -> Any:
+    """``read(y0, x0, h, w)`` over an image already in memory (formats without windowed reads)."""
+    return lambda y0, x0, h, w: image[y0 : y0 + h, x0 : x0 + w]
+
+
+def _incoming_errors(batch: dict[str, np.ndarray]) -> list[tuple[str, str, str] | None]:
+    return [
+        (str(s), str(t), str(m)) if s else None
+        for s, t, m in zip(batch["error_stage"], batch["error_type"], batch["error_message"], strict=True)
+    ]
+
+
+class Classifier(_Annotator):
+    """Labels batches of decoded, resized images: top class, score and the top-k."""
+
+    def __init__(
+        self, run_dir: str, endpoint_url: str | None, run_id: str, threads: int, use_gpu: bool, topk: int = 5
+    ) -> None:
+        super().__init__(run_dir, endpoint_url, run_id, threads, use_gpu)
+        self.topk = topk
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        errors = _incoming_errors(batch)
+        n = len(errors)
+        good = [i for i in range(n) if errors[i] is None]
+        rows: list[Any] = [None] * n
+        if good:
+            try:
+                probs = torch.softmax(self._forward(batch["pixels"][good]), dim=1).numpy()
+                for i, r in zip(good, topk_rows(probs, self.run.class_names, self.topk), strict=True):
+                    rows[i] = r
+            except Exception as exc:  # a model failure marks this batch's images; the run goes on
+                for i in good:
+                    errors[i] = error_fields("model", exc)
+        cols = self._common(batch, errors)
+        cols["width"] = [int(w) if w >= 0 else None for w in batch["width"]]
+        cols["height"] = [int(h) if h >= 0 else None for h in batch["height"]]
+        cols["label"] = [r[0]["label"] if r and not errors[i] else None for i, r in enumerate(rows)]
+        cols["label_name"] = [r[0]["label_name"] if r and not errors[i] else None for i, r in enumerate(rows)]
+        cols["score"] = [r[0]["score"] if r and not errors[i] else None for i, r in enumerate(rows)]
+        cols["topk"] = [r if not errors[i] else None for i, r in enumerate(rows)]
+        return pa.table(cols, schema=self.schema)
+
+
+class Segmenter(_Annotator):
+    """Label maps at the original resolution; large images are tiled, blended and stitched.
+
+    Small images are batched at the model's training size and their class scores resized back; an image
+    larger than ``tile.size`` (with ``tile`` set) is cut into overlapping tiles run at native resolution
+    (fully convolutional) and blended without seams, in bounded memory. GeoTIFFs are read through rasterio
+    by windows when tiled, and their CRS and transform are kept (and optionally written as a COG).
+    """
+
+    def __init__(
+        self,
+        run_dir: str,
+        endpoint_url: str | None,
+        run_id: str,
+        threads: int,
+        use_gpu: bool,
+        output: str,
+        tile: dict[str, int] | None = None,
+        geo: dict[str, Any] | None = None,
+        batch_size: int = 8,
+    ) -> None:
+        super().__init__(run_dir, endpoint_url, run_id, threads, use_gpu)
+        self.output, self.tile, self.batch_size = output, tile, batch_size
+        geo = geo or {}
+        self.bands, self.write_rasters = geo.get("bands"), bool(geo.get("write_rasters"))
+        scale = geo.get("scale", "dtype")
+        self.scale = [tuple(s) for s in scale] if isinstance(scale, list) else scale
+        self.k = int(self.run.card["num_classes"])
+
+    def _probs(self, pixels: np.ndarray) -> np.ndarray:
+        return torch.softmax(self._forward(pixels), dim=1).numpy()
+
+    def _needs_tiling(self, h: int, w: int) -> bool:
+        return self.tile is not None and max(h, w) > self.tile["size"]
+
+    def _tiled(self, read: Any, h: int, w: int) -> np.ndarray:
+        from raycv.tiling import predict_tiled
+
+        assert self.tile is not None
+        return predict_tiled(
+            self._probs,
+            read,
+            h,
+            w,
+            num_classes=self.k,
+            tile=self.tile["size"],
+            overlap=self.tile["overlap"],
+            batch_size=self.batch_size,
+        )
+
+    def _whole(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Label maps for small images: one batch at the model's size, scores resized to each original."""
+        size = self.run.size_hw
+        x = torch.stack([to_tensor_resized(im, size) for im in images]).mul_(255.0).round_().to(torch.uint8)
+        logits = self._forward(x.permute(0, 2, 3, 1).numpy())
+        maps = []
+        for im, lg in zip(images, logits, strict=True):
+            h, w = im.shape[:2]
+            if lg.shape[0] * h * w <= MAX_UPSAMPLED_LOGITS:
+                up = F.interpolate(lg[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+                maps.append(up.argmax(dim=0).to(torch.uint8).numpy())
+            else:
+                low = lg.argmax(dim=0)[None, None].float()
+                maps.append(
+                    F.interpolate(low, size=(h, w), mode="nearest-exact")[0, 0].to(torch.uint8).numpy()
+                )
+        return maps
+
+    def _geotiff(self, uri: str) -> tuple[np.ndarray, geotiff.RasterInfo]:
+        info = geotiff.raster_info(uri, self.endpoint_url)
+        if not self._needs_tiling(info.height, info.width):
+            image, info = geotiff.read_scene(uri, self.endpoint_url, bands=self.bands, scale=self.scale)
+            return self._whole([image])[0], info
+        with geotiff.open_raster(uri, self.endpoint_url) as ds:
+
+            def read(y0: int, x0: int, h: int, w: int) -> np.ndarray:
+                return geotiff.read_window(ds, x0, y0, w, h, bands=self.bands, scale=self.scale)
+
+            return self._tiled(read, info.height, info.width), info
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        from raycv.tasks.segmentation import class_pixels
+
+        errors = _incoming_errors(batch)
+        n = len(errors)
+        maps: list[np.ndarray | None] = [None] * n
+        geo: list[geotiff.RasterInfo | None] = [None] * n
+        small: list[tuple[int, np.ndarray]] = []
+        for i in range(n):
+            if errors[i]:
+                continue
+            uri = str(batch["image_uri"][i])
+            try:
+                if geotiff.is_geotiff(uri):
+                    maps[i], geo[i] = self._geotiff(uri)
+                    continue
+                image = decode_image(bytes(batch["data"][i]), uri)
+            except Exception as exc:
+                errors[i] = error_fields("decode", exc)
+                continue
+            try:
+                if self._needs_tiling(*image.shape[:2]):
+                    maps[i] = self._tiled(_window_reader(image), *image.shape[:2])
+                else:
+                    small.append((i, image))
+            except Exception as exc:
+                errors[i] = error_fields("model", exc)
+        for start in range(0, len(small), self.batch_size):
+            chunk = small[start : start + self.batch_size]
+            try:
+                for (i, _), m in zip(chunk, self._whole([im for _, im in chunk]), strict=True):
+                    maps[i] = m
+            except Exception as exc:
+                for i, _ in chunk:
+                    errors[i] = error_fields("model", exc)
+        for i in range(n):
+            if maps[i] is not None and geo[i] is not None and self.write_rasters and not errors[i]:
+                try:
+                    raster = storage.join(self.output, "rasters", f"{batch['image_id'][i]}.tif")
+                    geotiff.write_cog(raster, maps[i], geo[i], self.endpoint_url)  # type: ignore[arg-type]
+                except Exception as exc:
+                    errors[i] = error_fields("write", exc)
+        names = self.run.class_names
+        cols = self._common(batch, errors)
+        ok = [m if not errors[i] else None for i, m in enumerate(maps)]
+        cols["width"] = [int(m.shape[1]) if m is not None else None for m in ok]
+        cols["height"] = [int(m.shape[0]) if m is not None else None for m in ok]
+        cols["crs"] = [g.crs if g is not None and ok[i] is not None else None for i, g in enumerate(geo)]
+        cols["transform"] = [
+            list(g.transform) if g is not None and ok[i] is not None else None for i, g in enumerate(geo)
+        ]
+        cols["mask_png"] = [encode_png(m) if m is not None else None for m in ok]
+        cols["class_pixels"] = [class_pixels(m, names) if m is not None else None for m in ok]
+        return pa.table(cols, schema=self.schema)

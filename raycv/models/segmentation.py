@@ -1,0 +1,322 @@
+"""Semantic segmentation networks: raycv's U-Net, SegNet and tiny CI model, and torchvision's FCN, DeepLabV3, LR-ASPP.
+
+Every builder has the signature ``(*, num_classes: int, in_channels: int = 3, image_size: int | None = None,
+**architecture_kwargs)`` and returns a freshly initialised model (weights are never downloaded) that maps
+``[N, in_channels, H, W]`` float images to logits ``[N, num_classes, H, W]`` as a plain Tensor, at the input
+resolution, in training and in eval mode.
+
+Any ``H, W >= min_input_size`` works, not only multiples of the network's stride: raycv's own networks pad
+the input on the bottom and right (replicating the edge pixels) up to a multiple of their stride
+``2**depth`` and crop the logits back; torchvision's interpolate their coarse logits to the input size.
+
+Training needs more than one value per BatchNorm channel everywhere: DeepLabV3's image-pooling branch
+normalises one value per image, so train it with batches of 2 or more; raycv's networks at
+``image_size == 2**depth`` likewise normalise one bottleneck pixel per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.models import segmentation as tv_segmentation
+
+from raycv.models.classification import replace_first_conv
+from raycv.models.registry import register_model
+
+_TASK = "semantic_segmentation"
+
+Upsample = Literal["transpose", "bilinear"]
+UPSAMPLE_MODES: tuple[str, ...] = ("transpose", "bilinear")
+
+
+# -- raycv's own networks ---------------------------------------------------------------------------------------
+
+
+class _PaddedSegmenter(nn.Module):
+    """Pads the input to a multiple of ``stride`` and crops the logits back to the input size."""
+
+    stride: int
+    head_modules: tuple[str, ...] = ("head",)  # read by raycv.models.transfer.head_module_names
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits ``[N, num_classes, H, W]`` for images ``[N, C, H, W]``."""
+        height, width = images.shape[-2:]
+        pad_h, pad_w = -height % self.stride, -width % self.stride
+        if pad_h or pad_w:
+            # Replicate, not reflect: reflect needs the padding to be smaller than the side, replicate
+            # works for every side; zeros would add an edge that is not in the image.
+            images = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
+        return self.forward_padded(images)[..., :height, :width]
+
+    def forward_padded(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class UNet(_PaddedSegmenter):
+    """U-Net (Ronneberger et al., 2015) with BatchNorm and ``same`` padding.
+
+    Encoder: ``depth`` levels of two conv3x3-BN-ReLU then a 2x2 max pool, the channels doubling from
+    ``base_channels`` at each level; a bottleneck of two more convs. Decoder: per level, upsample 2x
+    (transposed conv, or bilinear + 1x1 conv), concatenate the encoder features of that level (the skip
+    connection), two conv3x3-BN-ReLU. Head: 1x1 conv to ``num_classes``. Stride ``2**depth``.
+    """
+
+    def __init__(
+        self, *, num_classes: int, in_channels: int, depth: int, base_channels: int, upsample: Upsample
+    ) -> None:
+        super().__init__()
+        self.stride = 2**depth
+        widths = [base_channels * 2**level for level in range(depth + 1)]
+        self.encoder = nn.ModuleList(
+            _double_conv(c_in, c_out) for c_in, c_out in zip([in_channels, *widths[:-2]], widths[:-1])
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = _double_conv(widths[-2], widths[-1])
+        self.decoder = nn.ModuleList(
+            _UpBlock(widths[level + 1], widths[level], upsample) for level in reversed(range(depth))
+        )
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+
+    def forward_padded(self, images: Tensor) -> Tensor:
+        skips = []
+        x = images
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for block, skip in zip(self.decoder, reversed(skips), strict=True):
+            x = block(x, skip)
+        return self.head(x)
+
+
+class _UpBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, upsample: Upsample) -> None:
+        super().__init__()
+        self.up: nn.Module
+        if upsample == "transpose":
+            self.up = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
+        else:
+            self.up = nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                nn.Conv2d(in_channels, out_channels, 1),
+            )
+        self.conv = _double_conv(2 * out_channels, out_channels)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return self.conv(torch.cat([skip, self.up(x)], dim=1))
+
+
+class SegNet(_PaddedSegmenter):
+    """SegNet (Badrinarayanan et al., 2016): the decoder unpools with the encoder's max-pool indices.
+
+    Encoder: ``depth`` levels of two conv3x3-BN-ReLU then a 2x2 max pool that also returns where each
+    maximum came from; the channels double from ``base_channels``. Decoder, mirrored: ``nn.MaxUnpool2d``
+    puts each value back at the position its level's pool took it from (zeros elsewhere), then two
+    conv3x3-BN-ReLU fill in the sparse map. No skip connections: the indices are all the decoder gets from
+    the encoder, which keeps it small. Head: 1x1 conv to ``num_classes``. Stride ``2**depth``.
+    """
+
+    def __init__(self, *, num_classes: int, in_channels: int, depth: int, base_channels: int) -> None:
+        super().__init__()
+        self.stride = 2**depth
+        widths = [base_channels * 2**level for level in range(depth)]
+        self.encoder = nn.ModuleList(
+            _double_conv(c_in, c_out) for c_in, c_out in zip([in_channels, *widths[:-1]], widths)
+        )
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2)
+        self.decoder = nn.ModuleList(
+            _double_conv(widths[level], widths[max(level - 1, 0)]) for level in reversed(range(depth))
+        )
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+
+    def forward_padded(self, images: Tensor) -> Tensor:
+        pooled = []
+        x = images
+        for block in self.encoder:
+            x = block(x)
+            size = x.shape[-2:]
+            x, indices = self.pool(x)
+            pooled.append((indices, size))
+        for block, (indices, size) in zip(self.decoder, reversed(pooled), strict=True):
+            x = block(self.unpool(x, indices, output_size=size))
+        return self.head(x)
+
+
+def _double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(_conv_bn_relu(in_channels, out_channels), _conv_bn_relu(out_channels, out_channels))
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    # No conv bias: the BatchNorm right after it has its own shift.
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _check_architecture(name: str, *, depth: int, base_channels: int, image_size: int | None) -> None:
+    for argument, value in (("depth", depth), ("base_channels", base_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: {argument} must be an integer >= 1, got {value!r}.")
+    if image_size is not None and image_size < 2**depth:
+        fits = max(image_size.bit_length() - 1, 1)
+        raise ValueError(
+            f"{name} with depth={depth} halves the image {depth} times and needs image_size >= {2**depth}, "
+            f"got {image_size}. Pass depth={fits} or resize the images to >= {2**depth} px."
+        )
+
+
+@register_model("unet", task=_TASK, min_input_size=16)
+def unet(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int | None = None,
+    depth: int = 4,
+    base_channels: int = 32,
+    upsample: Upsample = "transpose",
+) -> nn.Module:
+    """U-Net with skip connections and BatchNorm; 7.8M params at the defaults (depth 4, 32 base channels).
+
+    Args:
+        num_classes: Output channels K of the logits ``[N, K, H, W]``.
+        in_channels: Channels C of the input ``[N, C, H, W]``.
+        image_size: Training image side, checked against the stride ``2**depth``.
+        depth: Number of 2x downsamplings; the input side must be >= ``2**depth``.
+        base_channels: Channels of the first level; each deeper level doubles them.
+        upsample: ``"transpose"``: 2x2 transposed conv (the paper's up-convolution); ``"bilinear"``: bilinear
+            2x then a 1x1 conv, fewer parameters and no checkerboard artefacts.
+    """
+    _check_architecture("unet", depth=depth, base_channels=base_channels, image_size=image_size)
+    if upsample not in UPSAMPLE_MODES:
+        raise ValueError(f"unet: upsample must be one of {', '.join(UPSAMPLE_MODES)}, got {upsample!r}.")
+    return UNet(
+        num_classes=num_classes,
+        in_channels=in_channels,
+        depth=depth,
+        base_channels=base_channels,
+        upsample=upsample,
+    )
+
+
+@register_model("segnet", task=_TASK, min_input_size=16)
+def segnet(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int | None = None,
+    depth: int = 4,
+    base_channels: int = 32,
+) -> nn.Module:
+    """SegNet: decoder upsamples with the encoder's max-pool indices; 1.8M params at the defaults.
+
+    Args:
+        num_classes: Output channels K of the logits ``[N, K, H, W]``.
+        in_channels: Channels C of the input ``[N, C, H, W]``.
+        image_size: Training image side, checked against the stride ``2**depth``.
+        depth: Number of pool/unpool pairs; the input side must be >= ``2**depth``.
+        base_channels: Channels of the first level; each deeper level doubles them.
+    """
+    _check_architecture("segnet", depth=depth, base_channels=base_channels, image_size=image_size)
+    return SegNet(num_classes=num_classes, in_channels=in_channels, depth=depth, base_channels=base_channels)
+
+
+@register_model("test_segmenter", task=_TASK, min_input_size=16)
+def test_segmenter(*, num_classes: int, in_channels: int = 3, image_size: int | None = None) -> nn.Module:
+    """Tiny U-Net for CI (~7k params): depth 2, 4 base channels, bilinear upsampling.
+
+    Learns a generated circles-and-squares mask problem (32 px) to > 0.8 mIoU in 300 steps of batch 16.
+    A flat stack of three 3x3 convs sees 7x7 pixels, too little to tell a circle from a square at their
+    centres; the two poolings widen the receptive field to ~40 px for the same parameters.
+    """
+    _check_architecture("test_segmenter", depth=2, base_channels=4, image_size=image_size)
+    return UNet(num_classes=num_classes, in_channels=in_channels, depth=2, base_channels=4, upsample="bilinear")
+
+
+# -- torchvision's networks -------------------------------------------------------------------------------------
+# The torchvision model is re-classed, not wrapped: its parameter names stay torchvision's
+# (``classifier.4.weight``), so torchvision's own checkpoints load unchanged with load_weights, and only the
+# dict that forward returns becomes the "out" tensor.
+
+
+class FCNLogits(tv_segmentation.FCN):
+    """torchvision's FCN returning the ``"out"`` logits ``[N, K, H, W]`` as a Tensor."""
+
+    head_modules = ("classifier.4",)
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x)["out"]
+
+
+class DeepLabV3Logits(tv_segmentation.DeepLabV3):
+    """torchvision's DeepLabV3 returning the ``"out"`` logits ``[N, K, H, W]`` as a Tensor."""
+
+    head_modules = ("classifier.4",)
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x)["out"]
+
+
+class LRASPPLogits(tv_segmentation.LRASPP):
+    """torchvision's LR-ASPP returning the ``"out"`` logits ``[N, K, H, W]`` as a Tensor.
+
+    Its logits are the sum of two 1x1 convs, on the stride-8 and the stride-16 features: both are the head.
+    """
+
+    head_modules = ("classifier.low_classifier", "classifier.high_classifier")
+
+    def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(input)["out"]
+
+
+_LOGITS_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
+    tv_segmentation.FCN: FCNLogits,
+    tv_segmentation.DeepLabV3: DeepLabV3Logits,
+    tv_segmentation.LRASPP: LRASPPLogits,
+}
+# Parameter counts without the auxiliary head, at 21 classes (VOC).
+_TORCHVISION_MODELS = {
+    "fcn_resnet50": "FCN (Long et al., 2015) on a dilated ResNet-50, stride 8. 33.0M params.",
+    "deeplabv3_resnet50": "DeepLabV3 (atrous convs + ASPP) on a dilated ResNet-50, stride 8. 39.6M params.",
+    "deeplabv3_mobilenet_v3_large": "DeepLabV3 (atrous convs + ASPP) on MobileNetV3-Large, stride 16. 11.0M params.",
+    "lraspp_mobilenet_v3_large": "Lite R-ASPP on MobileNetV3-Large, stride 16 and 8 features. 3.2M params.",
+}
+
+
+def _register_torchvision_segmenters() -> None:
+    # Every torchvision segmenter accepts sides from 1 px (measured, batch of 2, train and eval mode); raycv
+    # registers them at 32 px, below which their stride-8/16 features carry no information.
+    for name, description in _TORCHVISION_MODELS.items():
+        builder = torchvision.models.get_model_builder(name)
+        register_model(name, task=_TASK, source="torchvision", min_input_size=32, description=description)(
+            _wrap_torchvision(name, builder)
+        )
+
+
+def _wrap_torchvision(name: str, builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    def build(*, num_classes: int, in_channels: int = 3, image_size: int | None = None) -> nn.Module:
+        del image_size  # any side works
+        # weights_backbone defaults to ImageNet weights, which torchvision would download.
+        model = builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+        model.__class__ = _LOGITS_CLASSES[type(model)]
+        if in_channels != 3:
+            replace_first_conv(model, in_channels)
+        return model
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = (
+        f"torchvision.models.segmentation.{name}(weights=None, weights_backbone=None, aux_loss=False), "
+        "adapted to num_classes and in_channels, returning the logits tensor."
+    )
+    return build
+
+
+_register_torchvision_segmenters()
