@@ -109,7 +109,7 @@ def open_raster(uri: str, endpoint_url: str | None = None) -> Iterator[Any]:
     """Open a raster for reading; yields a ``rasterio`` dataset, closed when the block ends.
 
     Local paths and ``file://`` URIs open directly; ``s3://`` objects through fsspec, fetching only the
-    byte ranges GDAL asks for.
+    byte ranges GDAL asks for (header, then the tiles each read touches).
 
     Raises:
         FileNotFoundError: nothing is stored at ``uri``.
@@ -360,13 +360,12 @@ def _stats_sample(ds: Any, index: int) -> np.ndarray:
     block_h, block_w = ds.block_shapes[index - 1]
     rows = np.unique(np.linspace(0, (ds.height - 1) // block_h, _STATS_GRID).astype(int))
     cols = np.unique(np.linspace(0, (ds.width - 1) // block_w, _STATS_GRID).astype(int))
-    samples = [
-        ds.read(
-            index, window=Window(c * block_w, r * block_h, block_w, block_h), masked=True, boundless=False
-        )
-        for r in rows
-        for c in cols
-    ]
+    samples = []
+    for r in rows:
+        for c in cols:
+            x, y = int(c) * block_w, int(r) * block_h
+            window = Window(x, y, min(block_w, ds.width - x), min(block_h, ds.height - y))
+            samples.append(ds.read(index, window=window, masked=True))
     return np.concatenate([np.asarray(s.compressed(), dtype=np.float64) for s in samples])
 
 
@@ -391,7 +390,7 @@ def _scale_band(values: np.ndarray, valid: np.ndarray, lo: float, hi: float) -> 
     is ``((v - lo) * 510 + span) // (2 * span)`` (uint16 on 0..65535 gives what
     :func:`raycv.data.images.decode_image` gives for 16-bit PNGs).
     """
-    if values.dtype.kind in "iu" and lo.is_integer() and hi.is_integer():
+    if values.dtype.kind in "iu" and values.dtype.itemsize <= 4 and lo.is_integer() and hi.is_integer():
         span = int(hi) - int(lo)
         shifted = np.clip(values.astype(np.int64), int(lo), int(hi)) - int(lo)
         scaled = (shifted * 510 + span) // (2 * span)
