@@ -7,6 +7,7 @@ Every model forbids unknown keys; :func:`load_config` turns any validation failu
 from __future__ import annotations
 
 import difflib
+import inspect
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +38,7 @@ class ModelConfig(_Strict):
     num_classes: int | None = Field(default=None, ge=1)
     weights: str | None = None
     freeze_backbone: bool = False
+    options: dict[str, Any] = {}  # extra builder arguments, e.g. {depth: 3, base_channels: 16} for unet
 
     @field_validator("arch")
     @classmethod
@@ -140,6 +142,10 @@ class TrainConfig(_Strict):
             raise ValueError("train.loss and train.augment.crop_scale apply to semantic_segmentation only")
         if self.task == "semantic_segmentation" and self.train.augment.mixup > 0:
             raise ValueError("train.augment.mixup applies to classification only; set it to 0")
+        try:
+            inspect.signature(info.builder).bind(num_classes=1, **self.model.options)
+        except TypeError as exc:
+            raise ValueError(f"model.options {self.model.options} do not fit '{self.model.arch}': {exc}") from None
         if min(self.data.size_hw) < info.min_input_size:
             raise ValueError(
                 f"data.image_size {self.data.image_size} is below the {info.min_input_size} px that "
@@ -276,6 +282,12 @@ def _to_config_error(exc: ValidationError, model_cls: type[BaseModel], data: dic
     err = exc.errors()[0]
     # Union members add their own names to the location (e.g. 'int' / 'tuple[int, int]'); keep config keys.
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in {"int", "str"})))
+    if not loc:  # a cross-field check: its message starts with the field it is about ("model.arch ...")
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        head = msg.split(" ", 1)[0]
+        if "." in head:
+            loc = tuple(head.split("."))
+            err = {**err, "msg": msg}
     field = ".".join(str(p) for p in loc) or "CONFIG"
     value = _lookup(data, loc) if err["type"] != "missing" else None
     return ConfigError(field, value, _fix_for(err, model_cls, loc))

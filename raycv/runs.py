@@ -106,6 +106,7 @@ def load_run(run_dir: str, endpoint_url: str | None = None, device: str = "cpu")
         num_classes=int(card["num_classes"]),
         in_channels=int(card.get("in_channels", 3)),
         image_size=size if isinstance(size, int) else int(size[0]),
+        **card.get("options", {}),
     )
     model.load_state_dict(load_state_dict(data, run_dir))
     model.to(device).eval()

@@ -64,7 +64,7 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     from raycv.models import create_model, freeze_backbone, load_weights
 
     h, _ = cfg.data.size_hw
-    model = create_model(cfg.model.arch, num_classes=num_classes, image_size=h)
+    model = create_model(cfg.model.arch, num_classes=num_classes, image_size=h, **cfg.model.options)
     if cfg.model.weights:
         state = runs.load_state_dict(
             storage.read_bytes(cfg.model.weights, cfg.storage.endpoint_url), cfg.model.weights
@@ -246,6 +246,7 @@ def _write_run_dir(cfg: TrainConfig, info: dict[str, Any], record: dict[str, Any
     card = {
         "task": cfg.task,
         "arch": cfg.model.arch,
+        "options": cfg.model.options,
         "num_classes": info["num_classes"],
         "class_names": info["class_names"],
         "image_size": cfg.data.image_size,

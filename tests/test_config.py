@@ -126,3 +126,11 @@ def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path):
 def test_image_size_below_the_model_minimum(tmp_path):
     with pytest.raises(ConfigError, match=r"below the 75 px that 'inception_v3' needs"):
         load_config(_write(tmp_path, _train(tmp_path)), ["model.arch=inception_v3", "data.image_size=64"])
+
+
+def test_model_options_must_fit_the_builder(tmp_path):
+    base = _train(tmp_path, task="semantic_segmentation", model={"arch": "unet", "options": {"depth": 3}})
+    cfg = load_config(_write(tmp_path, base))
+    assert cfg.model.options == {"depth": 3}
+    with pytest.raises(ConfigError, match=r"model.options: got \{'deep': 3\}.*do not fit 'unet'.*unexpected keyword argument 'deep'"):
+        load_config(_write(tmp_path, base), ["model.options={deep: 3}"])

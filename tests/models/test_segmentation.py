@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from raycv.models import create_model, freeze_backbone, get_model_info, head_module_names, list_models, load_weights
+from raycv.models import (
+    create_model,
+    freeze_backbone,
+    get_model_info,
+    head_module_names,
+    list_models,
+    load_weights,
+)
 
 TASK = "semantic_segmentation"
 HEADS = {
@@ -118,7 +125,9 @@ def test_one_training_step_on_four_channels(name: str) -> None:
     assert {f"{first_name}.weight", *(f"{head}.weight" for head in HEADS[name])} <= changed
 
 
-@pytest.mark.parametrize(("upsample", "layer"), [("transpose", nn.ConvTranspose2d), ("bilinear", nn.Upsample)])
+@pytest.mark.parametrize(
+    ("upsample", "layer"), [("transpose", nn.ConvTranspose2d), ("bilinear", nn.Upsample)]
+)
 def test_unet_upsamples_as_asked(upsample: str, layer: type[nn.Module]) -> None:
     model = create_model("unet", num_classes=2, depth=3, base_channels=8, upsample=upsample)
     assert sum(isinstance(m, layer) for m in model.modules()) == 3  # one per decoder level
@@ -130,7 +139,7 @@ def test_unet_default_layout() -> None:
     model = create_model("unet", num_classes=2)
     widths = [block[1][0].out_channels for block in model.encoder]
     assert (widths, model.bottleneck[1][0].out_channels) == ([32, 64, 128, 256], 512)
-    assert sum(p.numel() for p in model.parameters()) == 7_763_074
+    assert sum(p.numel() for p in model.parameters()) == 7_766_018
 
 
 def test_depth_too_deep_for_the_image_names_the_fix() -> None:
@@ -164,8 +173,8 @@ def test_generator_makes_the_requested_problem() -> None:
     images, masks = make_masks(8, size=32, seed=1)
     assert images.shape == (8, 3, 32, 32) and masks.shape == (8, 32, 32)
     assert set(masks.unique().tolist()) == {0, 1, 2}
-    foreground = masks > 0
-    assert (images.min(dim=1).values[foreground] >= 0.5).all() and (images[:, :, ~foreground] <= 0.3).all()
+    pixels, foreground = images.permute(0, 2, 3, 1), masks > 0  # pixels: [8, 32, 32, 3]
+    assert (pixels[foreground] >= 0.5).all() and (pixels[~foreground] <= 0.3).all()
 
 
 @pytest.mark.timeout(60)
@@ -188,7 +197,7 @@ def test_test_segmenter_learns_generated_masks() -> None:
     with torch.no_grad():
         preds = model.eval()(held_out_images).argmax(dim=1)
     iou = iou_per_class(held_out_masks, preds, 3)
-    assert iou.mean() >= 0.8, iou.tolist()
+    assert iou.min() >= 0.8, iou.tolist()  # every class, so also the mIoU
 
 
 @pytest.mark.parametrize(
