@@ -145,7 +145,9 @@ class TrainConfig(_Strict):
         try:
             inspect.signature(info.builder).bind(num_classes=1, **self.model.options)
         except TypeError as exc:
-            raise ValueError(f"model.options {self.model.options} do not fit '{self.model.arch}': {exc}") from None
+            raise ValueError(
+                f"model.options {self.model.options} do not fit '{self.model.arch}': {exc}"
+            ) from None
         if min(self.data.size_hw) < info.min_input_size:
             raise ValueError(
                 f"data.image_size {self.data.image_size} is below the {info.min_input_size} px that "

@@ -132,5 +132,8 @@ def test_model_options_must_fit_the_builder(tmp_path):
     base = _train(tmp_path, task="semantic_segmentation", model={"arch": "unet", "options": {"depth": 3}})
     cfg = load_config(_write(tmp_path, base))
     assert cfg.model.options == {"depth": 3}
-    with pytest.raises(ConfigError, match=r"model.options: got \{'deep': 3\}.*do not fit 'unet'.*unexpected keyword argument 'deep'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.options: got \{'deep': 3\}.*do not fit 'unet'.*unexpected keyword argument 'deep'",
+    ):
         load_config(_write(tmp_path, base), ["model.options={deep: 3}"])

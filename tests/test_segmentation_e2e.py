@@ -45,8 +45,14 @@ def seg_run(tmp_path_factory, ray_local, s3_endpoint):
             "task": "semantic_segmentation",
             "model": {"arch": "unet", "options": {"depth": 3, "base_channels": 16}},
             "data": {"train": "s3://seg/datasets/shapes", "image_size": 48, "val_fraction": 0.2},
-            "train": {"epochs": 30, "batch_size": 8, "lr": 0.005, "scheduler": "none", "loss": "ce",
-                      "augment": {"hflip": 0.5}},
+            "train": {
+                "epochs": 30,
+                "batch_size": 8,
+                "lr": 0.005,
+                "scheduler": "none",
+                "loss": "ce",
+                "augment": {"hflip": 0.5},
+            },
             "scaling": {"num_workers": 2, "cpus_per_worker": 1},
             "output": {"dir": "s3://seg/runs/unet"},
         },
@@ -56,7 +62,9 @@ def seg_run(tmp_path_factory, ray_local, s3_endpoint):
 
 
 def test_unet_learns_and_reports_segmentation_metrics(seg_run):
-    history = [json.loads(x) for x in storage.read_bytes(f"{seg_run['run']}/metrics.jsonl").decode().splitlines()]
+    history = [
+        json.loads(x) for x in storage.read_bytes(f"{seg_run['run']}/metrics.jsonl").decode().splitlines()
+    ]
     assert len(history) == 30
     last = history[-1]
     assert {"miou", "dice", "pixel_accuracy", "iou_per_class"} <= set(last)
@@ -73,7 +81,9 @@ def test_evaluate_gives_the_same_metric_names(seg_run, capsys):
 
 
 def test_annotate_masks_at_original_resolution_and_a_tiled_geotiff(seg_run, tmp_path):
-    write_masks_dataset("s3://seg/archive", n=6, size=(40, 56), seed=9, classes=SHAPES)  # not the training size
+    write_masks_dataset(
+        "s3://seg/archive", n=6, size=(40, 56), seed=9, classes=SHAPES
+    )  # not the training size
     scene = tmp_path / "scene.tif"
     make_test_geotiff(str(scene), width=700, height=500, count=4, dtype="uint16", crs="EPSG:32633")
     storage.write_bytes("s3://seg/archive/images/scene.tif", scene.read_bytes())
@@ -82,13 +92,23 @@ def test_annotate_masks_at_original_resolution_and_a_tiled_geotiff(seg_run, tmp_
     cfg = _yaml(
         seg_run["tmp"],
         "annotate.yaml",
-        {"model": seg_run["run"], "input": "s3://seg/archive/images/", "output": out, "batch_size": 4,
-         "actors": 2, "cpus_per_actor": 0.5, "tile": {"size": 256, "overlap": 32},
-         "geo": {"bands": [1, 2, 3], "write_rasters": True}},
+        {
+            "model": seg_run["run"],
+            "input": "s3://seg/archive/images/",
+            "output": out,
+            "batch_size": 4,
+            "actors": 2,
+            "cpus_per_actor": 0.5,
+            "tile": {"size": 256, "overlap": 32},
+            "geo": {"bands": [1, 2, 3], "write_rasters": True},
+        },
     )
     assert main(["annotate", cfg]) == 0
     fs, path = storage.pyarrow_filesystem(out)
-    rows = {os.path.basename(r["image_uri"]): r for r in pq.read_table(f"{path}/images", filesystem=fs).to_pylist()}
+    rows = {
+        os.path.basename(r["image_uri"]): r
+        for r in pq.read_table(f"{path}/images", filesystem=fs).to_pylist()
+    }
     assert len(rows) == 8 and rows["broken.png"]["status"] == "error"
     assert rows["broken.png"]["error_stage"] == "decode"
     ious = []

@@ -323,7 +323,13 @@ def write_masks_dataset(
     def write_one(i: int) -> None:
         rng = _rng(seed, _MASKS_STREAM, i)
         scene = render_scene(
-            rng, size=size, n_objects=int(rng.integers(n_objects[0], n_objects[1] + 1)), classes=classes
+            rng,
+            size=size,
+            n_objects=int(rng.integers(n_objects[0], n_objects[1] + 1)),
+            classes=classes,
+            upright=upright,
+            min_scale=scale[0],
+            max_scale=scale[1],
         )
         storage.write_bytes(
             storage.join(root, "images", f"{i:05d}.png"),

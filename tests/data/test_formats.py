@@ -71,3 +71,23 @@ def test_masks_format_errors_say_what_to_fix(tmp_path):
     with pytest.raises(DatasetError, match="add it .* or set model.num_classes"):
         read_masks(str(tmp_path))
     assert read_masks(str(tmp_path), num_classes=3).class_names == ["class_0", "class_1", "class_2"]
+
+
+def test_masks_dataset_scenes_follow_their_parameters(tmp_path):
+    import numpy as np
+
+    from raycv.data.images import decode_image, decode_png_mask
+    from raycv.data.synthetic import _rng, render_scene, write_masks_dataset
+
+    write_masks_dataset(str(tmp_path), n=2, size=40, seed=3, classes=("circle", "square"), scale=(0.3, 0.4))
+    rng = _rng(3, 3, 1)
+    n = int(rng.integers(1, 3))
+    scene = render_scene(
+        rng, size=40, n_objects=n, classes=("circle", "square"), upright=True, min_scale=0.3, max_scale=0.4
+    )
+    assert np.array_equal(
+        decode_image(storage.read_bytes(str(tmp_path / "images" / "00001.png"))), scene.image
+    )
+    assert np.array_equal(
+        decode_png_mask(storage.read_bytes(str(tmp_path / "masks" / "00001.png"))), scene.mask
+    )

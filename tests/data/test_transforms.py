@@ -23,8 +23,16 @@ def test_pair_augmentation_moves_image_and_mask_together():
     image[4:12, 2:10] = 255  # a white square with label 1
     mask[4:12, 2:10] = 1
     for seed in range(20):
-        t, m = augment_pair(image, mask, (32, 32), np.random.default_rng(seed), hflip=0.5, vflip=0.5, rotate=30,
-                            crop_scale=0.5)
+        t, m = augment_pair(
+            image,
+            mask,
+            (32, 32),
+            np.random.default_rng(seed),
+            hflip=0.5,
+            vflip=0.5,
+            rotate=30,
+            crop_scale=0.5,
+        )
         assert t.shape == (3, 32, 32) and m.shape == (32, 32)
         labels = set(m.unique().tolist())
         assert labels <= {0, 1, 255}  # nearest neighbour only: no blended labels; 255 = rotated-in corners
