@@ -216,6 +216,7 @@ def _stages(
             "tile": tile,
             "geo": cfg.geo.model_dump(),
             "batch_size": cfg.batch_size,
+            "max_pixels": cfg.max_pixels,
         }
         return read_bytes_batch, {"endpoint_url": ep}, Segmenter, seg_kw
     raise ConfigError("model", cfg.model, f"This run's task '{card['task']}' cannot be annotated yet.")

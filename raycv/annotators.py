@@ -147,9 +147,10 @@ class Segmenter(_Annotator):
         tile: dict[str, int] | None = None,
         geo: dict[str, Any] | None = None,
         batch_size: int = 8,
+        max_pixels: int = 178_956_970,
     ) -> None:
         super().__init__(run_dir, endpoint_url, run_id, threads, use_gpu)
-        self.output, self.tile, self.batch_size = output, tile, batch_size
+        self.output, self.tile, self.batch_size, self.max_pixels = output, tile, batch_size, max_pixels
         geo = geo or {}
         self.bands, self.write_rasters = geo.get("bands"), bool(geo.get("write_rasters"))
         scale = geo.get("scale", "dtype")
@@ -198,7 +199,9 @@ class Segmenter(_Annotator):
     def _geotiff(self, uri: str) -> tuple[np.ndarray, geotiff.RasterInfo]:
         info = geotiff.raster_info(uri, self.endpoint_url)
         if not self._needs_tiling(info.height, info.width):
-            image, info = geotiff.read_scene(uri, self.endpoint_url, bands=self.bands, scale=self.scale)
+            image, info = geotiff.read_scene(
+                uri, self.endpoint_url, bands=self.bands, scale=self.scale, max_pixels=self.max_pixels
+            )
             return self._whole([image])[0], info
         with geotiff.open_raster(uri, self.endpoint_url) as ds:
 
@@ -223,7 +226,7 @@ class Segmenter(_Annotator):
                 if geotiff.is_geotiff(uri):
                     maps[i], geo[i] = self._geotiff(uri)
                     continue
-                image = decode_image(bytes(batch["data"][i]), uri)
+                image = decode_image(bytes(batch["data"][i]), uri, max_pixels=self.max_pixels)
             except Exception as exc:
                 errors[i] = error_fields("decode", exc)
                 continue

@@ -10,11 +10,11 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from raycv import storage
 from raycv.cli import main
 from raycv.data.synthetic import make_special_images, write_flat_archive, write_imagefolder
+from tests._util import create_bucket, write_yaml
 
 BAD = {"truncated.jpg": "decode", "empty.png": "decode", "text.png": "decode", "bomb.png": "decode"}
 GOOD_SPECIAL = [
@@ -30,20 +30,12 @@ GOOD_SPECIAL = [
 ]
 
 
-def _yaml(tmp_path, name: str, data: dict) -> str:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, ray_local, s3_endpoint):
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket="e2e")
+    create_bucket("e2e")
     write_imagefolder("s3://e2e/datasets/shapes", n_per_class=100, size=32, seed=0)
     tmp = tmp_path_factory.mktemp("e2e")
-    cfg = _yaml(
+    cfg = write_yaml(
         tmp,
         "train.yaml",
         {
@@ -59,7 +51,7 @@ def trained(tmp_path_factory, ray_local, s3_endpoint):
 
 
 def _annotate(tmp, run: str, inp, out: str, **extra) -> dict:
-    cfg = _yaml(
+    cfg = write_yaml(
         tmp,
         "annotate.yaml",
         {

@@ -13,32 +13,24 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from raycv import outputs, storage
 from raycv.cli import main
 from raycv.data.geotiff import make_test_geotiff
 from raycv.data.images import decode_png_mask
 from raycv.data.synthetic import write_masks_dataset
+from tests._util import create_bucket, write_yaml
 
 SHAPES = ("circle", "square")
 
 
-def _yaml(tmp, name: str, data: dict) -> str:
-    path = tmp / name
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def seg_run(tmp_path_factory, ray_local, s3_endpoint):
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket="seg")
+    create_bucket("seg")
     # Circles and squares: U-Net tells them apart within ~300 steps on a CPU (triangles need ~3x longer).
     names = write_masks_dataset("s3://seg/datasets/shapes", n=300, size=48, seed=0, classes=SHAPES)
     tmp = tmp_path_factory.mktemp("seg")
-    cfg = _yaml(
+    cfg = write_yaml(
         tmp,
         "train.yaml",
         {
@@ -89,7 +81,7 @@ def test_annotate_masks_at_original_resolution_and_a_tiled_geotiff(seg_run, tmp_
     storage.write_bytes("s3://seg/archive/images/scene.tif", scene.read_bytes())
     storage.write_bytes("s3://seg/archive/images/broken.png", b"not an image")
     out = "s3://seg/out/a"
-    cfg = _yaml(
+    cfg = write_yaml(
         seg_run["tmp"],
         "annotate.yaml",
         {

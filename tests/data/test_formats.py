@@ -68,7 +68,7 @@ def test_masks_format_errors_say_what_to_fix(tmp_path):
     with pytest.raises(DatasetError, match=r"1 image\(s\) .* have no ROOT/masks/<stem>.png, e.g. 'b'"):
         read_masks(str(tmp_path))
     storage.write_bytes(str(tmp_path / "masks" / "b.png"), b"x")
-    with pytest.raises(DatasetError, match="add it .* or set model.num_classes"):
+    with pytest.raises(DatasetError, match=r"add it .* or set model\.num_classes"):
         read_masks(str(tmp_path))
     assert read_masks(str(tmp_path), num_classes=3).class_names == ["class_0", "class_1", "class_2"]
 
