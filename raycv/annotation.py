@@ -23,7 +23,7 @@ import ray.data
 import torch
 
 from raycv import outputs, runs, storage
-from raycv.annotators import Classifier, Segmenter, error_fields
+from raycv.annotators import Classifier, Detector, Segmenter, error_fields
 from raycv.config import AnnotateConfig
 from raycv.data import geotiff
 from raycv.data.formats import IMAGE_EXTENSIONS
@@ -157,7 +157,9 @@ def read_decode_batch(
     return out
 
 
-def read_bytes_batch(batch: dict[str, np.ndarray], *, endpoint_url: str | None) -> dict[str, np.ndarray]:
+def read_bytes_batch(
+    batch: dict[str, np.ndarray], *, endpoint_url: str | None, skip_geotiff: bool = False
+) -> dict[str, np.ndarray]:
     """Fetch the encoded bytes of a batch (GeoTIFFs are left to the actor's windowed reads).
 
     Shipping encoded bytes rather than decoded pixels keeps object-store traffic ~10x smaller; the model
@@ -165,7 +167,7 @@ def read_bytes_batch(batch: dict[str, np.ndarray], *, endpoint_url: str | None) 
     """
 
     def one(uri: str) -> tuple[bytes, tuple[str, str, str]]:
-        if geotiff.is_geotiff(uri):
+        if skip_geotiff and geotiff.is_geotiff(uri):
             return b"", ("", "", "")
         try:
             return storage.read_bytes(uri, endpoint_url), ("", "", "")
@@ -218,7 +220,16 @@ def _stages(
             "batch_size": cfg.batch_size,
             "max_pixels": cfg.max_pixels,
         }
-        return read_bytes_batch, {"endpoint_url": ep}, Segmenter, seg_kw
+        return read_bytes_batch, {"endpoint_url": ep, "skip_geotiff": True}, Segmenter, seg_kw
+    if card["task"] in ("detection", "instance_segmentation"):
+        det_kw = {
+            **common,
+            "score_threshold": cfg.score_threshold,
+            "iou_threshold": cfg.iou_threshold,
+            "batch_size": cfg.batch_size,
+            "max_pixels": cfg.max_pixels,
+        }
+        return read_bytes_batch, {"endpoint_url": ep}, Detector, det_kw
     raise ConfigError("model", cfg.model, f"This run's task '{card['task']}' cannot be annotated yet.")
 
 

@@ -264,3 +264,113 @@ class Segmenter(_Annotator):
         cols["mask_png"] = [encode_png(m) if m is not None else None for m in ok]
         cols["class_pixels"] = [class_pixels(m, names) if m is not None else None for m in ok]
         return pa.table(cols, schema=self.schema)
+
+
+class Detector(_Annotator):
+    """Boxes (and instance masks as COCO RLE) per image, in original-image pixels, 0-based labels.
+
+    Detectors resize internally, so each image goes in at its own size; ``score_threshold`` and
+    ``iou_threshold`` (class-aware NMS) are applied to what the model returns.
+    """
+
+    def __init__(
+        self,
+        run_dir: str,
+        endpoint_url: str | None,
+        run_id: str,
+        threads: int,
+        use_gpu: bool,
+        score_threshold: float = 0.25,
+        iou_threshold: float = 0.5,
+        batch_size: int = 8,
+        max_pixels: int = 178_956_970,
+    ) -> None:
+        super().__init__(run_dir, endpoint_url, run_id, threads, use_gpu)
+        self.score_threshold, self.iou_threshold = score_threshold, iou_threshold
+        self.batch_size, self.max_pixels = batch_size, max_pixels
+        # The model's own post-processing thresholds (torchvision R-CNNs keep them on roi_heads).
+        for part in (self.run.model, getattr(self.run.model, "roi_heads", None)):
+            if part is not None and hasattr(part, "score_thresh"):
+                part.score_thresh = score_threshold
+            if part is not None and hasattr(part, "nms_thresh"):
+                part.nms_thresh = iou_threshold
+
+    def _detect(self, images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        tensors = [
+            normalize(
+                torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float().div_(255.0),
+                self.mean,
+                self.std,
+            ).to(self.device)
+            for im in images
+        ]
+        with torch.inference_mode():
+            outs = self.run.model(tensors)
+        return [
+            {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outs
+        ]
+
+    def _objects(self, out: dict[str, torch.Tensor], h: int, w: int) -> list[dict[str, Any]]:
+        from torchvision.ops import batched_nms
+
+        from raycv.tasks.detection import encode_rle
+
+        keep = out["scores"] >= self.score_threshold
+        boxes, scores, labels = out["boxes"][keep], out["scores"][keep], out["labels"][keep]
+        boxes = torch.stack(
+            [
+                boxes[:, 0].clamp(0, w),
+                boxes[:, 1].clamp(0, h),
+                boxes[:, 2].clamp(0, w),
+                boxes[:, 3].clamp(0, h),
+            ],
+            dim=1,
+        )
+        order = batched_nms(boxes, scores, labels, self.iou_threshold)
+        masks = out["masks"][keep][order] if "masks" in out else None
+        names = self.run.class_names
+        rows = []
+        for j, i in enumerate(order.tolist()):
+            label = int(labels[i]) - 1  # the model's 1..K back to the dataset's 0..K-1
+            row: dict[str, Any] = {
+                "label": label,
+                "label_name": names[label] if 0 <= label < len(names) else None,
+                "score": float(scores[i]),
+                "box": [float(v) for v in boxes[i]],
+                "mask_rle_size": None,
+                "mask_rle_counts": None,
+            }
+            if masks is not None:
+                size, counts = encode_rle(masks[j, 0].numpy() > 0.5)
+                row["mask_rle_size"], row["mask_rle_counts"] = list(size), counts
+            rows.append(row)
+        return rows
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        errors = _incoming_errors(batch)
+        n = len(errors)
+        images: dict[int, np.ndarray] = {}
+        for i in range(n):
+            if not errors[i]:
+                uri = str(batch["image_uri"][i])
+                try:
+                    images[i] = decode_image(bytes(batch["data"][i]), uri, max_pixels=self.max_pixels)
+                except Exception as exc:
+                    errors[i] = error_fields("decode", exc)
+        objects: list[Any] = [None] * n
+        idx = list(images)
+        for start in range(0, len(idx), self.batch_size):
+            chunk = idx[start : start + self.batch_size]
+            try:
+                for i, out in zip(chunk, self._detect([images[i] for i in chunk]), strict=True):
+                    objects[i] = self._objects(out, *images[i].shape[:2])
+            except Exception as exc:  # this batch's images become error rows; the run goes on
+                for i in chunk:
+                    errors[i] = error_fields("model", exc)
+        cols = self._common(batch, errors)
+        cols["width"] = [int(images[i].shape[1]) if i in images and not errors[i] else None for i in range(n)]
+        cols["height"] = [
+            int(images[i].shape[0]) if i in images and not errors[i] else None for i in range(n)
+        ]
+        cols["objects"] = [o if not errors[i] else None for i, o in enumerate(objects)]
+        return pa.table(cols, schema=self.schema)

@@ -136,11 +136,13 @@ class TrainConfig(_Strict):
                 f"model.arch '{self.model.arch}' is a {info.task} model but task is '{self.task}'; "
                 f"pick one from `raycv models --task {self.task}`"
             )
-        if self.task != "semantic_segmentation" and (
-            self.train.loss != "ce" or self.train.augment.crop_scale < 1
-        ):
-            raise ValueError("train.loss and train.augment.crop_scale apply to semantic_segmentation only")
-        if self.task == "semantic_segmentation" and self.train.augment.mixup > 0:
+        if self.task != "semantic_segmentation" and self.train.loss != "ce":
+            raise ValueError("train.loss applies to semantic_segmentation only (detectors compute their own)")
+        if self.task == "classification" and self.train.augment.crop_scale < 1:
+            raise ValueError(
+                "train.augment.crop_scale applies to segmentation and detection only; set it to 1"
+            )
+        if self.task != "classification" and self.train.augment.mixup > 0:
             raise ValueError("train.augment.mixup applies to classification only; set it to 0")
         try:
             inspect.signature(info.builder).bind(num_classes=1, **self.model.options)

@@ -62,6 +62,41 @@ TASK_FIELDS: dict[str, list[pa.Field]] = {
 }
 
 
+OBJECT_FIELDS = [
+    pa.field("label", pa.int32()),
+    pa.field("label_name", pa.string()),
+    pa.field("score", pa.float32()),
+    pa.field("box", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2 in original-image pixels
+    pa.field("mask_rle_size", pa.list_(pa.int32())),  # [h, w]; null for plain detection
+    pa.field("mask_rle_counts", pa.string()),  # COCO compressed RLE; null for plain detection
+]
+OBJECTS_TYPE = pa.list_(pa.struct(OBJECT_FIELDS))
+TASK_FIELDS["detection"] = [pa.field("objects", OBJECTS_TYPE)]  # staged only: split into OUTPUT/objects
+TASK_FIELDS["instance_segmentation"] = TASK_FIELDS["detection"]
+OBJECTS_DIR = "objects"
+
+
+def objects_schema() -> pa.Schema:
+    """``OUTPUT/objects`` rows: one per detected object."""
+    return pa.schema([pa.field("image_id", pa.string()), pa.field("image_uri", pa.string()), *OBJECT_FIELDS])
+
+
+def split_objects(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """A staged detection table -> (its ``images`` rows without the nested objects, one row per object)."""
+    nested = table.column("objects").combine_chunks()
+    flat = pc.list_flatten(nested)
+    parents = pc.list_parent_indices(nested)
+    objects = pa.table(
+        {
+            "image_id": table.column("image_id").take(parents),
+            "image_uri": table.column("image_uri").take(parents),
+            **{f.name: flat.field(f.name) for f in OBJECT_FIELDS},
+        },
+        schema=objects_schema(),
+    )
+    return table.drop_columns(["objects"]), objects
+
+
 def images_schema(task: str) -> pa.Schema:
     """The schema of ``OUTPUT/images`` rows for ``task``: the common columns, then the task's own."""
     return pa.schema(COMMON_FIELDS + TASK_FIELDS.get(task, []))
@@ -176,6 +211,24 @@ def recover(output: str, endpoint_url: str | None = None) -> list[str]:
     return done
 
 
+def _commit_file(output: str, src: str, dst: str, endpoint_url: str | None) -> None:
+    """Move one staged file into ``images/``; a detection file is split into ``images/`` + ``objects/``.
+
+    The objects twin is written first and has the same name: a crash between the two writes is redone
+    from the staged file, which is removed last.
+    """
+    fs, path = storage.get_filesystem(src, endpoint_url)
+    with fs.open(path, "rb") as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+    if "objects" not in names:
+        storage.move(src, dst, endpoint_url)
+        return
+    images, objects = split_objects(_read_file(src, endpoint_url))
+    _write_file(storage.join(output, OBJECTS_DIR, posixpath.basename(dst)), objects, endpoint_url)
+    _write_file(dst, images, endpoint_url)
+    storage.remove(src, endpoint_url)
+
+
 def _journal_uri(output: str, run_id: str) -> str:
     return storage.join(output, JOURNAL_DIR, f"{run_id}.json")
 
@@ -184,15 +237,17 @@ def _apply(output: str, journal: dict[str, Any], endpoint_url: str | None) -> No
     run_id = journal["run_id"]
     for src, dst in journal["moves"]:
         if storage.exists(src, endpoint_url):
-            storage.move(src, dst, endpoint_url)
+            _commit_file(output, src, dst, endpoint_url)
     for old, ids in journal["supersede"].items():
-        if not storage.exists(old, endpoint_url):
-            continue  # rewritten already (or removed by a later run)
-        table = _read_file(old, endpoint_url)
-        keep = table.filter(pc.invert(pc.is_in(table.column("image_id"), pa.array(ids, pa.string()))))
-        if keep.num_rows:
-            stem = posixpath.splitext(posixpath.basename(old))[0].split("~")[0]
-            _write_file(storage.join(output, IMAGES_DIR, f"{stem}~{run_id}.parquet"), keep, endpoint_url)
-        storage.remove(old, endpoint_url)
+        for directory in (IMAGES_DIR, OBJECTS_DIR):  # an images file and its objects twin go together
+            path = storage.join(output, directory, posixpath.basename(old))
+            if not storage.exists(path, endpoint_url):
+                continue  # rewritten already (or removed by a later run), or no objects twin
+            table = _read_file(path, endpoint_url)
+            keep = table.filter(pc.invert(pc.is_in(table.column("image_id"), pa.array(ids, pa.string()))))
+            if keep.num_rows:
+                stem = posixpath.splitext(posixpath.basename(old))[0].split("~")[0]
+                _write_file(storage.join(output, directory, f"{stem}~{run_id}.parquet"), keep, endpoint_url)
+            storage.remove(path, endpoint_url)
     storage.remove(staging_dir(output, run_id), endpoint_url, recursive=True)
     storage.remove(_journal_uri(output, run_id), endpoint_url)

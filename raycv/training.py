@@ -8,6 +8,7 @@ Train checkpoint; a worker that dies is replaced and every rank resumes from tha
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -26,7 +27,17 @@ from torch import nn
 import raycv
 from raycv import runs, storage
 from raycv.config import DEFAULT_FORMATS, TrainConfig, config_to_dict
-from raycv.data.formats import Dataset, Sample, read_imagefolder, read_masks, split_train_val
+from raycv.data.formats import (
+    Dataset,
+    DetectionDataset,
+    DetectionSample,
+    Sample,
+    read_coco,
+    read_imagefolder,
+    read_masks,
+    read_yolo,
+    split_train_val,
+)
 from raycv.data.loader import BatchLoader, Target, Transform, shard_indices
 from raycv.data.transforms import (
     IMAGENET_MEAN,
@@ -40,6 +51,11 @@ from raycv.data.transforms import (
 from raycv.errors import ConfigError, DatasetError, RaycvError
 from raycv.tasks import TaskOps, task_ops
 from raycv.tasks import classification as cls_task
+from raycv.training_detection import (
+    DETECTION_TASKS,
+    evaluate_detection,
+    make_detection_transforms,
+)
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "state.pt"
@@ -251,7 +267,10 @@ def _write_run_dir(cfg: TrainConfig, info: dict[str, Any], record: dict[str, Any
         "class_names": info["class_names"],
         "image_size": cfg.data.image_size,
         "in_channels": 3,
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        # Detectors take 0..1 pixels (torchvision's normalise inside); the others ImageNet-normalised ones.
+        "normalization": {"mean": [0.0] * 3, "std": [1.0] * 3}
+        if cfg.task in DETECTION_TASKS
+        else {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "raycv_version": raycv.__version__,
         "torch_version": torch.__version__,
         "best_epoch": best["epoch"],
@@ -268,9 +287,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs."""
     cfg = TrainConfig.model_validate(loop_config["cfg"])
     info = loop_config["dataset"]
-    train_samples = [Sample(*row) for row in info["train"]]
-    val_samples = [Sample(*row) for row in info["val"]]
-    ops = task_ops(cfg.task)
+    is_det = cfg.task in DETECTION_TASKS
+    make: Any = (lambda row: DetectionSample(**row)) if is_det else (lambda row: Sample(*row))
+    train_samples = [make(row) for row in info["train"]]
+    val_samples = [make(row) for row in info["val"]]
+    ops = None if is_det else task_ops(cfg.task)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Ray sets OMP_NUM_THREADS, but a reused worker keeps the thread count of its first torch import.
@@ -282,16 +303,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = _build_model(cfg, num_classes)
     opt, sched = _make_optimizer(cfg, model)
     start, record = _restore(model, opt, sched)
-    ddp = ray.train.torch.prepare_model(model)
+    # Detectors skip some heads on images without objects: DDP must not wait for their gradients.
+    ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": is_det})
     autocast, scaler = _amp(device, cfg.train.amp)
-    train_tf, eval_tf = make_transforms(cfg)
+    train_tf, eval_tf = make_detection_transforms(cfg) if is_det else make_transforms(cfg)
     ep = cfg.storage.endpoint_url
     train_loader = BatchLoader(train_samples, train_tf, batch_size=cfg.train.batch_size, endpoint_url=ep)
     val_loader = BatchLoader(val_samples, eval_tf, batch_size=cfg.train.batch_size, endpoint_url=ep)
     if start and rank == 0:
         print(f"[raycv] resumed from the checkpoint of epoch {start}", flush=True)
 
-    primary = ops.primary_metric
+    primary = "map" if is_det else ops.primary_metric  # type: ignore[union-attr]
     for epoch in range(start, cfg.train.epochs):
         t0 = time.time()
         idx = shard_indices(
@@ -303,9 +325,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if sched is not None:
             sched.step()
         vidx = shard_indices(len(val_samples), rank, world, shuffle=False, seed=0, pad=False)
-        cm = _all_reduce_sum(evaluate_confusion(model, val_loader, vidx, ops, num_classes, device))
         metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": round(loss, 6)}
-        metrics.update(_round(ops.metrics(cm)))
+        if is_det:
+            metrics.update(_round(evaluate_detection(model, val_loader, vidx, cfg.task, num_classes, device)))
+        else:
+            cm = _all_reduce_sum(evaluate_confusion(model, val_loader, vidx, ops, num_classes, device))  # type: ignore[arg-type]
+            metrics.update(_round(ops.metrics(cm)))  # type: ignore[union-attr]
         metrics["lr"] = opt.param_groups[0]["lr"]
         metrics["epoch_s"] = round(time.time() - t0, 3)
         record["history"].append(metrics)
@@ -349,8 +374,14 @@ def ensure_ray(address: str | None = None) -> None:
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
 
 
-def _read_dataset(cfg: TrainConfig, root: str) -> Dataset:
+def _read_dataset(cfg: TrainConfig, root: str) -> Dataset | DetectionDataset:
     ep = cfg.storage.endpoint_url
+    if cfg.task in DETECTION_TASKS and cfg.data_format in ("coco", "yolo"):
+        if cfg.task == "instance_segmentation" and cfg.data_format == "yolo":
+            raise ConfigError(
+                "data.format", "yolo", "Instance segmentation needs masks: use the coco format."
+            )
+        return read_coco(root, ep) if cfg.data_format == "coco" else read_yolo(root, ep)
     if cfg.data_format == "imagefolder" and cfg.task == "classification":
         return read_imagefolder(root, ep)
     if cfg.data_format == "masks" and cfg.task == "semantic_segmentation":
@@ -371,7 +402,7 @@ def plan_dataset(cfg: TrainConfig) -> dict[str, Any]:
             )
         train, val = ds.samples, val_ds.samples
     else:
-        train, val = split_train_val(ds.samples, cfg.data.val_fraction, cfg.train.seed)
+        train, val = split_train_val(ds.samples, cfg.data.val_fraction, cfg.train.seed)  # type: ignore[arg-type]
     if not val:
         raise DatasetError("The validation set is empty: raise data.val_fraction or set data.val.")
     num_classes = cfg.model.num_classes or len(ds.class_names)
@@ -382,9 +413,13 @@ def plan_dataset(cfg: TrainConfig) -> dict[str, Any]:
             f"The dataset has {len(ds.class_names)} classes; use at least that.",
         )
     names = ds.class_names + [f"class_{i}" for i in range(len(ds.class_names), num_classes)]
+
+    def row(s: Any) -> Any:
+        return dataclasses.asdict(s) if isinstance(s, DetectionSample) else (s.uri, s.label, s.mask_uri)
+
     return {
-        "train": [(s.uri, s.label, s.mask_uri) for s in train],
-        "val": [(s.uri, s.label, s.mask_uri) for s in val],
+        "train": [row(s) for s in train],
+        "val": [row(s) for s in val],
         "class_names": names,
         "num_classes": num_classes,
         "n_train": len(train),
@@ -429,7 +464,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainResult:
             f"training failed after {cfg.output.max_failures} allowed worker failures: {exc}"
         ) from exc
     history = _read_history(cfg)
-    primary = task_ops(cfg.task).primary_metric
+    primary = "map" if cfg.task in DETECTION_TASKS else task_ops(cfg.task).primary_metric
     best = max(history, key=lambda r: r[primary]) if history else dict(result.metrics or {})
     best = {k: v for k, v in best.items() if k not in ("lr", "epoch_s")}
     return TrainResult(cfg.output.dir, len(history), best, time.time() - t0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -113,9 +114,9 @@ def split_train_val(
     rng = np.random.default_rng(seed)
     train: list[Sample] = []
     val: list[Sample] = []
-    labels = sorted({s.label for s in samples})
+    labels = sorted({getattr(s, "label", -1) for s in samples})
     for label in labels:
-        group = [s for s in samples if s.label == label]
+        group = [s for s in samples if getattr(s, "label", -1) == label]
         order = rng.permutation(len(group))
         n_val = min(len(group) - 1, round(len(group) * val_fraction))
         val += [group[i] for i in order[:n_val]]
@@ -125,3 +126,145 @@ def split_train_val(
 
 def stem(uri: str) -> str:
     return posixpath.splitext(posixpath.basename(uri))[0]
+
+
+@dataclass(frozen=True)
+class DetectionSample:
+    """One image with its objects.
+
+    ``boxes`` are [x1, y1, x2, y2] in pixels, or normalised to 0..1 when ``normalized`` (the YOLO format,
+    converted once the image's size is known); ``labels`` index the dataset's class names; ``segmentations``
+    hold each object's COCO segmentation (polygons or RLE) when the dataset has masks.
+    """
+
+    uri: str
+    boxes: tuple[tuple[float, float, float, float], ...]
+    labels: tuple[int, ...]
+    segmentations: tuple[Any, ...] | None = None
+    width: int | None = None
+    height: int | None = None
+    normalized: bool = False
+
+
+@dataclass(frozen=True)
+class DetectionDataset:
+    samples: list[DetectionSample]
+    class_names: list[str]
+
+
+def read_coco(root: str, endpoint_url: str | None = None) -> DetectionDataset:
+    """``ROOT/annotations.json`` (COCO) with ``file_name`` relative to ``ROOT/images/``.
+
+    Category ids may be any integers: labels are their positions in id order. ``iscrowd`` objects are
+    left out (they mark regions to ignore, not instances to learn); images without objects are kept.
+
+    Raises:
+        DatasetError: a missing or malformed annotations file, or an annotation of an unknown image.
+    """
+    import json
+
+    uri = storage.join(root, "annotations.json")
+    try:
+        coco = json.loads(storage.read_bytes(uri, endpoint_url))
+        images = {im["id"]: im for im in coco["images"]}
+        categories = sorted(coco["categories"], key=lambda c: c["id"])
+    except FileNotFoundError:
+        raise DatasetError(
+            f"No {uri}: the coco format expects ROOT/annotations.json and ROOT/images/."
+        ) from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{uri} is not a COCO annotations file ({type(exc).__name__}: {exc}).") from exc
+    label_of = {c["id"]: i for i, c in enumerate(categories)}
+    objects: dict[Any, list[dict[str, Any]]] = {i: [] for i in images}
+    for ann in coco.get("annotations", []):
+        if ann.get("iscrowd", 0):
+            continue
+        if ann["image_id"] not in objects:
+            raise DatasetError(
+                f"{uri}: annotation {ann.get('id')} refers to unknown image_id {ann['image_id']}."
+            )
+        objects[ann["image_id"]].append(ann)
+    has_masks = any("segmentation" in a for anns in objects.values() for a in anns)
+    samples = []
+    for image_id in sorted(images, key=lambda i: str(images[i]["file_name"])):
+        im, anns = images[image_id], objects[image_id]
+        boxes = tuple((x, y, x + w, y + h) for x, y, w, h in (a["bbox"] for a in anns))
+        segs = tuple(a.get("segmentation") for a in anns) if has_masks else None
+        samples.append(
+            DetectionSample(
+                storage.join(root, "images", im["file_name"]),
+                boxes,
+                tuple(label_of[a["category_id"]] for a in anns),
+                segs,
+                im.get("width"),
+                im.get("height"),
+            )
+        )
+    return DetectionDataset(samples, [str(c["name"]) for c in categories])
+
+
+def read_yolo(root: str, endpoint_url: str | None = None) -> DetectionDataset:
+    """``ROOT/images/<stem>.<ext>``, ``ROOT/labels/<stem>.txt`` (``class cx cy w h`` normalised), ``classes.txt``.
+
+    An image without a label file has no objects. Boxes stay normalised until the image is decoded.
+
+    Raises:
+        DatasetError: no classes.txt, a malformed label line, or a class index out of range.
+    """
+    try:
+        text = storage.read_bytes(storage.join(root, "classes.txt"), endpoint_url).decode()
+    except FileNotFoundError:
+        raise DatasetError(f"No {root}/classes.txt: the yolo format needs one class name per line.") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    images = {
+        stem(e.uri): e.uri
+        for e in storage.iter_files(
+            storage.join(root, "images"), extensions=IMAGE_EXTENSIONS, endpoint_url=endpoint_url
+        )
+    }
+    try:
+        label_files = {
+            stem(e.uri): e.uri
+            for e in storage.iter_files(
+                storage.join(root, "labels"), extensions=(".txt",), endpoint_url=endpoint_url
+            )
+        }
+    except FileNotFoundError:
+        label_files = {}
+    samples = []
+    for s in sorted(images):
+        boxes: list[tuple[float, float, float, float]] = []
+        labels: list[int] = []
+        if s in label_files:
+            for n, line in enumerate(
+                storage.read_bytes(label_files[s], endpoint_url).decode().splitlines(), 1
+            ):
+                if not line.strip():
+                    continue
+                try:
+                    k, cx, cy, w, h = line.split()[:5]
+                    label, box = (
+                        int(k),
+                        (
+                            float(cx) - float(w) / 2,
+                            float(cy) - float(h) / 2,
+                            float(cx) + float(w) / 2,
+                            float(cy) + float(h) / 2,
+                        ),
+                    )
+                except ValueError:
+                    raise DatasetError(
+                        f"{label_files[s]}:{n}: expected 'class cx cy w h', got {line!r}."
+                    ) from None
+                if not 0 <= label < len(names):
+                    raise DatasetError(
+                        f"{label_files[s]}:{n}: class {label} is not in classes.txt (0..{len(names) - 1})."
+                    )
+                boxes.append(box)
+                labels.append(label)
+        samples.append(DetectionSample(images[s], tuple(boxes), tuple(labels), normalized=True))
+    if not samples:
+        raise DatasetError(
+            f"No images under {root}/images: the yolo format expects ROOT/images and ROOT/labels."
+        )
+    return DetectionDataset(samples, names)

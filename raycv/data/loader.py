@@ -13,12 +13,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
 
 from raycv import storage
-from raycv.data.formats import Sample
+from raycv.data.formats import DetectionSample, Sample
 from raycv.data.images import decode_image, decode_png_mask
 
 Target = int | np.ndarray
@@ -47,7 +48,7 @@ class BatchLoader:
 
     def __init__(
         self,
-        samples: Sequence[Sample],
+        samples: Sequence[Sample] | Sequence[DetectionSample],
         transform: Transform,
         *,
         batch_size: int,
@@ -74,18 +75,24 @@ class BatchLoader:
                     self._cache_left -= len(data)
         return data
 
-    def _load_one(self, index: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | int]:
+    def _load_one(self, index: int, seed: int) -> tuple[torch.Tensor, Any]:
         sample = self.samples[index]
         image = decode_image(self._fetch(sample.uri), sample.uri)
-        target: Target = sample.label
-        if sample.mask_uri is not None:
+        target: Any
+        if isinstance(sample, DetectionSample):
+            target = sample  # the detection transform reads boxes, labels and masks from the sample
+        elif sample.mask_uri is not None:
             target = decode_png_mask(self._fetch(sample.mask_uri), sample.mask_uri)
+        else:
+            target = sample.label
         return self.transform(image, target, np.random.default_rng(seed))
 
     def _load_batch(self, indices: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         items = list(self._pool.map(self._load_one, indices, [seed + i for i in indices]))
         images = torch.stack([im for im, _ in items])
         targets = [t for _, t in items]
+        if isinstance(targets[0], dict):
+            return images, targets  # type: ignore[return-value]  # detection: one dict per image
         if isinstance(targets[0], torch.Tensor):
             return images, torch.stack(targets).to(torch.int64)  # type: ignore[arg-type]
         return images, torch.tensor(targets, dtype=torch.int64)

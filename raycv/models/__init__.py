@@ -7,7 +7,9 @@
 """
 
 from raycv.models import classification as classification  # registers the classifiers
+from raycv.models import detection as detection  # registers the torchvision detectors
 from raycv.models import segmentation as segmentation  # registers the segmenters
+from raycv.models import yolo as yolo  # registers the YOLO detectors
 from raycv.models.registry import TASKS, ModelInfo, create_model, get_model_info, list_models, register_model
 from raycv.models.transfer import LoadReport, freeze_backbone, head_module_names, load_weights
 

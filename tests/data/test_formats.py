@@ -91,3 +91,67 @@ def test_masks_dataset_scenes_follow_their_parameters(tmp_path):
     assert np.array_equal(
         decode_png_mask(storage.read_bytes(str(tmp_path / "masks" / "00001.png"))), scene.mask
     )
+
+
+def test_coco_format_with_any_category_ids_masks_and_empty_images(tmp_path):
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from raycv.data.formats import read_coco
+    from raycv.data.synthetic import write_detection_dataset
+
+    names = write_detection_dataset(str(tmp_path), n=8, size=64, seed=2, fmt="coco", category_ids=[7, 3, 11])
+    ds = read_coco(str(tmp_path))
+    assert ds.class_names == ["square", "circle", "triangle"]  # labels follow category id order: 3, 7, 11
+    assert names == ["circle", "square", "triangle"]
+    assert len(ds.samples) == 8 and any(not s.boxes for s in ds.samples)  # images without objects are kept
+    s = next(s for s in ds.samples if s.boxes)
+    assert s.uri.endswith("images/" + s.uri.rsplit("/", 1)[1]) and (s.width, s.height) == (64, 64)
+    x1, y1, x2, y2 = s.boxes[0]
+    m = mask_utils.decode(s.segmentations[0])
+    ys, xs = np.nonzero(m)
+    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x1, y1, x2, y2)  # the box bounds its mask
+
+
+def test_coco_crowd_objects_are_left_out_and_errors_are_clear(tmp_path):
+    import json
+
+    from raycv.data.formats import read_coco
+
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png"}],
+        "categories": [{"id": 1, "name": "x"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "iscrowd": 1},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5]},
+        ],
+    }
+    storage.write_bytes(str(tmp_path / "annotations.json"), json.dumps(coco).encode())
+    ds = read_coco(str(tmp_path))
+    assert ds.samples[0].boxes == ((0, 0, 5, 5),) and ds.samples[0].labels == (0,)
+    coco["annotations"].append({"id": 3, "image_id": 9, "category_id": 1, "bbox": [0, 0, 1, 1]})
+    storage.write_bytes(str(tmp_path / "annotations.json"), json.dumps(coco).encode())
+    with pytest.raises(DatasetError, match="unknown image_id 9"):
+        read_coco(str(tmp_path))
+    with pytest.raises(DatasetError, match=r"expects ROOT/annotations\.json"):
+        read_coco(str(tmp_path / "nothing"))
+
+
+def test_yolo_format_round_trips_boxes(tmp_path):
+    from raycv.data.formats import read_yolo
+    from raycv.data.synthetic import write_detection_dataset
+
+    write_detection_dataset(str(tmp_path / "y"), n=6, size=(48, 80), seed=4, fmt="yolo")
+    write_detection_dataset(str(tmp_path / "c"), n=6, size=(48, 80), seed=4, fmt="coco")
+    yolo = read_yolo(str(tmp_path / "y"))
+    from raycv.data.formats import read_coco
+
+    coco = read_coco(str(tmp_path / "c"))
+    assert yolo.class_names == coco.class_names == ["circle", "square", "triangle"]
+    for ys, cs in zip(yolo.samples, coco.samples):
+        assert ys.normalized and ys.labels == cs.labels
+        for yb, cb in zip(ys.boxes, cs.boxes):
+            assert all(abs(a * s - b) < 1e-3 for a, b, s in zip(yb, cb, (80, 48, 80, 48)))
+    storage.write_bytes(str(tmp_path / "y" / "labels" / "00000.txt"), b"7 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(DatasetError, match=r"class 7 is not in classes\.txt"):
+        read_yolo(str(tmp_path / "y"))

@@ -1,0 +1,224 @@
+"""Detectors: well-formed outputs and finite losses for every registered one (empty images included), the
+tiny CI models learning generated scenes, and transfer learning that trains just the class-dependent heads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+import raycv.models.detection as detection
+from raycv.data.synthetic import render_scene
+from raycv.models.registry import create_model, get_model_info, list_models
+from raycv.models.transfer import freeze_backbone, head_module_names, load_weights
+
+NUM_CLASSES = 3
+HEADS = {
+    "fasterrcnn_mobilenet_v3_large_fpn": ["roi_heads.box_predictor"],
+    "fasterrcnn_resnet50_fpn": ["roi_heads.box_predictor"],
+    "fasterrcnn_resnet50_fpn_v2": ["roi_heads.box_predictor"],
+    "fcos_resnet50_fpn": ["head.classification_head.cls_logits"],
+    "retinanet_resnet50_fpn_v2": ["head.classification_head.cls_logits"],
+    "ssd300_vgg16": ["head.classification_head"],
+    "ssdlite320_mobilenet_v3_large": ["head.classification_head"],
+    "test_detector": ["roi_heads.box_predictor"],
+    "maskrcnn_resnet50_fpn": ["roi_heads.box_predictor", "roi_heads.mask_predictor.mask_fcn_logits"],
+    "maskrcnn_resnet50_fpn_v2": ["roi_heads.box_predictor", "roi_heads.mask_predictor.mask_fcn_logits"],
+    "test_instance_segmenter": ["roi_heads.box_predictor", "roi_heads.mask_predictor.mask_fcn_logits"],
+}
+# Fewer proposals and detections than torchvision's defaults (1000-2000): the same code paths, a CPU test's time.
+FAST = {
+    "rcnn": {
+        "rpn_pre_nms_top_n_train": 200,
+        "rpn_post_nms_top_n_train": 100,
+        "rpn_pre_nms_top_n_test": 100,
+        "rpn_post_nms_top_n_test": 50,
+        "box_batch_size_per_image": 32,
+        "box_detections_per_img": 20,
+    },
+    "dense": {"topk_candidates": 100, "detections_per_img": 20},
+    "ssd": {"topk_candidates": 100, "detections_per_img": 20},
+}
+
+
+def ours(task: str) -> list[str]:
+    """The models of ``task`` that raycv.models.detection registers (other modules may register more)."""
+    return [
+        name
+        for name in list_models(task=task)
+        if get_model_info(name).builder.__module__ == detection.__name__
+    ]
+
+
+DETECTORS = ours("detection")
+SEGMENTERS = ours("instance_segmentation")
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a loaded 2-core box two threads fight over the cores and run slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fast_options(name: str) -> dict[str, int]:
+    if name.startswith("test_"):
+        return {}
+    if name.startswith("ssd"):
+        return FAST["ssd"]
+    return FAST["dense"] if name.startswith(("fcos", "retinanet")) else FAST["rcnn"]
+
+
+def targets_for(sizes: list[tuple[int, int]], *, with_masks: bool) -> list[dict[str, Tensor]]:
+    """One object (label 2, box (5, 6, 40, 30)) on the first image; none on the others."""
+    targets = []
+    for i, (height, width) in enumerate(sizes):
+        boxes = torch.tensor([[5.0, 6.0, 40.0, 30.0]]) if i == 0 else torch.zeros(0, 4)
+        target = {"boxes": boxes, "labels": torch.full((len(boxes),), 2, dtype=torch.int64)}
+        if with_masks:
+            masks = torch.zeros(len(boxes), height, width, dtype=torch.uint8)
+            masks[:, 6:30, 5:40] = 1
+            target["masks"] = masks
+        targets.append(target)
+    return targets
+
+
+def test_registers_the_detectors() -> None:
+    assert sorted(DETECTORS + SEGMENTERS) == sorted(HEADS)
+    assert set(SEGMENTERS) == {name for name in HEADS if "mask" in name or name == "test_instance_segmenter"}
+    assert all(get_model_info(name).source == "torchvision" for name in HEADS if not name.startswith("test_"))
+
+
+@pytest.mark.parametrize("name", DETECTORS + SEGMENTERS)
+def test_forward_train_and_freeze(name: str) -> None:
+    """Eval outputs per image, finite losses with an image without objects, and heads that freeze_backbone
+    leaves trainable: one build per model, the resnet50 ones are slow to run on a CPU."""
+    with_masks = name in SEGMENTERS
+    model = create_model(name, num_classes=NUM_CLASSES, image_size=128, **fast_options(name))
+    sizes = [(60, 80), (90, 70)]
+    images = [torch.rand(3, h, w, generator=torch.Generator().manual_seed(h)) for h, w in sizes]
+
+    model.eval()
+    with torch.no_grad():
+        outputs = model(images)
+    assert len(outputs) == 2
+    for output, (height, width) in zip(outputs, sizes):
+        n = len(output["boxes"])
+        assert (
+            output["boxes"].shape == (n, 4)
+            and output["scores"].shape == (n,)
+            and output["labels"].shape == (n,)
+        )
+        if n:
+            boxes = output["boxes"]
+            # Inside the input image, up to float rounding of the resize back (300 px -> 80 px for SSD300).
+            assert (boxes[:, :2] >= -1e-3).all()
+            assert (boxes[:, 2] <= width + 1e-3).all() and (boxes[:, 3] <= height + 1e-3).all()
+            assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+            assert int(output["labels"].min()) >= 1 and int(output["labels"].max()) <= NUM_CLASSES
+        if with_masks:
+            masks = output["masks"]
+            assert masks.shape == (n, 1, height, width)
+            assert n == 0 or (masks.min() >= 0 and masks.max() <= 1)
+
+    model.train()
+    losses = model(images, targets_for(sizes, with_masks=with_masks))
+    assert losses and all(torch.isfinite(value) and value.ndim == 0 for value in losses.values())
+    if with_masks:
+        assert "loss_mask" in losses
+    torch.stack(list(losses.values())).sum().backward()
+
+    assert head_module_names(model) == HEADS[name]
+    trainable = freeze_backbone(model)
+    assert trainable and all(any(p.startswith(f"{head}.") for head in HEADS[name]) for p in trainable)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(trainable)
+
+
+def test_image_size_sets_the_internal_resize() -> None:
+    model = create_model("fasterrcnn_mobilenet_v3_large_fpn", num_classes=2, image_size=96)
+    assert model.transform.min_size == (96,) and model.transform.max_size == 96
+    lite = create_model("ssdlite320_mobilenet_v3_large", num_classes=2, image_size=96)
+    assert lite.transform.fixed_size == (96, 96)
+    # torchvision's own defaults stay when no size is given.
+    assert create_model("fasterrcnn_mobilenet_v3_large_fpn", num_classes=2).transform.min_size == (800,)
+    assert create_model("test_detector", num_classes=2).transform.min_size == (64,)
+
+
+def test_other_channel_counts() -> None:
+    for name in ("test_detector", "ssdlite320_mobilenet_v3_large"):
+        model = create_model(name, num_classes=2, in_channels=1, image_size=64).eval()
+        with torch.no_grad():
+            (output,) = model([torch.rand(1, 50, 70)])
+        assert output["boxes"].shape[1] == 4
+
+
+def test_builders_refuse_options_raycv_sets() -> None:
+    with pytest.raises(ValueError, match="never downloaded"):
+        create_model("fcos_resnet50_fpn", num_classes=2, weights="DEFAULT")
+
+
+def scenes(n: int, seed: int, *, with_masks: bool) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    rng = np.random.default_rng(seed)
+    images, targets = [], []
+    for _ in range(n):
+        scene = render_scene(rng, size=64, n_objects=2, upright=True)
+        images.append(torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255)
+        target = {"boxes": torch.from_numpy(scene.boxes), "labels": torch.from_numpy(scene.labels) + 1}
+        if with_masks:
+            target["masks"] = torch.from_numpy(scene.instance_masks).to(torch.uint8)
+        targets.append(target)
+    return images, targets
+
+
+def train(model: nn.Module, *, steps: int, with_masks: bool) -> list[float]:
+    torch.manual_seed(0)
+    images, targets = scenes(16, seed=1, with_masks=with_masks)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    history = []
+    for step in range(steps):
+        batch = [(step * 2 + i) % len(images) for i in range(2)]
+        loss = detection.detection_losses(model, [images[i] for i in batch], [targets[i] for i in batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    return history
+
+
+@pytest.mark.parametrize("name", ["test_detector", "test_instance_segmenter"])
+def test_tiny_models_learn(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=NUM_CLASSES, image_size=64)
+    losses = train(model, steps=30, with_masks=name == "test_instance_segmenter")
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+def test_transfer_to_another_number_of_classes() -> None:
+    torch.manual_seed(0)
+    source = create_model("test_instance_segmenter", num_classes=5)
+    target = create_model("test_instance_segmenter", num_classes=NUM_CLASSES)
+    report = load_weights(target, source.state_dict())
+    assert sorted(report.skipped) == [
+        "roi_heads.box_predictor.bbox_pred.bias",
+        "roi_heads.box_predictor.bbox_pred.weight",
+        "roi_heads.box_predictor.cls_score.bias",
+        "roi_heads.box_predictor.cls_score.weight",
+        "roi_heads.mask_predictor.mask_fcn_logits.bias",
+        "roi_heads.mask_predictor.mask_fcn_logits.weight",
+    ]
+    assert not report.missing and not report.unexpected
+    backbone = "backbone.0.0.weight"
+    assert torch.equal(target.state_dict()[backbone], source.state_dict()[backbone])
+    assert target.roi_heads.box_predictor.cls_score.out_features == NUM_CLASSES + 1  # + background
+    # Fine-tune just the heads: the backbone does not move.
+    freeze_backbone(target)
+    before = target.state_dict()[backbone].clone()
+    train(target, steps=2, with_masks=True)
+    assert torch.equal(target.state_dict()[backbone], before)
