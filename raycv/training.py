@@ -55,6 +55,7 @@ from raycv.training_detection import (
     DETECTION_TASKS,
     evaluate_detection,
     make_detection_transforms,
+    train_epoch_detection,
 )
 
 log = logging.getLogger(__name__)
@@ -319,9 +320,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         idx = shard_indices(
             len(train_samples), rank, world, shuffle=True, seed=cfg.train.seed + epoch, pad=True
         )
-        loss = _train_epoch(
-            ddp, train_loader, idx, opt, scaler, autocast, cfg, ops, num_classes, epoch, device
-        )
+        if is_det:
+            seed = cfg.train.seed * 1_000_003 + epoch * 7919
+            loss = train_epoch_detection(ddp, train_loader, idx, opt, scaler, autocast, device, seed)
+        else:
+            loss = _train_epoch(
+                ddp, train_loader, idx, opt, scaler, autocast, cfg, ops, num_classes, epoch, device
+            )
         if sched is not None:
             sched.step()
         vidx = shard_indices(len(val_samples), rank, world, shuffle=False, seed=0, pad=False)
