@@ -21,7 +21,6 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import raycv
@@ -51,6 +50,7 @@ from raycv.data.transforms import (
 from raycv.errors import ConfigError, DatasetError, RaycvError
 from raycv.tasks import TaskOps, task_ops
 from raycv.tasks import classification as cls_task
+from raycv.training_common import all_reduce_sum, epoch_seed, optimizer_step
 from raycv.training_detection import (
     DETECTION_TASKS,
     evaluate_detection,
@@ -155,12 +155,6 @@ def make_transforms(cfg: TrainConfig) -> tuple[Transform, Transform]:
     return train_tf, eval_tf
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 def _amp(device: torch.device, enabled: bool) -> tuple[Any, torch.amp.GradScaler | None]:
     """Native AMP on GPU: bf16 where supported (no scaler needed), else fp16 with a GradScaler."""
     if device.type != "cuda" or not enabled:
@@ -188,24 +182,17 @@ def _train_epoch(
     aug = cfg.train.augment
     rng = np.random.default_rng([cfg.train.seed, epoch, ray.train.get_context().get_world_rank()])
     total = torch.zeros(2, dtype=torch.float64)
-    for images, labels in loader.iterate(indices, seed=cfg.train.seed * 1_000_003 + epoch * 7919):
+    for images, labels in loader.iterate(indices, seed=epoch_seed(cfg.train.seed, epoch)):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         targets: torch.Tensor = labels
         if aug.mixup > 0:
             images, targets = cls_task.mixup(images, labels, num_classes, aug.mixup, rng)
         with autocast:
             loss = ops.loss(model(images), targets, cfg)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        optimizer_step(loss, opt, scaler)
         total[0] += float(loss.detach()) * len(labels)
         total[1] += len(labels)
-    total = _all_reduce_sum(total)
+    total = all_reduce_sum(total)
     return float(total[0]) / max(float(total[1]), 1.0)
 
 
@@ -321,7 +308,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             len(train_samples), rank, world, shuffle=True, seed=cfg.train.seed + epoch, pad=True
         )
         if is_det:
-            seed = cfg.train.seed * 1_000_003 + epoch * 7919
+            seed = epoch_seed(cfg.train.seed, epoch)
             loss = train_epoch_detection(ddp, train_loader, idx, opt, scaler, autocast, device, seed)
         else:
             loss = _train_epoch(
@@ -334,7 +321,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if is_det:
             metrics.update(_round(evaluate_detection(model, val_loader, vidx, cfg.task, num_classes, device)))
         else:
-            cm = _all_reduce_sum(evaluate_confusion(model, val_loader, vidx, ops, num_classes, device))  # type: ignore[arg-type]
+            cm = all_reduce_sum(evaluate_confusion(model, val_loader, vidx, ops, num_classes, device))  # type: ignore[arg-type]
             metrics.update(_round(ops.metrics(cm)))  # type: ignore[union-attr]
         metrics["lr"] = opt.param_groups[0]["lr"]
         metrics["epoch_s"] = round(time.time() - t0, 3)

@@ -18,6 +18,7 @@ from torch import nn
 from raycv.config import TrainConfig
 from raycv.data.formats import DetectionSample
 from raycv.data.loader import BatchLoader
+from raycv.training_common import all_reduce_sum, optimizer_step
 
 DETECTION_TASKS = ("detection", "instance_segmentation")
 
@@ -97,18 +98,10 @@ def train_epoch_detection(
         with autocast:
             losses = model(imgs, tgts)
             loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        optimizer_step(loss, opt, scaler)
         total[0] += float(loss.detach()) * len(imgs)
         total[1] += len(imgs)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
+    all_reduce_sum(total)
     return float(total[0]) / max(float(total[1]), 1.0)
 
 

@@ -328,16 +328,7 @@ def write_masks_dataset(
     names = ["background", *classes]
 
     def write_one(i: int) -> None:
-        rng = _rng(seed, _MASKS_STREAM, i)
-        scene = render_scene(
-            rng,
-            size=size,
-            n_objects=int(rng.integers(n_objects[0], n_objects[1] + 1)),
-            classes=classes,
-            upright=upright,
-            min_scale=scale[0],
-            max_scale=scale[1],
-        )
+        scene = _dataset_scene(_rng(seed, _MASKS_STREAM, i), size, n_objects, classes, upright, scale)
         storage.write_bytes(
             storage.join(root, "images", f"{i:05d}.png"),
             _encode(scene.image, "PNG"),
@@ -385,16 +376,7 @@ def write_detection_dataset(
     scenes: list[Scene | None] = [None] * n
 
     def write_one(i: int) -> None:
-        rng = _rng(seed, _DETECTION_STREAM, i)
-        scene = render_scene(
-            rng,
-            size=size,
-            n_objects=int(rng.integers(n_objects[0], n_objects[1] + 1)),
-            classes=classes,
-            upright=upright,
-            min_scale=scale[0],
-            max_scale=scale[1],
-        )
+        scene = _dataset_scene(_rng(seed, _DETECTION_STREAM, i), size, n_objects, classes, upright, scale)
         scenes[i] = scene
         storage.write_bytes(
             storage.join(root, "images", f"{i:05d}.png"),
@@ -453,6 +435,21 @@ def _coco_json(scenes: Sequence[Scene | None], classes: Sequence[str], ids: list
             )
     categories = [{"id": ids[k], "name": name} for k, name in enumerate(classes)]
     return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _dataset_scene(
+    rng: np.random.Generator,
+    size: int | tuple[int, int],
+    n_objects: tuple[int, int],
+    classes: Sequence[str],
+    upright: bool,
+    scale: tuple[float, float],
+) -> Scene:
+    """One scene of a written dataset: its object count drawn first, from the scene's own generator."""
+    n = int(rng.integers(n_objects[0], n_objects[1] + 1))
+    return render_scene(
+        rng, size=size, n_objects=n, classes=classes, upright=upright, min_scale=scale[0], max_scale=scale[1]
+    )
 
 
 def _rng(seed: int, *ids: int) -> np.random.Generator:
