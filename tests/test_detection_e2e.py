@@ -51,8 +51,13 @@ def det(tmp_path_factory, ray_local, s3_endpoint):
     return {"bucket": bucket, "tmp": tmp_path_factory.mktemp("det")}
 
 
-def test_yolo_learns_detection_from_scratch(det):
-    run = _train(det["tmp"], det["bucket"], "detection", "yolo_n", "yolo", epochs=30)
+@pytest.fixture(scope="module")
+def yolo_run(det):
+    return _train(det["tmp"], det["bucket"], "detection", "yolo_n", "yolo", epochs=30)
+
+
+def test_yolo_learns_detection_from_scratch(det, yolo_run):
+    run = yolo_run
     history = [json.loads(x) for x in storage.read_bytes(f"{run}/metrics.jsonl").decode().splitlines()]
     assert {"map", "map_50", "train_loss"} <= set(history[-1])
     card = json.loads(storage.read_bytes(f"{run}/model.json"))
@@ -130,3 +135,81 @@ def test_instance_segmentation_trains_and_writes_rle_masks(det):
     again = _read(out, "objects")
     assert len(again) == len(objects) and len(_read(out, "images")) == 6
     assert {r["image_id"] for r in again} == {r["image_id"] for r in objects}
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return ix / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix)
+
+
+def _straddles(box, edge: int, slack: int = 3) -> bool:
+    """Whether an (x1, y1, x2, y2) box reaches over the line x = edge or y = edge by more than ``slack`` px."""
+    return bool(
+        (box[0] < edge - slack and box[2] > edge + slack) or (box[1] < edge - slack and box[3] > edge + slack)
+    )
+
+
+def _crossing_scenes(count: int, size: int, edge: int) -> list:
+    """Large scenes (objects at the training scale) in which some object straddles the tile edge ``edge``."""
+    from raycv.data.synthetic import render_scene
+
+    scenes, seed = [], 0
+    while len(scenes) < count:
+        rng = np.random.default_rng([7, seed])
+        scene = render_scene(rng, size=size, n_objects=3, min_scale=0.08, max_scale=0.13, upright=True)
+        seed += 1
+        if any(_straddles(b, edge) for b in scene.boxes):
+            scenes.append(scene)
+    return scenes
+
+
+def test_tiled_detection_reports_an_object_crossing_a_tile_border_once(det, yolo_run):
+    """160 px scenes in 64 px tiles (the model's own size) with 24 px overlap: tile edges at 64, 40, 104 ...
+
+    An object straddling x = 64 or y = 64 is cut by the first tile and seen whole by the second; after the
+    merge it must be one detection, in image pixels."""
+    from raycv.data.images import encode_png
+
+    scenes = _crossing_scenes(4, size=160, edge=64)
+    for k, scene in enumerate(scenes):
+        storage.write_bytes(f"{det['bucket']}/large/scene{k}.png", encode_png(scene.image))
+    out = f"{det['bucket']}/out/tiled"
+    cfg = write_yaml(
+        det["tmp"],
+        "annotate-tiled.yaml",
+        {
+            "model": yolo_run,
+            "input": f"{det['bucket']}/large/",
+            "output": out,
+            "batch_size": 8,
+            "actors": 1,
+            "cpus_per_actor": 1,
+            "score_threshold": 0.3,
+            "iou_threshold": 0.5,
+            "tile": {"size": 64, "overlap": 24},
+        },
+    )
+    assert main(["annotate", cfg]) == 0
+    images = {r["image_uri"]: r for r in _read(out, "images")}
+    assert len(images) == 4 and all(
+        r["status"] == "ok" and (r["width"], r["height"]) == (160, 160) for r in images.values()
+    )
+    objects = _read(out, "objects")
+    crossing, found = 0, 0
+    for k, scene in enumerate(scenes):
+        mine = [o["box"] for o in objects if o["image_uri"] == f"{det['bucket']}/large/scene{k}.png"]
+        assert all(0 <= b[0] < b[2] <= 160 and 0 <= b[1] < b[3] <= 160 for b in mine)
+        for gt in scene.boxes.tolist():
+            if not _straddles(gt, 64):
+                continue
+            crossing += 1
+            # every detection lying mostly on this object: the whole box and any cut-off part of it
+            on_it = [
+                b
+                for b in mine
+                if max(0, min(b[2], gt[2]) - max(b[0], gt[0])) * max(0, min(b[3], gt[3]) - max(b[1], gt[1]))
+                >= 0.5 * (b[2] - b[0]) * (b[3] - b[1])
+            ]
+            assert len(on_it) <= 1, (k, gt, on_it)  # reported once, not once per tile
+            found += bool(on_it) and _iou(on_it[0], gt) >= 0.5
+    assert crossing >= 4 and found / crossing >= 0.75, (found, crossing)
