@@ -121,11 +121,13 @@ def test_a_sigkilled_annotate_process_loses_and_duplicates_nothing_on_rerun(arch
 
 
 def test_a_killed_model_actor_is_replaced_and_the_run_completes(archive):
+    import ray
     from ray.util.state import list_actors
 
     from raycv.annotation import run_annotation
     from raycv.config import AnnotateConfig
 
+    address = ray.get_runtime_context().gcs_address  # explicit: other Ray instances may run on this machine
     cfg = AnnotateConfig(**archive["cfg"])
     result: dict = {}
 
@@ -141,7 +143,9 @@ def test_a_killed_model_actor_is_replaced_and_the_run_completes(archive):
     deadline = time.time() + 120
     while victim is None and thread.is_alive() and time.time() < deadline:
         if _staged_files(archive["out"]):  # the actor has done work and has more to do
-            alive = list_actors(filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False)
+            alive = list_actors(
+                address=address, filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False
+            )
             models = [a for a in alive if "Classifier" in (a.class_name or "") and a.pid]
             victim = models[0] if models else None
         time.sleep(0.05)
@@ -151,7 +155,9 @@ def test_a_killed_model_actor_is_replaced_and_the_run_completes(archive):
     assert not thread.is_alive() and "error" not in result, result.get("error")
     assert result["summary"].ok == N_IMAGES and result["summary"].error == 0
     _assert_exactly_once(archive["out"], archive["uris"])
-    restarted = list_actors(filters=[("class_name", "=", victim.class_name)], raise_on_missing_output=False)
+    restarted = list_actors(
+        address=address, filters=[("class_name", "=", victim.class_name)], raise_on_missing_output=False
+    )
     assert len(restarted) >= 2 or any(a.state == "DEAD" for a in restarted)
 
 

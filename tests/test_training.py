@@ -51,7 +51,10 @@ def test_a_sigkilled_worker_is_replaced_and_training_resumes_from_the_checkpoint
         time.sleep(0.05)
     checkpointed = _registered_checkpoint_epoch(run_dir)
     assert 1 <= checkpointed < 6, "no checkpoint registered before the end of training"
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    workers = list_actors(
+        address=ray_local.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
     assert len(workers) == 2
     os.kill(workers[0]["pid"], signal.SIGKILL)
     thread.join(timeout=600)

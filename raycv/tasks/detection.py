@@ -192,10 +192,11 @@ def merge_tile_detections(
     windows: Sequence[Window] | None = None,
     tile_ids: Tensor | None = None,
     edge_margin: float = 2.0,
+    ios_threshold: float | None = 0.5,
 ) -> Tensor:
     """Indices of the detections to keep after merging overlapping tiles, so each object is reported once.
 
-    Two steps:
+    Three steps:
 
     1. Cut boxes out (only with ``windows`` and ``tile_ids``): a box within ``edge_margin`` px of an interior
        edge of its tile (one that is not on the image border) was probably cut by that edge. It is dropped
@@ -205,6 +206,11 @@ def merge_tile_detections(
        kept, since it is the best view there is.
     2. Class-aware NMS (:func:`torchvision.ops.batched_nms`) over all tiles, which removes the duplicates of
        objects that lie whole in two overlapping tiles.
+    3. Containment (only with ``windows`` and ``tile_ids``, and ``ios_threshold`` not None): a box whose
+       area lies more than ``ios_threshold`` inside a higher-scored box of the same class is dropped
+       (intersection over the smaller box, the match metric SAHI uses to merge sliced predictions). This
+       catches what step 1 cannot: a partial view of a cut object whose predicted box stops a few pixels
+       short of the tile edge, which overlaps the whole box too little for NMS (IoU) yet lies inside it.
 
     Args:
         boxes: [N, 4] (x1, y1, x2, y2) in IMAGE pixels (see :func:`tile_offsets_to_image`).
@@ -214,6 +220,7 @@ def merge_tile_detections(
         windows: The tiles, ``(y0, x0, h, w)`` in image pixels as :func:`raycv.tiling.tile_grid` gives them.
         tile_ids: [N] index into ``windows`` of the tile each box was predicted on.
         edge_margin: Distance in px from an interior tile edge within which a box counts as cut.
+        ios_threshold: Intersection over the smaller box above which step 3 drops the lower-scored box.
 
     Returns:
         [K] int64 indices into the inputs, by decreasing score.
@@ -221,10 +228,29 @@ def merge_tile_detections(
     candidates = torch.arange(len(boxes), device=boxes.device)
     if windows is not None and tile_ids is not None and len(boxes):
         candidates = candidates[~_cut_by_tile_edge(boxes, tile_ids, windows, edge_margin)]
-    keep = batched_nms(
-        boxes[candidates].float(), scores[candidates].float(), labels[candidates], iou_threshold
-    )
-    return candidates[keep]
+    keep = candidates[
+        batched_nms(boxes[candidates].float(), scores[candidates].float(), labels[candidates], iou_threshold)
+    ]
+    if windows is not None and tile_ids is not None and ios_threshold is not None and len(keep) > 1:
+        keep = keep[~_contained(boxes[keep].float(), labels[keep], ios_threshold)]
+    return keep
+
+
+def _contained(boxes: Tensor, labels: Tensor, threshold: float) -> Tensor:
+    """[N] bool for boxes sorted by decreasing score: lies > threshold inside a kept, better box of its class."""
+    lt = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    rb = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=2)
+    area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(dim=1)
+    ios = inter / torch.minimum(area[:, None], area[None, :]).clamp(min=1e-6)
+    overlapping = (ios > threshold) & (labels[:, None] == labels[None, :])
+    dropped = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
+    for i in range(len(boxes)):
+        if not dropped[i]:
+            later = overlapping[i].clone()
+            later[: i + 1] = False
+            dropped |= later
+    return dropped
 
 
 def _cut_by_tile_edge(boxes: Tensor, tile_ids: Tensor, windows: Sequence[Window], margin: float) -> Tensor:

@@ -226,3 +226,22 @@ def test_augmentation_drops_boxes_cropped_away() -> None:
         scale_jitter=(4, 4),
     )
     assert len(target["boxes"]) <= 1
+
+
+def test_a_partial_view_inside_the_whole_box_is_merged_away() -> None:
+    # The left tile [0, 120) sees the object (x 100..140) cut and predicts a box that stops short of its
+    # edge (100..116: not within edge_margin of x = 120) - IoU with the whole box is only 0.4.
+    windows = tile_grid(100, 200, 120, 40)
+    boxes = torch.tensor([[100.0, 30.0, 140.0, 60.0], [100.0, 32.0, 116.0, 58.0], [150.0, 30.0, 190.0, 60.0]])
+    scores, labels, tiles = torch.tensor([0.9, 0.7, 0.8]), torch.tensor([1, 1, 2]), torch.tensor([1, 0, 1])
+    kept = merge_tile_detections(boxes, scores, labels, 0.5, windows=windows, tile_ids=tiles)
+    assert sorted(kept.tolist()) == [0, 2]
+    # Without the containment step (or untiled) both stay; another class inside the box is never merged.
+    kept = merge_tile_detections(
+        boxes, scores, labels, 0.5, windows=windows, tile_ids=tiles, ios_threshold=None
+    )
+    assert sorted(kept.tolist()) == [0, 1, 2]
+    other = merge_tile_detections(
+        boxes, scores, torch.tensor([1, 2, 2]), 0.5, windows=windows, tile_ids=tiles
+    )
+    assert sorted(other.tolist()) == [0, 1, 2]
