@@ -1,0 +1,96 @@
+"""How close `raycv annotate` comes to its model: pipeline img/s / bare-model img/s, measured in one run.
+
+The pipeline is the real :func:`raycv.annotation.run_annotation` (plan -> read + decode tasks -> model
+actors -> Parquet -> commit) over an archive (generated, or ``--input`` on local disk or object storage).
+The bare model is the same run directory's model on the same decoded pixels (what the read stage hands the
+actors), same batch size, in the same layout of torch threads: one process per actor with
+``cpus_per_actor`` threads each, no Ray, no I/O. It is measured before and after the pipeline, and the
+ratio uses their mean. Target on CPU: >= 0.90.
+
+    python jobs/bench/annotate_efficiency.py --n 600 --json eff.json               # resnet18 @ 224, CPU
+    python jobs/bench/annotate_efficiency.py --device cuda --arch resnet50 --n 20000 --batch-size 128 \\
+        --actors 1 --cpus-per-actor 8 --input s3://archive/images/ --address auto --json eff_gpu.json
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, when imported from elsewhere
+
+import _common as C
+
+TARGET = ">= 0.90 (CPU)"
+
+
+def parse_args(argv: list[str] | None = None) -> C.argparse.Namespace:
+    p = C.base_parser(__doc__.split("\n")[0], n=600, arch="resnet18", image_size=224, src_size=256)
+    p.add_argument("--model", default=None, help="an existing run directory instead of random weights")
+    p.add_argument("--actors", type=int, default=1)
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--gpus-per-actor", type=float, default=None, help="default: 1 with --device cuda, else 0")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from raycv import runs
+
+    args = parse_args(argv)
+    gpus = args.gpus_per_actor if args.gpus_per_actor is not None else (1.0 if args.device == "cuda" else 0.0)
+    threads = max(1, int(args.cpus_per_actor))  # what the actors give torch (raycv.annotators)
+    ep = args.endpoint_url
+    with C.workdir(args.workdir) as wd:
+        uris, source = C.inputs(args, wd)
+        run_dir = args.model or os.path.join(wd, "run")
+        if not args.model:
+            C.make_run(run_dir, arch=args.arch, image_size=args.image_size)
+        size = runs.read_card(run_dir, ep)["image_size"]
+        pixels = C.decoded_pixels(uris, int(size), ep)
+        bare_kw = {"batch_size": args.batch_size, "processes": args.actors, "threads": threads}
+        bare_before = C.bare_model_rate(run_dir, pixels, device=args.device, **bare_kw)
+        with C.ray_session(args.address, args.num_cpus):
+            summary = C.annotate(
+                run_dir,
+                source,
+                os.path.join(wd, "out"),
+                batch_size=args.batch_size,
+                actors=args.actors,
+                cpus_per_actor=args.cpus_per_actor,
+                gpus_per_actor=gpus,
+                endpoint_url=ep,
+                address=args.address,
+            )
+        bare_after = C.bare_model_rate(run_dir, pixels, device=args.device, **bare_kw)
+    bare = (bare_before + bare_after) / 2
+    results = {
+        "images": len(uris),
+        "ok": summary["ok"],
+        "bare_model_images_per_s_before": bare_before,
+        "bare_model_images_per_s_after": bare_after,
+        "bare_model_images_per_s": bare,
+        "pipeline_images_per_s": summary["images_per_s"],
+        "pipeline_steady_images_per_s": summary["steady_images_per_s"],
+        "pipeline_duration_s": summary["duration_s"],
+        "efficiency": C.ratio(summary["images_per_s"], bare),
+        "steady_efficiency": C.ratio(summary["steady_images_per_s"], bare),
+        "torch_threads_per_actor": threads,
+        "layout": f"{args.actors} actor(s) x {threads} thread(s), bare model: same",
+    }
+    C.print_table(
+        f"annotate efficiency: {args.arch} @ {size}, batch {args.batch_size}, {results['layout']}",
+        [
+            ("images", len(uris)),
+            ("bare model img/s (before, after)", f"{bare_before:.2f}, {bare_after:.2f}"),
+            ("pipeline img/s (end to end)", summary["images_per_s"]),
+            ("pipeline img/s (steady state)", summary["steady_images_per_s"]),
+            ("efficiency end to end", results["efficiency"]),
+            ("efficiency steady state", results["steady_efficiency"]),
+            ("target", TARGET),
+        ],
+    )
+    return C.report("annotate_efficiency", args, results, target=TARGET)
+
+
+if __name__ == "__main__":
+    main()

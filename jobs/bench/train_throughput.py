@@ -1,0 +1,197 @@
+"""Ray Train DDP img/s of `raycv train` against a plain single-process torch loop, per worker-core.
+
+Both sides train the same model (same registry builder, seed, optimizer, batch size, transforms and
+augmentation of :func:`raycv.training.make_transforms`) on the same train/val split of the same generated
+imagefolder, and both time an epoch the same way: the training pass plus the validation pass. The Ray side
+is the real :func:`raycv.training.run_training` (its ``metrics.jsonl`` ``epoch_s``); the plain side is a
+``torch.utils.data.DataLoader`` (no workers) over the same files held in memory, one process with
+``cpus_per_worker`` torch threads. Epoch 1 is reported but left out of the steady figures (it reads the
+files and warms up). Per worker-core ratio = (Ray img/s / workers) / plain img/s. Target: >= 0.95.
+
+    python jobs/bench/train_throughput.py --n 600 --epochs 3 --json train.json
+    python jobs/bench/train_throughput.py --device cuda --workers 8 --arch resnet50 --image-size 224 \\
+        --n 20000 --batch-size 128 --amp --address auto --json train_gpu.json
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, when imported from elsewhere
+
+import _common as C
+
+TARGET = ">= 0.95 per worker-core"
+
+
+def parse_args(argv: list[str] | None = None) -> C.argparse.Namespace:
+    p = C.base_parser(__doc__.split("\n")[0], n=600, arch="resnet18", image_size=64, src_size=64)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP ranks)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="also the torch threads of each")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--amp", action="store_true", help="GPU: bf16 autocast (fp16 + GradScaler without bf16)")
+    return p.parse_args(argv)
+
+
+def train_config(args: C.argparse.Namespace, data: str, out: str) -> object:
+    from raycv.config import TrainConfig
+
+    return TrainConfig.model_validate(
+        {
+            "task": "classification",
+            "model": {"arch": args.arch},
+            "data": {"train": data, "val_fraction": args.val_fraction, "image_size": args.image_size},
+            "train": {"epochs": args.epochs, "batch_size": args.batch_size, "amp": args.amp},
+            "scaling": {
+                "num_workers": args.workers,
+                "use_gpu": args.device == "cuda",
+                "cpus_per_worker": args.cpus_per_worker,
+            },
+            "storage": {"endpoint_url": args.endpoint_url},
+            "output": {"dir": out, "max_failures": 0},
+        }
+    )
+
+
+def plain_loop(cfg: object, device: str, threads: int) -> tuple[list[float], int]:
+    """Train ``cfg`` in this process with a plain torch loop; returns (epoch seconds, train images)."""
+    import numpy as np
+    import torch
+
+    from raycv import storage
+    from raycv.data.images import decode_image
+    from raycv.models import create_model
+    from raycv.tasks import task_ops
+    from raycv.training import make_transforms, plan_dataset
+
+    torch.set_num_threads(threads)
+    plan = plan_dataset(cfg)  # type: ignore[arg-type]
+    t = cfg.train  # type: ignore[attr-defined]
+    ep = cfg.storage.endpoint_url  # type: ignore[attr-defined]
+    data = {row[0]: storage.read_bytes(row[0], ep) for row in plan["train"] + plan["val"]}
+    train_tf, eval_tf = make_transforms(cfg)  # type: ignore[arg-type]
+
+    class Files(torch.utils.data.Dataset):
+        def __init__(self, rows: list, tf: object, seed: int) -> None:
+            self.rows, self.tf, self.seed = rows, tf, seed
+
+        def __len__(self) -> int:
+            return len(self.rows)
+
+        def __getitem__(self, i: int) -> tuple:
+            uri, label, _ = self.rows[i]
+            image = decode_image(data[uri], uri)
+            return self.tf(image, label, np.random.default_rng(self.seed + i))  # type: ignore[operator]
+
+    torch.manual_seed(t.seed)
+    h, _ = cfg.data.size_hw  # type: ignore[attr-defined]
+    model = create_model(cfg.model.arch, num_classes=plan["num_classes"], image_size=h).to(device)  # type: ignore[attr-defined]
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
+    ops = task_ops("classification")
+    use_amp = device == "cuda" and t.amp
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+    val = torch.utils.data.DataLoader(Files(plan["val"], eval_tf, 0), batch_size=t.batch_size)
+    seconds = []
+    for epoch in range(t.epochs):
+        train = torch.utils.data.DataLoader(
+            Files(plan["train"], train_tf, epoch * 100_003),
+            batch_size=t.batch_size,
+            shuffle=True,
+            drop_last=False,
+        )
+        t0 = time.perf_counter()
+        model.train()
+        for x, y in train:
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device, dtype=amp_dtype, enabled=use_amp):
+                loss = ops.loss(model(x), y, cfg)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+        sched.step()
+        model.eval()
+        with torch.no_grad():
+            for x, _y in val:
+                model(x.to(device)).argmax(dim=1).cpu()
+        seconds.append(time.perf_counter() - t0)
+    return seconds, len(plan["train"])
+
+
+def _steady(values: list[float]) -> float:
+    return statistics.median(values[1:] if len(values) > 1 else values)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import json
+
+    from raycv import runs, storage
+    from raycv.data import synthetic
+    from raycv.training import run_training
+
+    args = parse_args(argv)
+    threads = max(1, int(args.cpus_per_worker))
+    with C.workdir(args.workdir) as wd:
+        data = args.input or os.path.join(wd, f"imagefolder-{args.n}x{args.src_size}.{args.format}")
+        if not args.input:
+            synthetic.write_imagefolder(
+                data, n_per_class=max(2, args.n // 3), size=args.src_size, ext=f".{args.format}"
+            )
+        plain_s, n_train = plain_loop(
+            train_config(args, data, os.path.join(wd, "unused")), args.device, threads
+        )
+        out = os.path.join(wd, f"run-{time.time_ns()}")
+        with C.ray_session(args.address, args.num_cpus):
+            result = run_training(train_config(args, data, out), args.address)  # type: ignore[arg-type]
+        text = storage.read_bytes(storage.join(out, runs.METRICS), args.endpoint_url).decode()
+        ray_s = [float(json.loads(line)["epoch_s"]) for line in text.splitlines() if line.strip()]
+    # Every rank runs ceil(n / workers) images an epoch (the shards are padded to equal length).
+    ray_images = -(-n_train // args.workers) * args.workers
+    ray_rate = [ray_images / s for s in ray_s]
+    plain_rate = [n_train / s for s in plain_s]
+    ray_steady, plain_steady = _steady(ray_rate), _steady(plain_rate)
+    results = {
+        "train_images": n_train,
+        "epochs": args.epochs,
+        "workers": args.workers,
+        "cpus_per_worker": args.cpus_per_worker,
+        "ray_epoch_s": ray_s,
+        "plain_epoch_s": plain_s,
+        "ray_images_per_s": ray_steady,
+        "plain_images_per_s": plain_steady,
+        "ray_images_per_s_per_worker": ray_steady / args.workers,
+        "per_worker_core_ratio": ray_steady / args.workers / plain_steady,
+        "first_epoch_ratio": ray_rate[0] / args.workers / plain_rate[0],
+        "ray_total_duration_s": result.duration_s,
+    }
+    C.print_table(
+        f"train throughput: {args.arch} @ {args.image_size}, batch {args.batch_size}/worker, "
+        f"{args.workers} DDP worker(s) x {args.cpus_per_worker} CPU vs 1 process x {threads} thread(s)",
+        [
+            ("train images / epoch", n_train),
+            ("plain loop epoch s", " ".join(f"{s:.1f}" for s in plain_s)),
+            ("Ray Train epoch s", " ".join(f"{s:.1f}" for s in ray_s)),
+            ("plain img/s (epochs 2+)", plain_steady),
+            ("Ray Train img/s (epochs 2+)", ray_steady),
+            ("Ray Train img/s per worker", results["ray_images_per_s_per_worker"]),
+            ("per worker-core ratio", results["per_worker_core_ratio"]),
+            ("per worker-core ratio, epoch 1", results["first_epoch_ratio"]),
+            ("raycv train total s (incl. start-up)", result.duration_s),
+            ("target", TARGET),
+        ],
+    )
+    return C.report("train_throughput", args, results, target=TARGET)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Smoke tests of the benchmark scripts in jobs/bench/: each runs end to end on tiny inputs and writes its
+JSON with the expected keys and positive figures. No timing is asserted (a shared 2-core machine).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "jobs" / "bench"
+TINY = ["--n", "12", "--src-size", "32", "--image-size", "32", "--arch", "test_classifier"]
+TINY += ["--batch-size", "4", "--format", "png"]
+
+
+def _script(name: str):
+    """Import jobs/bench/NAME.py as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _read(path: Path, benchmark: str) -> dict:
+    doc = json.loads(path.read_text())
+    assert doc["benchmark"] == benchmark and doc["target"]
+    machine = doc["machine"]
+    assert machine["cpu_count"] >= 1 and machine["torch"] and machine["ray"] and machine["date"]
+    assert "gpu" in machine and machine["command"]
+    return doc["results"]
+
+
+def _positive(results: dict, *keys: str) -> None:
+    for key in keys:
+        assert isinstance(results[key], int | float) and results[key] > 0, (key, results[key])
+
+
+def test_annotate_efficiency(ray_local, tmp_path):
+    out = tmp_path / "eff.json"
+    _script("annotate_efficiency").main([*TINY, "--cpus-per-actor", "0.5", "--json", str(out)])
+    r = _read(out, "annotate_efficiency")
+    assert r["images"] == r["ok"] == 12
+    _positive(r, "bare_model_images_per_s", "pipeline_images_per_s", "efficiency")
+    assert r["torch_threads_per_actor"] == 1
+
+
+def test_naive_baseline(ray_local, tmp_path):
+    out = tmp_path / "naive.json"
+    argv = [*TINY, "--actors", "1", "--threads", "1", "--json", str(out), "--workdir", str(tmp_path / "w")]
+    _script("naive_baseline").main(argv)
+    r = _read(out, "naive_baseline")
+    assert r["images"] == r["ok"] == 12 and r["naive_torch_threads"] == 1
+    _positive(r, "naive_images_per_s", "pipeline_images_per_s", "speedup")
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "w" / "naive.parquet").num_rows == 12  # the naive script's output
+
+
+def test_memory(ray_local, tmp_path):
+    out = tmp_path / "mem.json"
+    argv = [
+        "--sizes",
+        "8",
+        "16",
+        "--actors",
+        "1",
+        "--batch-size",
+        "4",
+        "--interval",
+        "0.05",
+        "--json",
+        str(out),
+    ]
+    _script("memory").main(argv)
+    r = _read(out, "memory")
+    assert [run["images"] for run in r["runs"]] == [8, 16] and [run["ok"] for run in r["runs"]] == [8, 16]
+    for run in r["runs"]:
+        _positive(run, "samples", "peak_driver_mib", "peak_worker_max_mib", "peak_workers_sum_mib")
+    _positive(r, "driver_growth", "workers_sum_growth")
+    assert isinstance(r["flat"], bool)
+
+
+@pytest.mark.slow
+def test_train_throughput(ray_local, tmp_path):
+    out = tmp_path / "train.json"
+    argv = [*TINY[:-2], "--n", "18", "--epochs", "2", "--workers", "2", "--cpus-per-worker", "0.5"]
+    _script("train_throughput").main([*argv, "--val-fraction", "0.2", "--json", str(out)])
+    r = _read(out, "train_throughput")
+    assert r["epochs"] == 2 and len(r["ray_epoch_s"]) == len(r["plain_epoch_s"]) == 2
+    _positive(r, "train_images", "ray_images_per_s", "plain_images_per_s", "per_worker_core_ratio")
+
+
+@pytest.fixture
+def registry_restored(monkeypatch):
+    """The benchmark model registers itself in the process: keep it out of the other tests' registry."""
+    from raycv.models import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+
+def test_fixed_cost_model_sleeps_per_image(tmp_path, registry_restored):
+    import time
+
+    import torch
+
+    common = _script("_common")
+    common.register_bench_models()
+    common.register_bench_models()  # idempotent: Ray calls it in every worker process
+    common.make_run(
+        str(tmp_path), arch=common.FIXED_COST_ARCH, image_size=8, options={"seconds_per_image": 0.02}
+    )
+    from raycv import runs
+
+    run = runs.load_run(str(tmp_path))
+    t0 = time.perf_counter()
+    logits = run.model(torch.zeros(5, 3, 8, 8))
+    assert time.perf_counter() - t0 >= 0.1 and logits.shape == (5, 3)
+
+
+def test_scaling_starts_and_stops_only_its_own_node(tmp_path):
+    """The piece of scaling.py that touches the machine: a `ray start` head in its own temp dir, stopped
+    by the ids of exactly the processes that name that dir (the full two-node run takes minutes)."""
+    import psutil
+
+    scaling = _script("scaling")
+    cluster = scaling.LocalCluster(cpus_per_node=1)
+    others = {p.pid for p in psutil.process_iter() if p.pid not in cluster.pids()}
+    try:
+        cluster.add_node()
+        ours = cluster.pids()
+        assert ours and not set(ours) & others
+    finally:
+        cluster.stop()
+    assert not cluster.pids() and not os.path.exists(cluster.temp_dir)
