@@ -39,6 +39,22 @@ def _add_config_args(p: argparse.ArgumentParser, address: bool = True) -> None:
         )
 
 
+def _add_submit_parser(sub: Any) -> None:
+    p = sub.add_parser("submit", help="validate here, run train/annotate on a Ray cluster (Jobs API)")
+    p.add_argument("kind", choices=["train", "annotate"])
+    _add_config_args(p, address=False)
+    p.add_argument(
+        "--address", default=None, help="the dashboard URL, http://HEAD:8265 (default: RAY_ADDRESS)"
+    )
+    p.add_argument("--wait", action="store_true", help="stream the job's logs; exit 0 if it succeeds, else 1")
+    p.add_argument(
+        "--no-check-paths",
+        dest="check_paths",
+        action="store_false",
+        help="skip checking the config's input paths from here (storage only the cluster can reach)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="raycv", description="Distributed training and bulk annotation of image archives on Ray."
@@ -51,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["val", "all"], default="val")
     demo = sub.add_parser("demo", help="end to end on generated data with a local Ray (minutes on a CPU)")
     demo.add_argument("--workdir", default="raycv-demo")
+    _add_submit_parser(sub)
     models = sub.add_parser("models", help="list the model registry")
     models.add_argument("--task", default=None)
     models.add_argument("pattern", nargs="?", default="*")
@@ -98,6 +115,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from raycv.config import check_paths, load_config
+    from raycv.submit import SubmitError, auth_token, connect, dashboard_address, submit_job, wait_for_job
+
+    address = dashboard_address(args.address)
+    cfg = load_config(args.config, args.overrides, kind=args.kind)
+    if args.check_paths:
+        check_paths(cfg)
+    try:
+        client = connect(address)
+        sid = submit_job(client, cfg, args.kind)
+        # Ray's own CLI sends the token only in token mode.
+        ray_cli = f"{'RAY_AUTH_MODE=token ' if auth_token() else ''}ray job"
+        print(
+            f"raycv submit: job {sid} submitted to {address}\n"
+            f"  status: {ray_cli} status {sid} --address {address}\n"
+            f"  logs:   {ray_cli} logs {sid} --address {address} --follow",
+            flush=True,
+        )
+        if not args.wait:
+            return EXIT_OK
+        outcome = wait_for_job(client, sid)
+    except SubmitError as exc:
+        print(f"raycv submit: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if outcome.status == "SUCCEEDED":
+        print(f"\nraycv submit: job {sid} SUCCEEDED")
+        return EXIT_OK
+    print(
+        f"\nraycv submit: job {sid} {outcome.status}: {outcome.reason}\n"
+        f"  full log: {ray_cli} logs {sid} --address {address}",
+        file=sys.stderr,
+    )
+    return EXIT_FAILURE
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from raycv.demo import run_demo
 
@@ -125,6 +178,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "annotate": cmd_annotate,
     "evaluate": cmd_evaluate,
     "demo": cmd_demo,
+    "submit": cmd_submit,
     "models": cmd_models,
 }
 
