@@ -263,12 +263,20 @@ def _write_run_dir(cfg: TrainConfig, info: dict[str, Any], record: dict[str, Any
         "torch_version": torch.__version__,
         "best_epoch": best["epoch"],
         "best_metrics": best["metrics"],
+        # classification: the best epoch's validation confusion matrix, rows = true class (confusion.png)
+        **({"best_confusion": best["confusion"]} if "confusion" in best else {}),
         "train_images": info["n_train"],
         "val_images": info["n_val"],
         "resumed_at_epochs": record["resumed_at_epochs"],
         "config": config_to_dict(cfg),
     }
     runs.write_json(storage.join(run_dir, runs.MODEL_CARD), card, ep)
+    try:  # curves.png (and confusion.png), refreshed every epoch; a drawing problem never stops training
+        from raycv.report import write_plots
+
+        write_plots(run_dir, card, record["history"], ep)
+    except Exception as exc:
+        log.warning("could not draw the training curves: %s", exc)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -332,6 +340,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "epoch": epoch + 1,
                 "metrics": {k: v for k, v in metrics.items() if k not in ("lr", "epoch_s")},
             }
+            if cfg.task == "classification":
+                record["best"]["confusion"] = cm.tolist()
             if rank == 0:
                 runs.save_weights(storage.join(cfg.output.dir, runs.WEIGHTS), model.state_dict(), ep)
         checkpoint = None
