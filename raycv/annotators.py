@@ -69,6 +69,8 @@ class _Annotator:
         return {
             "image_id": [str(v) for v in batch["image_id"]],
             "image_uri": [str(v) for v in batch["image_uri"]],
+            "frame": _optional_ints(batch.get("frame"), n),
+            "frame_count": _optional_ints(batch.get("frame_count"), n),
             "source_etag": [str(v) or None for v in batch["source_etag"]],
             "status": ["error" if e else "ok" for e in errors],
             "error_stage": [e[0] if e else None for e in errors],
@@ -81,6 +83,11 @@ class _Annotator:
             "crs": [None] * n,
             "transform": [None] * n,
         }
+
+
+def _optional_ints(values: np.ndarray | None, n: int) -> list[int | None]:
+    """The read stage's int columns (-1 = none, e.g. ``frame`` of a single image) as nullable ints."""
+    return [None] * n if values is None else [int(v) if v >= 0 else None for v in values]
 
 
 def _window_reader(image: np.ndarray) -> Any:

@@ -204,6 +204,8 @@ class AnnotateConfig(_Strict):
     incremental: bool = True
     topk: int = Field(default=5, ge=1)
     max_pixels: int = Field(default=178_956_970, gt=0)
+    # Stop (exit 1) once more than this fraction of at least 32 images failed; 1.0 never stops.
+    max_error_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
     geo: GeoConfig = GeoConfig()
     storage: StorageConfig = StorageConfig()
 

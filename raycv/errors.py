@@ -39,3 +39,10 @@ class DatasetError(RaycvError, ValueError):
 
 class StorageError(RaycvError, OSError):
     """A URI that cannot be reached or read: wraps the filesystem's own error with the URI."""
+
+
+class TooManyErrorsError(RaycvError, RuntimeError):
+    """An annotation run in which more images failed than ``max_error_fraction`` allows.
+
+    Raised after the rows written so far are committed, so a re-run resumes where this one stopped.
+    """

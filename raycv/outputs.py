@@ -3,8 +3,12 @@
 A run writes its Parquet files to ``OUTPUT/_staging/<run_id>/`` (invisible to readers of
 ``OUTPUT/images``), then :func:`commit` records what it will do in ``OUTPUT/_journal/<run_id>.json``,
 moves the new files into ``OUTPUT/images/`` and rewrites the older files that held rows of the
-re-annotated images without those rows. A journal left by a crash is finished by the next run
+re-annotated input files without those rows. A journal left by a crash is finished by the next run
 (:func:`recover`), and every step is idempotent.
+
+Rows are superseded by input file, not by ``image_id``: a multi-frame DICOM or NIfTI volume has one row
+per frame (``image_uri`` = ``<file>#frame=<k>``, ``frame`` = k, ``frame_count`` = frames), and a re-run
+replaces all rows of the file, whatever number of frames it had before (:class:`Index`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -30,7 +35,9 @@ TOPK_TYPE = pa.list_(pa.struct([("label", pa.int32()), ("label_name", pa.string(
 
 COMMON_FIELDS = [
     pa.field("image_id", pa.string(), nullable=False),
-    pa.field("image_uri", pa.string(), nullable=False),
+    pa.field("image_uri", pa.string(), nullable=False),  # a frame of a multi-frame file: "<uri>#frame=<k>"
+    pa.field("frame", pa.int32()),  # 0-based frame (DICOM) or slice (NIfTI); null for single images
+    pa.field("frame_count", pa.int32()),  # rows the source file gives (frames x volumes); null when one
     pa.field("source_etag", pa.string()),
     pa.field("status", pa.string(), nullable=False),
     pa.field("error_stage", pa.string()),
@@ -110,22 +117,130 @@ def image_id_of(uri: str) -> str:
 # ------------------------------------------------------------------------------------- reading outputs
 
 
+FRAME_SUFFIX = "#frame="
+_INDEX_COLUMNS = ["image_id", "image_uri", "frame", "frame_count", "source_etag", "model_id", "status"]
+_INDEX_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("frame", pa.int32()),
+        ("frame_count", pa.int32()),
+        ("source_etag", pa.string()),
+        ("model_id", pa.string()),
+        ("status", pa.string()),
+        ("file", pa.int32()),
+    ]
+)
+
+
+def frame_uri(uri: str, frame: int) -> str:
+    """The ``image_uri`` of frame ``frame`` (0-based) of a multi-frame file: ``<uri>#frame=<frame>``."""
+    return f"{uri}{FRAME_SUFFIX}{frame}"
+
+
+def source_uris(image_uri: pa.Array | pa.ChunkedArray, frame: pa.Array | pa.ChunkedArray) -> Any:
+    """The file each row came from: ``image_uri`` without its ``#frame=<k>`` suffix where ``frame`` is set.
+
+    Only rows with a ``frame`` lose the suffix, so a file literally named ``x#frame=1`` stays itself.
+    """
+    stripped = pc.replace_substring_regex(image_uri, pattern=FRAME_SUFFIX + "[0-9]+$", replacement="")
+    return pc.if_else(pc.is_valid(frame), stripped, image_uri)
+
+
 @dataclass(frozen=True)
-class IndexedRow:
-    fingerprint: str | None
-    model_id: str | None
-    status: str
-    file: str
+class Index:
+    """Every committed row in a few small Arrow columns (no image data), and the files that hold them.
+
+    ``table`` columns: ``image_id``, ``source_uri`` (the input file), ``frame``, ``frame_count``,
+    ``source_etag``, ``model_id``, ``status`` and ``file`` (position in ``files``).
+    """
+
+    table: pa.Table
+    files: list[str]
+
+    def current(self, model_id: str) -> pa.Table:
+        """The input files already annotated in full by ``model_id``, every row ``ok``, from one content.
+
+        Returns:
+            ``key`` (the file's URI and ``source_etag``, see :func:`plan_keys`) and ``rows`` (how many
+            committed rows the file has: 1, or its ``frame_count``) for each such file. A multi-frame file
+            counts only when all ``frame_count`` of its frames are committed (a stopped run may leave some).
+        """
+        t = self.table
+        good = pc.and_(pc.equal(t["status"], "ok"), pc.equal(t["model_id"], model_id))
+        t = t.append_column("good", pc.fill_null(pc.cast(good, pa.int64()), 0))
+        g = t.group_by("source_uri").aggregate(
+            [
+                ("good", "sum"),
+                ("good", "count"),
+                ("source_etag", "count_distinct"),
+                ("source_etag", "min"),
+                ("frame_count", "min"),
+                ("frame_count", "max"),
+                ("frame", "count"),
+            ]
+        )
+        n, fc_min, fc_max = g["good_count"], g["frame_count_min"], g["frame_count_max"]
+        single = pc.and_(pc.is_null(fc_max), pc.equal(n, 1))
+        every_frame = pc.and_(
+            pc.and_(pc.equal(fc_min, fc_max), pc.equal(pc.cast(fc_max, pa.int64()), n)),
+            pc.equal(g["frame_count"], n),
+        )
+        keep = pc.and_(
+            pc.and_(pc.equal(g["good_sum"], n), pc.equal(g["source_etag_count_distinct"], 1)),
+            pc.or_(single, pc.fill_null(every_frame, False)),
+        )
+        g = g.filter(keep)
+        return pa.table({"key": plan_keys(g["source_uri"], g["source_etag_min"]), "rows": g["good_count"]})
+
+    def superseded(self, sources: pa.Array) -> dict[str, list[str]]:
+        """Committed file -> the ``image_id`` of its rows that came from one of ``sources`` (input files)."""
+        rows = self.table.filter(pc.is_in(self.table["source_uri"], value_set=sources))
+        out: dict[str, list[str]] = {}
+        for file, iid in zip(rows["file"].to_pylist(), rows["image_id"].to_pylist(), strict=True):
+            out.setdefault(self.files[file], []).append(iid)
+        return out
 
 
-def read_index(output: str, endpoint_url: str | None = None) -> dict[str, IndexedRow]:
-    """``image_id -> IndexedRow`` of every committed row (a few small columns; no image data)."""
-    index: dict[str, IndexedRow] = {}
-    for f in committed_files(output, endpoint_url):
-        table = _read_file(f, endpoint_url, columns=["image_id", "source_etag", "model_id", "status"])
-        for iid, etag, mid, status in zip(*(table.column(i).to_pylist() for i in range(4)), strict=True):
-            index[iid] = IndexedRow(etag, mid, status, f)
-    return index
+def plan_keys(uris: Any, etags: Any) -> Any:
+    """``uri``, a NUL and ``etag`` per row: one string to compare a listed file with a committed one."""
+    return pc.binary_join_element_wise(uris, pc.fill_null(etags, ""), "\0")
+
+
+def read_index(output: str, endpoint_url: str | None = None) -> Index:
+    """The :class:`Index` of every committed row of ``output`` (files written before ``frame`` existed too)."""
+    files = committed_files(output, endpoint_url)
+    tables = [_INDEX_SCHEMA.empty_table()]
+    for i, f in enumerate(files):
+        t = _read_file(f, endpoint_url, wanted=_INDEX_COLUMNS)
+        n = t.num_rows
+        frame = t["frame"] if "frame" in t.column_names else pa.nulls(n, pa.int32())
+        count = t["frame_count"] if "frame_count" in t.column_names else pa.nulls(n, pa.int32())
+        columns = {
+            "image_id": t["image_id"],
+            "source_uri": source_uris(t["image_uri"], frame),
+            "frame": frame,
+            "frame_count": count,
+            "source_etag": t["source_etag"],
+            "model_id": t["model_id"],
+            "status": t["status"],
+            "file": pa.array(np.full(n, i, np.int32)),
+        }
+        tables.append(pa.table(columns, schema=_INDEX_SCHEMA))
+    return Index(pa.concat_tables(tables).combine_chunks(), files)
+
+
+def staged_sources(output: str, run_id: str, endpoint_url: str | None = None) -> pa.Array:
+    """The distinct input files that the staged rows of ``run_id`` came from."""
+    parts = []
+    for e in storage.iter_files(
+        staging_dir(output, run_id), extensions=(".parquet",), endpoint_url=endpoint_url
+    ):
+        t = _read_file(e.uri, endpoint_url, columns=["image_uri", "frame"])
+        parts.append(source_uris(t["image_uri"], t["frame"]))
+    if not parts:
+        return pa.array([], pa.string())
+    return pc.unique(pa.chunked_array([c for p in parts for c in pa.chunked_array(p).chunks], pa.string()))
 
 
 def committed_files(output: str, endpoint_url: str | None = None) -> list[str]:
@@ -138,10 +253,22 @@ def committed_files(output: str, endpoint_url: str | None = None) -> list[str]:
         return []
 
 
-def _read_file(uri: str, endpoint_url: str | None, columns: list[str] | None = None) -> pa.Table:
+def _read_file(
+    uri: str, endpoint_url: str | None, columns: list[str] | None = None, *, wanted: list[str] | None = None
+) -> pa.Table:
+    """Read ``columns`` (all by default), or those of ``wanted`` that the file has."""
     fs, path = storage.get_filesystem(uri, endpoint_url)
     with fs.open(path, "rb") as f:
+        if wanted is not None:
+            names = pq.ParquetFile(f).schema_arrow.names
+            columns = [c for c in wanted if c in names]
+            f.seek(0)
         return pq.read_table(f, columns=columns)
+
+
+def write_table(uri: str, table: pa.Table, endpoint_url: str | None = None) -> None:
+    """Write ``table`` as one zstd Parquet file at ``uri``, atomically (readers never see a part of it)."""
+    _write_file(uri, table, endpoint_url)
 
 
 def _write_file(uri: str, table: pa.Table, endpoint_url: str | None) -> None:
@@ -180,12 +307,15 @@ def commit(
     Returns:
         The committed URIs of this run's files.
     """
-    staged = [
-        e.uri
-        for e in storage.iter_files(
-            staging_dir(output, run_id), extensions=(".parquet",), endpoint_url=endpoint_url
-        )
-    ]
+    try:
+        staged = [
+            e.uri
+            for e in storage.iter_files(
+                staging_dir(output, run_id), extensions=(".parquet",), endpoint_url=endpoint_url
+            )
+        ]
+    except FileNotFoundError:  # the run wrote nothing
+        staged = []
     moves = [(s, storage.join(output, IMAGES_DIR, f"{run_id}-{i:05d}.parquet")) for i, s in enumerate(staged)]
     journal = {"run_id": run_id, "moves": moves, "supersede": supersede}
     storage.write_bytes(_journal_uri(output, run_id), json.dumps(journal).encode(), endpoint_url)
@@ -194,7 +324,11 @@ def commit(
 
 
 def recover(output: str, endpoint_url: str | None = None) -> list[str]:
-    """Finish the commits a crashed run left half-done; returns their run ids."""
+    """Finish the commits a crashed run left half-done, and drop what runs killed before committing staged.
+
+    Runs on one output are sequential, so a staging folder without a journal belongs to a run that died
+    before its commit: its rows were never visible and are annotated again. Returns the finished run ids.
+    """
     try:
         journals = list(
             storage.iter_files(
@@ -202,12 +336,18 @@ def recover(output: str, endpoint_url: str | None = None) -> list[str]:
             )
         )
     except FileNotFoundError:
-        return []
+        journals = []
     done = []
     for entry in journals:
         journal = json.loads(storage.read_bytes(entry.uri, endpoint_url))
         _apply(output, journal, endpoint_url)
         done.append(journal["run_id"])
+    try:
+        abandoned = storage.list_dirs(storage.join(output, STAGING_DIR), endpoint_url)
+    except FileNotFoundError:
+        abandoned = []
+    for run_id in abandoned:
+        storage.remove(staging_dir(output, run_id), endpoint_url, recursive=True)
     return done
 
 

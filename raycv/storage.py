@@ -180,32 +180,84 @@ def iter_files(
         uri: a folder/prefix (``s3://bucket/archive/``), a glob (``s3://bucket/**/*.jpg``) or one file.
         extensions: keep only names ending in one of these (lower-case, with the dot); None keeps all.
 
-    Hidden and underscore-prefixed names (``.DS_Store``, ``_SUCCESS``) are skipped.
+    A prefix is listed as it is read, page by page on S3 (1000 keys, already in key order) and folder by
+    folder locally, so listing millions of objects holds one page, not the whole listing. Globs are
+    resolved whole (fsspec's ``glob``). Hidden and underscore-prefixed names (``.DS_Store``,
+    ``_SUCCESS``) are skipped.
+
+    Raises:
+        FileNotFoundError: nothing exists at ``uri``.
+        StorageError: any other failure while listing, with the URI.
     """
     fs, path = get_filesystem(uri, endpoint_url)
-    try:
-        if _GLOB_CHARS & set(path):
-            found = fs.glob(path, detail=True)
-        elif fs.isfile(path):
-            found = {path: fs.info(path)}
-        else:
-            found = fs.find(path, detail=True)
-            if not found and not fs.exists(path):
-                raise FileNotFoundError(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"No such file or prefix: {uri}") from None
-    except Exception as exc:
-        raise _wrap(uri, exc) from exc
-    for p in sorted(found):
-        info = found[p]
-        if info.get("type") == "directory":
-            continue
+    listing = _listing(fs, uri, path)
+    while True:
+        try:
+            p, info = next(listing)
+        except StopIteration:
+            return
+        except FileNotFoundError:
+            raise FileNotFoundError(f"No such file or prefix: {uri}") from None
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise _wrap(uri, exc) from exc
         name = posixpath.basename(p)
-        if name.startswith((".", "_")):
+        if not name or name.startswith((".", "_")):
             continue
         if extensions and not name.lower().endswith(extensions):
             continue
         yield FileEntry(_with_scheme(uri, p), int(info.get("size") or 0), _fingerprint(info))
+
+
+def _listing(fs: Any, uri: str, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(path, info)`` of every file at ``path``, streamed for a prefix (see :func:`iter_files`)."""
+    if _GLOB_CHARS & set(path):
+        found = fs.glob(path, detail=True)
+        yield from ((p, found[p]) for p in sorted(found) if found[p].get("type") != "directory")
+    elif fs.isfile(path):
+        yield path, fs.info(path)
+    elif scheme(uri) == "file":
+        if not os.path.isdir(path):
+            raise FileNotFoundError(path)
+        yield from _walk_local(path)
+    else:
+        listed = False
+        for item in _s3_objects(fs, path):
+            listed = True
+            yield item
+        if not listed and not fs.exists(path):
+            raise FileNotFoundError(path)
+
+
+def _walk_local(folder: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Files below ``folder`` in sorted order of their full paths, one folder's entries in memory at a time."""
+    with os.scandir(folder) as it:
+        # A folder sorts as "name/", which is where its files' full paths sort: "a-b" < "a.png" < "a/x".
+        entries = sorted(it, key=lambda e: e.name + ("/" if e.is_dir() else ""))
+    for entry in entries:
+        if entry.is_dir():
+            yield from _walk_local(entry.path)
+        elif entry.is_file():
+            st = entry.stat()
+            yield entry.path, {"size": st.st_size, "mtime": st.st_mtime, "type": "file"}
+
+
+def _s3_objects(fs: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every object below the prefix ``path`` (``bucket/key``), one ListObjectsV2 page at a time.
+
+    S3 returns keys in UTF-8 binary order, which is the sorted order of the Python strings.
+    """
+    bucket, _, key = path.partition("/")
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key.rstrip("/") + "/" if key else ""}
+    while True:
+        page = fs.call_s3("list_objects_v2", **kwargs)
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("/"):  # folder placeholders made by consoles and some tools
+                yield f"{bucket}/{obj['Key']}", {"size": obj["Size"], "ETag": obj.get("ETag"), "type": "file"}
+        if not page.get("IsTruncated"):
+            return
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def list_dirs(uri: str, endpoint_url: str | None = None) -> list[str]:

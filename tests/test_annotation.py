@@ -1,13 +1,22 @@
-"""Input planning and the read/decode stage, without a model (the full pipeline: test_end_to_end.py)."""
+"""Input planning and the read/decode stage, without a model (the full pipeline: test_end_to_end.py,
+test_annotation_medical.py)."""
+
+import os
+import re
+import shutil
+import time
+import tracemalloc
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from nibabel.testing import data_path as NIBABEL_DATA
+from pydicom.data import get_testdata_file
 
-from raycv import storage
-from raycv.annotation import plan_inputs, read_decode_batch
-from raycv.data.images import encode_png
+from raycv import outputs, storage
+from raycv.annotation import PLAN_SCHEMA, _write_blocks, plan_inputs, read_bytes_batch, read_decode_batch
+from raycv.data.images import decode_image, encode_png
 from raycv.errors import ConfigError
 
 
@@ -59,3 +68,134 @@ def test_read_decode_turns_each_failure_into_its_own_error(archive):
     assert out["error_type"][1] == "FileNotFoundError" and "missing.png" in out["error_message"][1]
     small = read_decode_batch(batch, size_hw=(8, 8), endpoint_url=None, max_pixels=10)
     assert small["error_stage"][0] == "decode" and "pixels" in small["error_message"][0]
+
+
+def test_a_large_prefix_is_listed_into_arrow_chunks(tmp_path):
+    """A few thousand objects: the plan is built chunk by chunk, never as one Python list of the listing."""
+    root = tmp_path / "big"
+    for d in range(40):
+        os.makedirs(root / f"d{d:02d}")
+        for i in range(75):
+            (root / f"d{d:02d}" / f"{i:03d}.png").write_bytes(b"x")
+    (root / "d00" / "notes.txt").write_bytes(b"x")
+    tracemalloc.start()
+    plan = plan_inputs(str(root), chunk_rows=500)
+    _, plan_peak = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    listed = [(e.uri, e.fingerprint) for e in storage.iter_files(str(root), extensions=(".png",))]
+    ids = [outputs.image_id_of(u) for u, _ in listed]
+    _, list_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(plan) == 3000 == len(listed)
+    assert [c.num_rows for c in plan.chunks] == [500] * 6 and all(
+        c.schema == PLAN_SCHEMA for c in plan.chunks
+    )
+    assert [u for u, _ in plan] == [u for u, _ in listed] and plan.chunks[5]["image_id"][-1].as_py() == ids[
+        -1
+    ]
+    assert plan_peak < 0.5 * list_peak, (plan_peak, list_peak)  # Arrow buffers are outside tracemalloc
+    blocks = plan.blocks(actors=2)
+    assert sum(b.num_rows for b in blocks) == 3000 and max(b.num_rows for b in blocks) == 64
+
+
+def _medical(tmp_path) -> dict[str, str]:
+    files = {
+        "rtdose.dcm": get_testdata_file("rtdose.dcm", download=False),  # 15 frames
+        "rle_2frame.dcm": get_testdata_file("SC_rgb_rle_2frame.dcm", download=False),
+        "ct.dcm": get_testdata_file("CT_small.dcm", download=False),
+        "brain.nii": os.path.join(NIBABEL_DATA, "anatomical.nii"),  # 25 axial slices
+        "lossy.dcm": get_testdata_file("JPEG-lossy.dcm", download=False),  # no decoder for 12-bit JPEG here
+    }
+    out = {}
+    for name, src in files.items():
+        shutil.copy(str(src), tmp_path / name)
+        out[name] = str(tmp_path / name)
+    (tmp_path / "corrupt.dcm").write_bytes(b"patient,age\nanon,42\n" * 20)
+    out["corrupt.dcm"] = str(tmp_path / "corrupt.dcm")
+    return out
+
+
+EXPECTED_FRAMES = {"rtdose.dcm": 15, "rle_2frame.dcm": 2, "ct.dcm": 1, "brain.nii": 25, "lossy.dcm": 1}
+
+
+def _batch(uris: list[str]) -> dict[str, np.ndarray]:
+    return {
+        "image_id": np.array([outputs.image_id_of(u) for u in uris], dtype=object),
+        "image_uri": np.array(uris, dtype=object),
+        "source_etag": np.array(["e"] * len(uris), dtype=object),
+    }
+
+
+@pytest.mark.parametrize("stage", ["decode", "bytes"])
+def test_medical_files_expand_into_one_row_per_frame(tmp_path, stage):
+    files = _medical(tmp_path)
+    uris = list(files.values())
+    if stage == "decode":
+        out = read_decode_batch(_batch(uris), size_hw=(16, 16), endpoint_url=None, max_pixels=10**8)
+        assert out["pixels"].shape == (len(out["image_uri"]), 16, 16, 3)
+    else:
+        out = read_bytes_batch(_batch(uris), endpoint_url=None, max_pixels=10**8)
+    n = sum(EXPECTED_FRAMES.values()) + 1
+    assert all(len(v) == n for v in out.values()), {k: len(v) for k, v in out.items()}
+    rows = [dict(zip(out, vals, strict=True)) for vals in zip(*out.values(), strict=True)]
+    assert len({r["image_uri"] for r in rows}) == n
+    for name, uri in files.items():
+        mine = [r for r in rows if r["image_uri"] == uri or r["image_uri"].startswith(uri + "#frame=")]
+        frames = EXPECTED_FRAMES.get(name, 1)
+        assert len(mine) == frames, name
+        if frames > 1:
+            assert [r["frame"] for r in mine] == list(range(frames))
+            assert [r["image_uri"] for r in mine] == [f"{uri}#frame={k}" for k in range(frames)]
+            assert {r["frame_count"] for r in mine} == {frames}
+            assert all(r["image_id"] == outputs.image_id_of(r["image_uri"]) for r in mine)
+        else:
+            assert mine[0]["frame"] == -1 and mine[0]["image_id"] == outputs.image_id_of(uri)
+    by_uri = {r["image_uri"]: r for r in rows}
+    for bad, words in [("lossy.dcm", "JPEG Extended"), ("corrupt.dcm", "not a DICOM file")]:
+        r = by_uri[files[bad]]
+        assert (r["error_stage"], r["error_type"]) == ("decode", "DecodeError") and words in r[
+            "error_message"
+        ]
+    good = by_uri[files["rtdose.dcm"] + "#frame=3"]
+    assert good["error_stage"] == ""
+    if stage == "bytes":  # frames travel as PNG of the displayed pixels, decoded by the actors like any image
+        assert decode_image(bytes(good["data"])).shape == (10, 10, 3)
+        assert decode_image(bytes(by_uri[files["brain.nii"] + "#frame=0"]["data"])).shape == (41, 33, 3)
+    else:
+        assert (good["width"], good["height"]) == (10, 10)
+    small = read_decode_batch(_batch([files["ct.dcm"]]), size_hw=(8, 8), endpoint_url=None, max_pixels=100)
+    assert small["error_stage"][0] == "decode" and "pixels" in small["error_message"][0]
+
+
+def test_writes_stop_taking_blocks_once_too_many_images_failed(tmp_path, ray_local):
+    """The driver's write loop: counts come back from the write tasks; past the limit no block is taken."""
+    import ray
+
+    def block(i: int, status: str) -> pa.Table:
+        uris = [f"s3://b/{i}-{j}.png" for j in range(4)]
+        return pa.table(
+            {
+                "image_uri": uris,
+                "status": [status] * 4,
+                "error_stage": ["decode"] * 4,
+                "error_type": ["DecodeError"] * 4,
+                "error_message": ["bad"] * 4,
+            }
+        )
+
+    taken = []
+
+    def blocks():
+        for i in range(40):
+            taken.append(i)
+            time.sleep(0.25)  # a pipeline that is slower than the writes, as on a large archive
+            yield ray.put(block(i, "ok" if i % 4 == 0 else "error"))
+
+    staging = str(tmp_path / "staging")
+    tally = _write_blocks(blocks(), staging, None, max_error_fraction=0.5, in_flight=2)
+    assert tally.exceeds(0.5) and len(taken) < 40
+    assert len(tally.first_errors) == 3
+    assert all(re.fullmatch(r"s3://b/\d+-\d\.png: decode DecodeError: bad", e) for e in tally.first_errors)
+    written = pq.read_table(staging)
+    assert written.num_rows == tally.ok + tally.error == 4 * len(taken)
+    assert tally.error == written.filter(pa.compute.equal(written["status"], "error")).num_rows

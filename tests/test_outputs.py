@@ -8,12 +8,16 @@ import pyarrow.parquet as pq
 from raycv import outputs, storage
 
 
-def _rows(run_id: str, uris: list[str], status: str = "ok") -> pa.Table:
+def _rows(
+    run_id: str, uris: list[str], status: str = "ok", frames: list[int | None] | None = None, count=None
+) -> pa.Table:
     n = len(uris)
     now = dt.datetime.now(dt.timezone.utc)
     cols = {
         "image_id": [outputs.image_id_of(u) for u in uris],
         "image_uri": uris,
+        "frame": frames or [None] * n,
+        "frame_count": [count if f is not None else None for f in frames or [None] * n],
         "source_etag": ["e"] * n,
         "status": [status] * n,
         "error_stage": [None] * n,
@@ -35,10 +39,10 @@ def _rows(run_id: str, uris: list[str], status: str = "ok") -> pa.Table:
     return pa.table(cols, schema=outputs.images_schema("classification"))
 
 
-def _stage(out: str, run_id: str, uris: list[str]) -> None:
+def _stage(out: str, run_id: str, uris: list[str], **kw) -> None:
     path = os.path.join(outputs.staging_dir(out, run_id), "part-0.parquet")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(_rows(run_id, uris), path)
+    pq.write_table(_rows(run_id, uris, **kw), path)
 
 
 def test_image_id_is_stable_and_distinct():
@@ -63,10 +67,11 @@ def test_rerun_supersedes_old_rows_so_each_image_has_one(tmp_path):
     _stage(out, "r1", ["a", "b", "c"])
     outputs.commit(out, "r1", {}, None)
     index = outputs.read_index(out)
-    assert set(index) == {outputs.image_id_of(u) for u in "abc"}
+    assert sorted(index.table["source_uri"].to_pylist()) == ["a", "b", "c"]
     _stage(out, "r2", ["b", "d"])
-    old = index[outputs.image_id_of("b")].file
-    outputs.commit(out, "r2", {old: [outputs.image_id_of("b")]}, None)
+    supersede = index.superseded(outputs.staged_sources(out, "r2"))
+    assert list(supersede.values()) == [[outputs.image_id_of("b")]]
+    outputs.commit(out, "r2", supersede, None)
     table = pq.read_table(os.path.join(out, "images"))
     runs = dict(zip(table.column("image_uri").to_pylist(), table.column("run_id").to_pylist(), strict=True))
     assert runs == {"a": "r1", "b": "r2", "c": "r1", "d": "r2"}
@@ -77,7 +82,7 @@ def test_a_half_done_commit_is_finished_by_recover(tmp_path):
     out = str(tmp_path / "out")
     _stage(out, "r1", ["a", "b"])
     outputs.commit(out, "r1", {}, None)
-    old = outputs.read_index(out)[outputs.image_id_of("a")].file
+    old = outputs.committed_files(out)[0]
     _stage(out, "r2", ["a"])
     # the journal of a commit that crashed right after being written
     staged = next(storage.iter_files(outputs.staging_dir(out, "r2"))).uri
@@ -94,3 +99,40 @@ def test_a_half_done_commit_is_finished_by_recover(tmp_path):
         ("b", "r1"),
     ]
     assert outputs.recover(out) == []
+
+
+def test_frames_are_superseded_by_their_source_file_and_current_only_when_complete(tmp_path):
+    out = str(tmp_path / "out")
+    vol = "s3://b/ct.dcm"
+    frames = [outputs.frame_uri(vol, k) for k in range(3)]
+    assert frames[1] == "s3://b/ct.dcm#frame=1"
+    _stage(out, "r1", [*frames, "s3://b/x#frame=7.png"], frames=[0, 1, 2, None], count=3)
+    outputs.commit(out, "r1", {}, None)
+    index = outputs.read_index(out)
+    assert sorted(set(index.table["source_uri"].to_pylist())) == [vol, "s3://b/x#frame=7.png"]
+    current = index.current("m")
+    keys = outputs.plan_keys(pa.array([vol, "s3://b/x#frame=7.png"]), pa.array(["e", "e"]))
+    assert sorted(current["key"].to_pylist()) == sorted(keys.to_pylist())
+    assert sorted(current["rows"].to_pylist()) == [1, 3]
+    assert index.current("other-model").num_rows == 0
+    # a stopped run left 2 of 3 frames: not current; a re-run's single error row replaces all frames
+    partial = str(tmp_path / "partial")
+    _stage(partial, "r1", frames[:2], frames=[0, 1], count=3)
+    outputs.commit(partial, "r1", {}, None)
+    assert outputs.read_index(partial).current("m").num_rows == 0
+    _stage(out, "r2", [vol], status="error")
+    supersede = outputs.read_index(out).superseded(outputs.staged_sources(out, "r2"))
+    assert sorted(next(iter(supersede.values()))) == sorted(outputs.image_id_of(u) for u in frames)
+    outputs.commit(out, "r2", supersede, None)
+    table = pq.read_table(os.path.join(out, "images"))
+    assert sorted(table["image_uri"].to_pylist()) == [vol, "s3://b/x#frame=7.png"]
+
+
+def test_index_reads_files_written_before_the_frame_columns(tmp_path):
+    out = str(tmp_path / "out")
+    os.makedirs(os.path.join(out, "images"))
+    old = _rows("r0", ["a", "b"]).drop_columns(["frame", "frame_count"])
+    pq.write_table(old, os.path.join(out, "images", "r0-00000.parquet"))
+    index = outputs.read_index(out)
+    assert index.table["source_uri"].to_pylist() == ["a", "b"] and index.table["frame"].null_count == 2
+    assert index.current("m").num_rows == 2
