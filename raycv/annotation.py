@@ -350,7 +350,7 @@ def _stages(
         size = card["image_size"]
         size_hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         read_kw = {"size_hw": size_hw, "endpoint_url": ep, "max_pixels": cfg.max_pixels}
-        return read_decode_batch, read_kw, Classifier, {**common, "topk": cfg.topk}
+        return read_decode_batch, read_kw, Classifier, {**common, "topk": cfg.topk, "explain": cfg.explain}
     if card["task"] == "semantic_segmentation":
         tile = cfg.tile.model_dump() if cfg.tile else None
         seg_kw = {
@@ -499,6 +499,12 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
     t0 = time.time()
     ep = cfg.storage.endpoint_url
     card = runs.read_card(cfg.model, ep)
+    if cfg.explain and card["task"] != "classification":  # checked before anything starts (exit 2)
+        raise ConfigError(
+            "explain",
+            cfg.explain,
+            f"Grad-CAM explains classifiers only, this run is {card['task']}: remove it.",
+        )
     model_id = runs.model_id_of(storage.read_bytes(storage.join(cfg.model, runs.WEIGHTS), ep))
     recovered = outputs.recover(cfg.output, ep)
     todo = plan_inputs(cfg.input, ep)

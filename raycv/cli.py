@@ -55,6 +55,32 @@ def _add_submit_parser(sub: Any) -> None:
     )
 
 
+def _add_results_parsers(sub: Any) -> None:
+    """``inspect``, ``render``, ``export`` (annotation outputs) and ``report`` (training runs)."""
+    sub.add_parser("inspect", help="counts, classes, scores and errors of an annotation output").add_argument(
+        "output", metavar="OUTPUT"
+    )
+    where_help = 'filter, e.g. "score < 0.5" or "label_name == \'cat\' and score >= 0.9" (see raycv.results)'
+    render = sub.add_parser("render", help="draw masks/boxes/labels (and Grad-CAM) on the images, PNG")
+    render.add_argument("output", metavar="OUTPUT")
+    render.add_argument("--out", required=True, metavar="DIR", help="folder (or s3:// prefix) for the PNGs")
+    render.add_argument("--limit", type=int, default=None, metavar="N", help="at most N images")
+    render.add_argument("--where", default=None, help=where_help)
+    render.add_argument("--max-side", type=int, default=2048, help="scale larger images down to this side")
+    export = sub.add_parser("export", help="an annotation output as COCO JSON, YOLO labels or GeoJSON")
+    export.add_argument("output", metavar="OUTPUT")
+    export.add_argument("--format", required=True, choices=["coco", "yolo", "geojson"])
+    export.add_argument(
+        "--out", required=True, metavar="PATH", help="a .json file (coco, geojson) or a folder (yolo)"
+    )
+    export.add_argument("--where", default=None, help=where_help)
+    export.add_argument("--crs", default=None, help="geojson: reproject to this CRS (e.g. EPSG:4326)")
+    export.add_argument("--copy-images", action="store_true", help="yolo: copy the images into PATH/images")
+    sub.add_parser("report", help="a run's model card and best metrics; writes curves.png").add_argument(
+        "run_dir", metavar="RUN_DIR"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="raycv", description="Distributed training and bulk annotation of image archives on Ray."
@@ -71,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the model registry")
     models.add_argument("--task", default=None)
     models.add_argument("pattern", nargs="?", default="*")
+    _add_results_parsers(sub)
     return parser
 
 
@@ -173,6 +200,56 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _where(text: str | None) -> Any:
+    from raycv.results import parse_where
+
+    return None if text is None else parse_where(text)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from raycv.report import inspect_output
+
+    inspect_output(args.output)
+    return EXIT_OK
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from raycv.render import render_output
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit", args.limit, "Give a positive number of images, or leave it out for all.")
+    s = render_output(
+        args.output, args.out, limit=args.limit, where=_where(args.where), max_side=args.max_side
+    )
+    print(f"raycv render: {len(s.written)} PNGs in {s.out_dir} ({s.skipped_errors} error rows skipped)")
+    for line in s.failed[:5]:
+        print(f"  could not read {line}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from raycv.export import export_output
+
+    s = export_output(
+        args.output,
+        args.format,
+        args.out,
+        where=_where(args.where),
+        crs=args.crs,
+        copy_images=args.copy_images,
+    )
+    what = {"coco": "annotations", "yolo": "label lines", "geojson": "features"}[args.format]
+    print(f"raycv export: {s.images} images, {s.items} {what} -> {s.path} ({s.skipped} rows left out)")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from raycv.report import report_run
+
+    report_run(args.run_dir)
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train,
     "annotate": cmd_annotate,
@@ -180,6 +257,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": cmd_demo,
     "submit": cmd_submit,
     "models": cmd_models,
+    "inspect": cmd_inspect,
+    "render": cmd_render,
+    "export": cmd_export,
+    "report": cmd_report,
 }
 
 

@@ -203,6 +203,8 @@ class AnnotateConfig(_Strict):
     iou_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     incremental: bool = True
     topk: int = Field(default=5, ge=1)
+    # Classification: also write each ok row's Grad-CAM heatmap (`gradcam_png`, see raycv.gradcam).
+    explain: Literal["gradcam"] | None = None
     max_pixels: int = Field(default=178_956_970, gt=0)
     # Stop (exit 1) once more than this fraction of at least 32 images failed; 1.0 never stops.
     max_error_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
