@@ -58,7 +58,7 @@ def load_source(row: dict[str, Any], task: str, max_side: int, endpoint_url: str
     source = uri if row.get("frame") is None else uri.rsplit(outputs.FRAME_SUFFIX, 1)[0]
     if task == "semantic_segmentation" and geotiff.is_geotiff(source):
         return _read_raster(source, max_side, endpoint_url)
-    from raycv.annotation import decode_file
+    from raycv.reading import decode_file
 
     frames = decode_file(storage.read_bytes(source, endpoint_url), source, max_pixels=4 * DEFAULT_MAX_PIXELS)
     return viz.fit(frames[int(row.get("frame") or 0)], max_side)

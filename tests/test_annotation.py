@@ -15,9 +15,11 @@ from nibabel.testing import data_path as NIBABEL_DATA
 from pydicom.data import get_testdata_file
 
 from raycv import outputs, storage
-from raycv.annotation import PLAN_SCHEMA, _write_blocks, plan_inputs, read_bytes_batch, read_decode_batch
+from raycv.annotation import _write_blocks
 from raycv.data.images import decode_image, encode_png
 from raycv.errors import ConfigError
+from raycv.planning import PLAN_SCHEMA, plan_inputs
+from raycv.reading import read_bytes_batch, read_decode_batch
 
 
 @pytest.fixture
