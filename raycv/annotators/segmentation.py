@@ -1,0 +1,159 @@
+"""Segmentation replicas: label maps at the original resolution, tiled and stitched for large scenes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from raycv import storage
+from raycv.annotators.base import _Annotator, _incoming_errors, _window_reader, error_fields
+from raycv.data import geotiff
+from raycv.data.images import decode_image, encode_png
+from raycv.data.transforms import to_tensor_resized
+
+# Above this many logits ([K, H, W] float32 = 4 bytes each) an untiled image is labelled at the model's
+# resolution and its label map upsampled (nearest), instead of upsampling every class's scores.
+MAX_UPSAMPLED_LOGITS = 64 * 1024 * 1024
+
+
+class Segmenter(_Annotator):
+    """Label maps at the original resolution; large images are tiled, blended and stitched.
+
+    Small images are batched at the model's training size and their class scores resized back; an image
+    larger than ``tile.size`` (with ``tile`` set) is cut into overlapping tiles run at native resolution
+    (fully convolutional) and blended without seams, in bounded memory. GeoTIFFs are read through rasterio
+    by windows when tiled, and their CRS and transform are kept (and optionally written as a COG).
+    """
+
+    def __init__(
+        self,
+        run_dir: str,
+        endpoint_url: str | None,
+        run_id: str,
+        threads: int,
+        use_gpu: bool,
+        output: str,
+        tile: dict[str, int] | None = None,
+        geo: dict[str, Any] | None = None,
+        batch_size: int = 8,
+        max_pixels: int = 178_956_970,
+    ) -> None:
+        super().__init__(run_dir, endpoint_url, run_id, threads, use_gpu)
+        self.output, self.tile, self.batch_size, self.max_pixels = output, tile, batch_size, max_pixels
+        geo = geo or {}
+        self.bands, self.write_rasters = geo.get("bands"), bool(geo.get("write_rasters"))
+        scale = geo.get("scale", "dtype")
+        self.scale = [tuple(s) for s in scale] if isinstance(scale, list) else scale
+        self.k = int(self.run.card["num_classes"])
+
+    def _probs(self, pixels: np.ndarray) -> np.ndarray:
+        return torch.softmax(self._forward(pixels), dim=1).numpy()
+
+    def _needs_tiling(self, h: int, w: int) -> bool:
+        return self.tile is not None and max(h, w) > self.tile["size"]
+
+    def _tiled(self, read: Any, h: int, w: int) -> np.ndarray:
+        from raycv.tiling import predict_tiled
+
+        assert self.tile is not None
+        return predict_tiled(
+            self._probs,
+            read,
+            h,
+            w,
+            num_classes=self.k,
+            tile=self.tile["size"],
+            overlap=self.tile["overlap"],
+            batch_size=self.batch_size,
+        )
+
+    def _whole(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Label maps for small images: one batch at the model's size, scores resized to each original."""
+        size = self.run.size_hw
+        x = torch.stack([to_tensor_resized(im, size) for im in images]).mul_(255.0).round_().to(torch.uint8)
+        logits = self._forward(x.permute(0, 2, 3, 1).numpy())
+        maps = []
+        for im, lg in zip(images, logits, strict=True):
+            h, w = im.shape[:2]
+            if lg.shape[0] * h * w <= MAX_UPSAMPLED_LOGITS:
+                up = F.interpolate(lg[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+                maps.append(up.argmax(dim=0).to(torch.uint8).numpy())
+            else:
+                low = lg.argmax(dim=0)[None, None].float()
+                maps.append(
+                    F.interpolate(low, size=(h, w), mode="nearest-exact")[0, 0].to(torch.uint8).numpy()
+                )
+        return maps
+
+    def _geotiff(self, uri: str) -> tuple[np.ndarray, geotiff.RasterInfo]:
+        info = geotiff.raster_info(uri, self.endpoint_url)
+        if not self._needs_tiling(info.height, info.width):
+            image, info = geotiff.read_scene(
+                uri, self.endpoint_url, bands=self.bands, scale=self.scale, max_pixels=self.max_pixels
+            )
+            return self._whole([image])[0], info
+        with geotiff.open_raster(uri, self.endpoint_url) as ds:
+
+            def read(y0: int, x0: int, h: int, w: int) -> np.ndarray:
+                return geotiff.read_window(ds, x0, y0, w, h, bands=self.bands, scale=self.scale)
+
+            return self._tiled(read, info.height, info.width), info
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        from raycv.tasks.segmentation import class_pixels
+
+        errors = _incoming_errors(batch)
+        n = len(errors)
+        maps: list[np.ndarray | None] = [None] * n
+        geo: list[geotiff.RasterInfo | None] = [None] * n
+        small: list[tuple[int, np.ndarray]] = []
+        for i in range(n):
+            if errors[i]:
+                continue
+            uri = str(batch["image_uri"][i])
+            try:
+                if geotiff.is_geotiff(uri):
+                    maps[i], geo[i] = self._geotiff(uri)
+                    continue
+                image = decode_image(bytes(batch["data"][i]), uri, max_pixels=self.max_pixels)
+            except Exception as exc:
+                errors[i] = error_fields("decode", exc)
+                continue
+            try:
+                if self._needs_tiling(*image.shape[:2]):
+                    maps[i] = self._tiled(_window_reader(image), *image.shape[:2])
+                else:
+                    small.append((i, image))
+            except Exception as exc:
+                errors[i] = error_fields("model", exc)
+        for start in range(0, len(small), self.batch_size):
+            chunk = small[start : start + self.batch_size]
+            try:
+                for (i, _), m in zip(chunk, self._whole([im for _, im in chunk]), strict=True):
+                    maps[i] = m
+            except Exception as exc:
+                for i, _ in chunk:
+                    errors[i] = error_fields("model", exc)
+        for i in range(n):
+            if maps[i] is not None and geo[i] is not None and self.write_rasters and not errors[i]:
+                try:
+                    raster = storage.join(self.output, "rasters", f"{batch['image_id'][i]}.tif")
+                    geotiff.write_cog(raster, maps[i], geo[i], self.endpoint_url)  # type: ignore[arg-type]
+                except Exception as exc:
+                    errors[i] = error_fields("write", exc)
+        names = self.run.class_names
+        cols = self._common(batch, errors)
+        ok = [m if not errors[i] else None for i, m in enumerate(maps)]
+        cols["width"] = [int(m.shape[1]) if m is not None else None for m in ok]
+        cols["height"] = [int(m.shape[0]) if m is not None else None for m in ok]
+        cols["crs"] = [g.crs if g is not None and ok[i] is not None else None for i, g in enumerate(geo)]
+        cols["transform"] = [
+            list(g.transform) if g is not None and ok[i] is not None else None for i, g in enumerate(geo)
+        ]
+        cols["mask_png"] = [encode_png(m) if m is not None else None for m in ok]
+        cols["class_pixels"] = [class_pixels(m, names) if m is not None else None for m in ok]
+        return pa.table(cols, schema=self.schema)
