@@ -26,7 +26,7 @@ typecheck: install
 	$(BIN)/mypy raycv
 
 unit: install
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=15
 
 test: lint typecheck unit
 
