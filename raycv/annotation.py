@@ -70,6 +70,9 @@ def _stages(
         "run_id": run_id,
         "threads": int(cfg.cpus_per_actor),
         "use_gpu": cfg.gpus_per_actor > 0,
+        "precision": cfg.precision,
+        "channels_last": cfg.channels_last,
+        "compile": cfg.compile,
     }
     if card["task"] == "classification":
         size = card["image_size"]

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from raycv.errors import ConfigError
 
@@ -198,6 +206,11 @@ class AnnotateConfig(_Strict):
     actors: int = Field(default=2, ge=1)
     gpus_per_actor: float = Field(default=0.0, ge=0.0)
     cpus_per_actor: float = Field(default=1.0, gt=0.0)
+    # GPU speed options of the model actors: autocast precision (fp16 needs a GPU; bf16 also runs on CPU),
+    # NHWC weights and inputs, torch.compile at the first batch (warns and runs eagerly if it fails).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
     tile: TileConfig | None = None
     score_threshold: float = Field(default=0.25, ge=0.0, le=1.0)
     iou_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
@@ -216,6 +229,16 @@ class AnnotateConfig(_Strict):
     def _some_input(cls, value: str | list[str]) -> str | list[str]:
         if not value:
             raise ValueError("must be a prefix, a glob, a list of URIs or a manifest (.txt/.csv/.parquet)")
+        return value
+
+    @field_validator("precision")
+    @classmethod
+    def _fp16_on_gpu(cls, value: str, info: ValidationInfo) -> str:
+        if value == "fp16" and info.data.get("gpus_per_actor", 0.0) == 0:
+            raise ValueError(
+                "fp16 runs on CUDA GPUs only and gpus_per_actor is 0 (CPU actors): use precision: bf16 "
+                "(or fp32) on CPU, or set gpus_per_actor: 1"
+            )
         return value
 
 

@@ -45,7 +45,10 @@ def test_annotate_efficiency(ray_local, tmp_path):
     r = _read(out, "annotate_efficiency")
     assert r["images"] == r["ok"] == 12
     _positive(r, "bare_model_images_per_s", "pipeline_images_per_s", "efficiency")
-    assert r["torch_threads_per_actor"] == 1
+    assert r["torch_threads_per_actor"] == 1 and r["precision"] == "fp32" and r["compile"] is False
+    # the bare model ran at the niceness of Ray's workers (Ray starts them 15 above the raylet)
+    assert r["ray_worker_niceness"] > r["driver_niceness"]
+    assert r["bare_model_niceness"] == r["ray_worker_niceness"]
 
 
 def test_naive_baseline(ray_local, tmp_path):
@@ -54,6 +57,7 @@ def test_naive_baseline(ray_local, tmp_path):
     _script("naive_baseline").main(argv)
     r = _read(out, "naive_baseline")
     assert r["images"] == r["ok"] == 12 and r["naive_torch_threads"] == 1
+    assert r["naive_niceness"] == r["ray_worker_niceness"] > r["driver_niceness"]
     _positive(r, "naive_images_per_s", "pipeline_images_per_s", "speedup")
     import pyarrow.parquet as pq
 
@@ -92,6 +96,9 @@ def test_train_throughput(ray_local, tmp_path):
     r = _read(out, "train_throughput")
     assert r["epochs"] == 2 and len(r["ray_epoch_s"]) == len(r["plain_epoch_s"]) == 2
     _positive(r, "train_images", "ray_images_per_s", "plain_images_per_s", "per_worker_core_ratio")
+    _positive(r, "per_worker_ratio_side_by_side", "per_cpu_second_ratio", "ray_cpu_share", "plain_cpu_share")
+    assert r["plain_niceness"] == r["ray_worker_niceness"] > r["driver_niceness"]
+    assert len(r["side_by_side_epoch_s"]) == 2 and len(r["ray_epoch_cpu_s_rank0"]) == 2
 
 
 @pytest.fixture

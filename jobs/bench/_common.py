@@ -323,9 +323,11 @@ def annotate(
     gpus_per_actor: float = 0.0,
     endpoint_url: str | None = None,
     address: str | None = None,
+    speed: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the real ``raycv annotate`` pipeline (:func:`raycv.annotation.run_annotation`) once.
 
+    ``speed``: the config's ``precision``, ``channels_last`` and ``compile``, if given.
     Returns its summary plus ``steady_images_per_s`` (see :func:`steady_rate`).
     """
     from dataclasses import asdict
@@ -343,6 +345,7 @@ def annotate(
         gpus_per_actor=gpus_per_actor,
         incremental=False,
         storage={"endpoint_url": endpoint_url},  # type: ignore[arg-type]
+        **(speed or {}),
     )
     summary = asdict(run_annotation(cfg, address))
     summary["steady_images_per_s"] = steady_rate(output, endpoint_url)
@@ -390,18 +393,114 @@ def mid_run_rate(
     return float((done[b] - done[a]) / (stamps[b] - stamps[a]))
 
 
+# ------------------------------------------------------------------------------------------------ niceness
+
+
+def ray_worker_niceness() -> int:
+    """The niceness of a Ray worker process of the connected cluster, read with psutil inside one.
+
+    The raylet starts workers ``RAY_worker_niceness`` (15 by default) above its own niceness, so on a
+    machine shared with other work a nice-0 baseline would get a larger share of the CPU than the actors
+    or Ray Train workers it is compared with.
+    """
+    import psutil
+    import ray
+
+    probe = ray.remote(num_cpus=0)(lambda: psutil.Process().nice())
+    return int(ray.get(probe.remote()))
+
+
+def set_niceness(target: int) -> int:
+    """Raise this process's niceness to ``target`` (without privileges it can only go up); returns it."""
+    current = os.nice(0)
+    if target > current:
+        os.nice(target - current)
+    return os.nice(0)
+
+
+def _call_script(path: str, func: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+    import importlib.util
+
+    name = "_bench_child_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return os.nice(0), getattr(module, func)(*args, **kwargs)
+
+
+def call_niced(
+    niceness: int, path: str, func: str, *args: Any, omp_threads: int | None = None, **kwargs: Any
+) -> tuple[int, Any]:
+    """(the process's niceness, ``func(*args, **kwargs)``) of the script at ``path``, called in a fresh
+    process raised to ``niceness`` (and with ``OMP_NUM_THREADS=omp_threads``, as Ray gives its workers).
+
+    A baseline runs there, not in the driver: a process cannot lower its niceness again, and Ray's own
+    processes (started by the driver) inherit the driver's.
+    """
+    return call_niced_concurrently(niceness, path, func, [(args, kwargs)], omp_threads=omp_threads)[0]
+
+
+def call_niced_concurrently(
+    niceness: int,
+    path: str,
+    func: str,
+    calls: Sequence[tuple[tuple, dict[str, Any]]],
+    *,
+    omp_threads: int | None = None,
+) -> list[tuple[int, Any]]:
+    """:func:`call_niced` for each ``(args, kwargs)`` of ``calls``, all at once, one process each."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("spawn")
+    with (
+        omp_env(omp_threads),
+        ProcessPoolExecutor(
+            len(calls), mp_context=ctx, initializer=set_niceness, initargs=(niceness,)
+        ) as pool,
+    ):
+        futures = [pool.submit(_call_script, os.path.abspath(path), func, a, kw) for a, kw in calls]
+        return [f.result() for f in futures]
+
+
+@contextlib.contextmanager
+def omp_env(threads: int | None) -> Iterator[None]:
+    """``OMP_NUM_THREADS=threads`` for the processes started inside (Ray sets it to a worker's CPUs)."""
+    old = os.environ.get("OMP_NUM_THREADS")
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+
+
 # ------------------------------------------------------------------------------------------------ bare model
 
 
-def _forward_batch(model: Any, pixels: np.ndarray, mean: Any, std: Any, device: str) -> None:
-    """The model actor's inference on one batch: uint8 -> normalised float -> model -> softmax on the CPU."""
+def _forward_batch(
+    model: Any, pixels: np.ndarray, mean: Any, std: Any, device: str, speed: dict[str, Any] | None = None
+) -> None:
+    """The model actor's inference on one batch: uint8 -> normalised float -> model -> softmax on the CPU.
+
+    ``speed`` holds the actors' ``precision`` and ``channels_last`` (:class:`raycv.annotators.base._Annotator`).
+    """
     import torch
 
+    from raycv.annotators.base import autocast
     from raycv.data.transforms import normalize
 
+    speed = speed or {}
     x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-    with torch.inference_mode():
-        out = model(normalize(x, mean, std))
+    x = normalize(x, mean, std)
+    if speed.get("channels_last"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast(device, speed.get("precision", "fp32")):
+        out = model(x)
         if isinstance(out, torch.Tensor):
             torch.softmax(out.float(), dim=1).cpu()
         elif device == "cuda":
@@ -409,34 +508,54 @@ def _forward_batch(model: Any, pixels: np.ndarray, mean: Any, std: Any, device: 
 
 
 def _bare_worker(
-    run_dir: str, shard_path: str, batch_size: int, threads: int, device: str, barrier: Any, queue: Any
+    run_dir: str,
+    shard_path: str,
+    batch_size: int,
+    threads: int,
+    device: str,
+    niceness: int,
+    speed: dict[str, Any],
+    barrier: Any,
+    queue: Any,
 ) -> None:
     import torch
 
     from raycv import runs
+    from raycv.annotators.base import to_channels_last
 
+    set_niceness(niceness)
     torch.set_num_threads(max(1, threads))
     run = runs.load_run(run_dir, device=device)
+    model: Any = to_channels_last(run.model) if speed.get("channels_last") else run.model
+    model = torch.compile(model) if speed.get("compile") else model
     norm = run.card.get("normalization", {})
     mean, std = tuple(norm.get("mean", (0.0,) * 3)), tuple(norm.get("std", (1.0,) * 3))
     pixels = np.load(shard_path, mmap_mode="r")
-    _forward_batch(
-        run.model, np.array(pixels[:batch_size]), mean, std, device
-    )  # warm-up: allocations, kernels
+    # warm-up: allocations, kernels (and the compilation, with compile; the last batch may recompile)
+    _forward_batch(model, np.array(pixels[:batch_size]), mean, std, device, speed)
     barrier.wait()
     t0 = time.perf_counter()
     for i in range(0, len(pixels), batch_size):  # a copy per batch, as the actor's ``pixels[good]`` makes
-        _forward_batch(run.model, np.array(pixels[i : i + batch_size]), mean, std, device)
+        _forward_batch(model, np.array(pixels[i : i + batch_size]), mean, std, device, speed)
     queue.put((len(pixels), t0, time.perf_counter()))
 
 
 def bare_model_rate(
-    run_dir: str, pixels: np.ndarray, *, batch_size: int, processes: int, threads: int, device: str = "cpu"
+    run_dir: str,
+    pixels: np.ndarray,
+    *,
+    batch_size: int,
+    processes: int,
+    threads: int,
+    device: str = "cpu",
+    niceness: int = 0,
+    speed: dict[str, Any] | None = None,
 ) -> float:
     """img/s of the run's model alone on pre-decoded ``pixels``, in ``processes`` x ``threads`` torch threads.
 
-    The same layout as the annotation actors (one process per actor, its ``cpus_per_actor`` threads each),
-    started together behind a barrier after one warm-up batch; no Ray, no I/O, no decoding.
+    The same layout as the annotation actors (one process per actor, its ``cpus_per_actor`` threads each,
+    at the actors' ``niceness``, with their ``speed`` options), started together behind a barrier after one
+    warm-up batch; no Ray, no I/O, no decoding.
     """
     import multiprocessing as mp
 
@@ -449,11 +568,13 @@ def bare_model_rate(
             np.save(path, shard)
             procs.append(
                 ctx.Process(
-                    target=_bare_worker, args=(run_dir, path, batch_size, threads, device, barrier, queue)
+                    target=_bare_worker,
+                    args=(run_dir, path, batch_size, threads, device, niceness, speed or {}, barrier, queue),
                 )
             )
-        for p in procs:
-            p.start()
+        with omp_env(threads):  # what Ray gives the actors
+            for p in procs:
+                p.start()
         results = [_next_result(queue, procs) for _ in procs]
         for p in procs:
             p.join()

@@ -6,7 +6,16 @@ imagefolder, and both time an epoch the same way: the training pass plus the val
 is the real :func:`raycv.training.run_training` (its ``metrics.jsonl`` ``epoch_s``); the plain side is a
 ``torch.utils.data.DataLoader`` (no workers) over the same files held in memory, one process with
 ``cpus_per_worker`` torch threads. Epoch 1 is reported but left out of the steady figures (it reads the
-files and warms up). Per worker-core ratio = (Ray img/s / workers) / plain img/s. Target: >= 0.95.
+files and warms up). The plain loop runs in its own process at the niceness of Ray's workers (read from
+one with psutil; Ray starts them at nice 15), so on a machine shared with other work both sides get the
+same share of the CPU. Per worker-core ratio = (Ray img/s / workers) / plain img/s. Target: >= 0.95.
+
+A second baseline runs ``--workers`` plain loops side by side (one process each, each on its shard of the
+images): the ranks' layout without DDP, so the ratio against it is what the communication and Ray cost
+when the cores are shared (on a machine with fewer free cores than workers, the single plain loop gets a
+core to itself while the ranks take turns, which the first ratio counts against Ray). Both sides also
+record their CPU seconds per epoch (Ray: rank 0's ``epoch_cpu_s``): images per CPU-second compares what
+each does with the CPU it was given, whatever else ran on the machine.
 
     python jobs/bench/train_throughput.py --n 600 --epochs 3 --json train.json
     python jobs/bench/train_throughput.py --device cuda --workers 8 --arch resnet50 --image-size 224 \\
@@ -33,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> C.argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP ranks)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="also the torch threads of each")
     p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument(
+        "--no-side-by-side",
+        action="store_true",
+        help="skip the second baseline: one plain loop per worker, all at once, each on its shard",
+    )
     p.add_argument("--amp", action="store_true", help="GPU: bf16 autocast (fp16 + GradScaler without bf16)")
     return p.parse_args(argv)
 
@@ -57,8 +71,16 @@ def train_config(args: C.argparse.Namespace, data: str, out: str) -> object:
     )
 
 
-def plain_loop(cfg: object, device: str, threads: int) -> tuple[list[float], int]:
-    """Train ``cfg`` in this process with a plain torch loop; returns (epoch seconds, train images)."""
+def plain_loop(
+    cfg: object, device: str, threads: int, shard: tuple[int, int] = (0, 1)
+) -> tuple[list[float], int, list[float]]:
+    """Train ``cfg`` in this process with a plain torch loop.
+
+    Returns (epoch seconds, train images, CPU seconds of this process per epoch).
+
+    ``shard`` = (k, n): train and validate on every n-th image from the k-th only (one of n independent
+    loops run side by side, the layout of n DDP ranks without their communication).
+    """
     import numpy as np
     import torch
 
@@ -70,6 +92,8 @@ def plain_loop(cfg: object, device: str, threads: int) -> tuple[list[float], int
 
     torch.set_num_threads(threads)
     plan = plan_dataset(cfg)  # type: ignore[arg-type]
+    k, n = shard
+    plan["train"], plan["val"] = plan["train"][k::n], plan["val"][k::n]
     t = cfg.train  # type: ignore[attr-defined]
     ep = cfg.storage.endpoint_url  # type: ignore[attr-defined]
     data = {row[0]: storage.read_bytes(row[0], ep) for row in plan["train"] + plan["val"]}
@@ -97,7 +121,8 @@ def plain_loop(cfg: object, device: str, threads: int) -> tuple[list[float], int
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
     val = torch.utils.data.DataLoader(Files(plan["val"], eval_tf, 0), batch_size=t.batch_size)
-    seconds = []
+    seconds: list[float] = []
+    cpu: list[float] = []
     for epoch in range(t.epochs):
         train = torch.utils.data.DataLoader(
             Files(plan["train"], train_tf, epoch * 100_003),
@@ -105,7 +130,7 @@ def plain_loop(cfg: object, device: str, threads: int) -> tuple[list[float], int
             shuffle=True,
             drop_last=False,
         )
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         model.train()
         for x, y in train:
             x, y = x.to(device), y.to(device)
@@ -125,7 +150,8 @@ def plain_loop(cfg: object, device: str, threads: int) -> tuple[list[float], int
             for x, _y in val:
                 model(x.to(device)).argmax(dim=1).cpu()
         seconds.append(time.perf_counter() - t0)
-    return seconds, len(plan["train"])
+        cpu.append(time.process_time() - cpu0)
+    return seconds, len(plan["train"]), cpu
 
 
 def _steady(values: list[float]) -> float:
@@ -147,19 +173,41 @@ def main(argv: list[str] | None = None) -> dict:
             synthetic.write_imagefolder(
                 data, n_per_class=max(2, args.n // 3), size=args.src_size, ext=f".{args.format}"
             )
-        plain_s, n_train = plain_loop(
-            train_config(args, data, os.path.join(wd, "unused")), args.device, threads
-        )
         out = os.path.join(wd, f"run-{time.time_ns()}")
         with C.ray_session(args.address, args.num_cpus):
+            worker_nice = C.ray_worker_niceness()
+            plain_cfg = train_config(args, data, os.path.join(wd, "unused"))
+            plain_nice, (plain_s, n_train, plain_cpu) = C.call_niced(
+                worker_nice, __file__, "plain_loop", plain_cfg, args.device, threads, omp_threads=threads
+            )
+            side = []
+            if not args.no_side_by_side:  # the same processes competing for the same cores as the ranks
+                calls = [
+                    ((plain_cfg, args.device, threads), {"shard": (k, args.workers)})
+                    for k in range(args.workers)
+                ]
+                side = [
+                    r
+                    for _, r in C.call_niced_concurrently(
+                        worker_nice, __file__, "plain_loop", calls, omp_threads=threads
+                    )
+                ]
             result = run_training(train_config(args, data, out), args.address)  # type: ignore[arg-type]
         text = storage.read_bytes(storage.join(out, runs.METRICS), args.endpoint_url).decode()
-        ray_s = [float(json.loads(line)["epoch_s"]) for line in text.splitlines() if line.strip()]
+        history = [json.loads(line) for line in text.splitlines() if line.strip()]
+        ray_s = [float(r["epoch_s"]) for r in history]
+        ray_cpu = [float(r["epoch_cpu_s"]) for r in history]  # rank 0's process
     # Every rank runs ceil(n / workers) images an epoch (the shards are padded to equal length).
     ray_images = -(-n_train // args.workers) * args.workers
     ray_rate = [ray_images / s for s in ray_s]
     plain_rate = [n_train / s for s in plain_s]
     ray_steady, plain_steady = _steady(ray_rate), _steady(plain_rate)
+    # Side by side: each loop's img/s over epochs 2+, averaged over the loops (= per process).
+    side_steady = statistics.mean(_steady([n / s for s in secs]) for secs, n, _ in side) if side else None
+    # Images per CPU-second: what each side gets done with the CPU time it was given (a shared machine
+    # decides how much that is); rank 0 stands for the ranks.
+    ray_per_cpu_s = _steady([ray_images / args.workers / c for c in ray_cpu])
+    plain_per_cpu_s = _steady([n_train / c for c in plain_cpu])
     results = {
         "train_images": n_train,
         "epochs": args.epochs,
@@ -172,7 +220,20 @@ def main(argv: list[str] | None = None) -> dict:
         "ray_images_per_s_per_worker": ray_steady / args.workers,
         "per_worker_core_ratio": ray_steady / args.workers / plain_steady,
         "first_epoch_ratio": ray_rate[0] / args.workers / plain_rate[0],
+        "side_by_side_epoch_s": [secs for secs, _, _ in side],
+        "side_by_side_images_per_s_per_process": side_steady,
+        "per_worker_ratio_side_by_side": C.ratio(ray_steady / args.workers, side_steady),
+        "ray_epoch_cpu_s_rank0": ray_cpu,
+        "plain_epoch_cpu_s": plain_cpu,
+        "ray_images_per_cpu_s_per_worker": ray_per_cpu_s,
+        "plain_images_per_cpu_s": plain_per_cpu_s,
+        "per_cpu_second_ratio": ray_per_cpu_s / plain_per_cpu_s,
+        "ray_cpu_share": _steady([c / s for c, s in zip(ray_cpu, ray_s, strict=True)]),
+        "plain_cpu_share": _steady([c / s for c, s in zip(plain_cpu, plain_s, strict=True)]),
         "ray_total_duration_s": result.duration_s,
+        "ray_worker_niceness": worker_nice,
+        "plain_niceness": plain_nice,
+        "driver_niceness": os.nice(0),
     }
     C.print_table(
         f"train throughput: {args.arch} @ {args.image_size}, batch {args.batch_size}/worker, "
@@ -186,7 +247,16 @@ def main(argv: list[str] | None = None) -> dict:
             ("Ray Train img/s per worker", results["ray_images_per_s_per_worker"]),
             ("per worker-core ratio", results["per_worker_core_ratio"]),
             ("per worker-core ratio, epoch 1", results["first_epoch_ratio"]),
+            (f"{args.workers} plain loops side by side, img/s each", C.fmt(side_steady)),
+            ("per worker ratio vs side by side", C.fmt(results["per_worker_ratio_side_by_side"], ".3f")),
+            (
+                "CPU s / epoch s: Ray rank 0, plain",
+                f"{results['ray_cpu_share']:.2f}, {results['plain_cpu_share']:.2f}",
+            ),
+            ("img per CPU-second: Ray per worker, plain", f"{ray_per_cpu_s:.1f}, {plain_per_cpu_s:.1f}"),
+            ("per CPU-second ratio", results["per_cpu_second_ratio"]),
             ("raycv train total s (incl. start-up)", result.duration_s),
+            ("niceness: Ray workers, plain loop", f"{worker_nice}, {plain_nice}"),
             ("target", TARGET),
         ],
     )

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from typing import Any
+import logging
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import nn
 
 from raycv import outputs, runs
 from raycv.data.transforms import normalize
+from raycv.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16", "fp16"]
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def error_fields(stage: str, exc: BaseException) -> tuple[str, str, str]:
@@ -17,18 +26,88 @@ def error_fields(stage: str, exc: BaseException) -> tuple[str, str, str]:
     return stage, type(exc).__name__, str(exc)[:2000]
 
 
+def check_precision(precision: str, device: str) -> None:
+    """Refuse fp16 off CUDA: CPU kernels for it are slow or missing; bf16 is the CPU's reduced precision."""
+    if precision == "fp16" and device != "cuda":
+        raise ConfigError(
+            "precision",
+            precision,
+            f"fp16 runs on CUDA GPUs only and this actor runs on {device}: use precision: bf16 (or fp32) "
+            "on CPU, or give the actors a GPU (gpus_per_actor: 1).",
+        )
+
+
+def autocast(device: str, precision: str) -> Any:
+    """The autocast context of ``precision`` on ``device`` (a no-op for fp32).
+
+    Autocast, not a model cast to half: numerically sensitive ops (softmax, norms, losses) stay in fp32.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype=_AUTOCAST_DTYPES[precision])
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """NHWC weights: tensor cores and oneDNN run convolutions without layout conversions."""
+    return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload,no-any-return]
+
+
+class _CompiledOrEager:
+    """Calls ``torch.compile(model)``; if compiling fails (on the first call), warns and runs eager."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.eager = model
+        self.compiled: Any = torch.compile(model)
+        self.worked = False
+
+    def __call__(self, x: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                out = self.compiled(x)
+                self.worked = True
+                return out
+            except Exception as exc:
+                if self.worked:  # it compiled before: this is the input's or the model's error
+                    raise
+                log.warning(
+                    "torch.compile failed (%s: %s); running the model eagerly", type(exc).__name__, exc
+                )
+                self.compiled = None
+        return self.eager(x)
+
+
 class _Annotator:
-    """Shared set-up: the model on its device, its card, its normalisation, the output schema."""
+    """Shared set-up: the model on its device, its card, its normalisation, the output schema.
+
+    GPU speed options (also valid on CPU, except fp16): ``precision`` bf16/fp16 runs the forward pass
+    under autocast, ``channels_last`` stores weights and inputs NHWC, ``compile`` wraps the model in
+    ``torch.compile`` (compiled at the first batch; if that fails the actor warns and runs eagerly).
+    """
 
     def __init__(
-        self, run_dir: str, endpoint_url: str | None, run_id: str, threads: int, use_gpu: bool
+        self,
+        run_dir: str,
+        endpoint_url: str | None,
+        run_id: str,
+        threads: int,
+        use_gpu: bool,
+        *,
+        precision: Precision = "fp32",
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         torch.set_num_threads(
             max(1, threads)
         )  # Ray sets OMP threads, but a reused worker keeps its old count
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        check_precision(precision, self.device)
+        self.precision, self.channels_last = precision, channels_last
         self.endpoint_url = endpoint_url
         self.run = runs.load_run(run_dir, endpoint_url, self.device)
+        if channels_last:
+            to_channels_last(self.run.model)
+        # What the batches go through; self.run.model stays the eager module (Grad-CAM needs its hooks).
+        self.model: Any = _CompiledOrEager(self.run.model) if compile else self.run.model
         norm = self.run.card.get("normalization", {})
         self.mean = tuple(norm.get("mean", (0.0, 0.0, 0.0)))
         self.std = tuple(norm.get("std", (1.0, 1.0, 1.0)))
@@ -45,8 +124,11 @@ class _Annotator:
             .float()
             .div_(255.0)
         )
-        with torch.inference_mode():
-            return self.run.model(normalize(x, self.mean, self.std)).float().cpu()
+        x = normalize(x, self.mean, self.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            return self.model(x).float().cpu()  # type: ignore[no-any-return]
 
     def _common(
         self, batch: dict[str, np.ndarray], errors: list[tuple[str, str, str] | None]

@@ -30,8 +30,9 @@ class Classifier(_Annotator):
         use_gpu: bool,
         topk: int = 5,
         explain: str | None = None,
+        **speed: Any,
     ) -> None:
-        super().__init__(run_dir, endpoint_url, run_id, threads, use_gpu)
+        super().__init__(run_dir, endpoint_url, run_id, threads, use_gpu, **speed)
         self.topk, self.explain = topk, explain
         if explain == "gradcam":
             from raycv.gradcam import find_target_layer

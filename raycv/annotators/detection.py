@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raycv.annotators.base import _Annotator, _incoming_errors, error_fields
+from raycv.annotators.base import _Annotator, _incoming_errors, autocast, error_fields
 from raycv.data.images import decode_image
 from raycv.data.transforms import normalize
 
@@ -35,10 +35,19 @@ class Detector(_Annotator):
         batch_size: int = 8,
         max_pixels: int = 178_956_970,
         tile: dict[str, int] | None = None,
+        **speed: Any,
     ) -> None:
-        super().__init__(run_dir, endpoint_url, run_id, threads, use_gpu)
+        super().__init__(run_dir, endpoint_url, run_id, threads, use_gpu, **speed)
         self.score_threshold, self.iou_threshold = score_threshold, iou_threshold
         self.batch_size, self.max_pixels, self.tile = batch_size, max_pixels, tile
+        # torchvision's R-CNN box coder casts the proposals to the regression's dtype: under autocast the box
+        # corners would be rounded to bf16 (4 px steps at 1024 px). There only the backbone (most of the
+        # FLOPs) runs in reduced precision and the heads, box decoding and NMS in fp32.
+        self._autocast_whole = not (
+            hasattr(self.run.model, "roi_heads") and hasattr(self.run.model, "backbone")
+        )
+        if not self._autocast_whole and self.precision != "fp32":
+            _autocast_forward(self.run.model.backbone, self.device, self.precision)  # type: ignore[arg-type]
         # The model's own post-processing thresholds (torchvision R-CNNs keep them on roi_heads).
         for part in (self.run.model, getattr(self.run.model, "roi_heads", None)):
             if part is not None and hasattr(part, "score_thresh"):
@@ -55,8 +64,9 @@ class Detector(_Annotator):
             ).to(self.device)
             for im in images
         ]
-        with torch.inference_mode():
-            outs = self.run.model(tensors)
+        precision = self.precision if self._autocast_whole else "fp32"  # else: the backbone's own autocast
+        with torch.inference_mode(), autocast(self.device, precision):
+            outs = self.model(tensors)
         return [
             {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outs
         ]
@@ -179,3 +189,17 @@ class Detector(_Annotator):
         ]
         cols["objects"] = [o if not errors[i] else None for i, o in enumerate(objects)]
         return pa.table(cols, schema=self.schema)
+
+
+def _autocast_forward(module: torch.nn.Module, device: str, precision: str) -> None:
+    """Run ``module`` (a backbone returning a tensor or a dict of them) under autocast, outputs back in fp32."""
+    inner = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with autocast(device, precision):
+            out = inner(*args, **kwargs)
+        if isinstance(out, dict):
+            return type(out)((k, v.float()) for k, v in out.items())
+        return out.float()
+
+    module.forward = forward  # type: ignore[method-assign]

@@ -41,8 +41,9 @@ class Segmenter(_Annotator):
         geo: dict[str, Any] | None = None,
         batch_size: int = 8,
         max_pixels: int = 178_956_970,
+        **speed: Any,
     ) -> None:
-        super().__init__(run_dir, endpoint_url, run_id, threads, use_gpu)
+        super().__init__(run_dir, endpoint_url, run_id, threads, use_gpu, **speed)
         self.output, self.tile, self.batch_size, self.max_pixels = output, tile, batch_size, max_pixels
         geo = geo or {}
         self.bands, self.write_rasters = geo.get("bands"), bool(geo.get("write_rasters"))

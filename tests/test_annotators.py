@@ -1,0 +1,175 @@
+"""The model replicas' speed options (precision, channels_last, compile), called in-process on one batch:
+no Ray. Random-weight models on generated shapes: what is compared is the same model with and without the
+option, not accuracy."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from raycv import outputs, runs
+from raycv.annotators import Classifier, Segmenter
+from raycv.config import AnnotateConfig, build_config
+from raycv.data import synthetic
+from raycv.data.images import decode_png_mask, encode_png
+from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from raycv.errors import ConfigError
+from raycv.models import create_model
+
+SIZE = 64
+
+
+def _run(path, arch: str, task: str, num_classes: int) -> str:
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=num_classes, image_size=SIZE)
+    runs.save_weights(str(path / "model.pt"), model.state_dict())
+    card = {
+        "task": task,
+        "arch": arch,
+        "num_classes": num_classes,
+        "class_names": [f"c{i}" for i in range(num_classes)],
+        "image_size": SIZE,
+        "in_channels": 3,
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+    }
+    runs.write_json(str(path / "model.json"), card)
+    return str(path)
+
+
+def _plan(n: int) -> dict[str, np.ndarray]:
+    blank = np.array([""] * n, dtype=object)
+    uris = [f"/x/{i}.png" for i in range(n)]
+    return {
+        "image_id": np.array([outputs.image_id_of(u) for u in uris], dtype=object),
+        "image_uri": np.array(uris, dtype=object),
+        "source_etag": blank,
+        "error_stage": blank,
+        "error_type": blank,
+        "error_message": blank,
+    }
+
+
+@pytest.fixture(scope="module")
+def shapes() -> dict[str, np.ndarray]:
+    """80 decoded, resized images as the read stage hands them to a Classifier."""
+    n = 80
+    rng = np.random.default_rng(0)
+    pixels = np.stack([synthetic.render_classification_sample(rng, i % 3, size=SIZE) for i in range(n)])
+    full = np.full(n, SIZE, np.int32)
+    return {**_plan(n), "pixels": pixels, "width": full, "height": full}
+
+
+def _standardise_head(run: str, head: str, pixels: np.ndarray) -> None:
+    """Rescale the run's last layer so that each class's logits have mean 0 and std 1 on ``pixels``.
+
+    Untouched, a random-weight model gives every image (pixel) the same class and any precision would
+    'agree'; this way every class comes out, some near a tie, which is where reduced precision flips labels.
+    """
+    model = runs.load_run(run).model
+    layer = getattr(model, head)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255.0)
+    with torch.no_grad():
+        logits = model(normalize(x, IMAGENET_MEAN, IMAGENET_STD)).transpose(0, 1).flatten(1)  # [K, N(HW)]
+        mean, std = logits.mean(1), logits.std(1)
+        layer.weight.div_(std.view(-1, *[1] * (layer.weight.dim() - 1)))
+        layer.bias.copy_((layer.bias - mean) / std)
+    runs.save_weights(f"{run}/model.pt", model.state_dict())
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory, shapes):
+    run = _run(tmp_path_factory.mktemp("cls"), "resnet18", "classification", 3)
+    _standardise_head(run, "fc", shapes["pixels"])
+    return run
+
+
+def _labels_scores(table) -> tuple[np.ndarray, np.ndarray]:
+    assert table.column("status").to_pylist() == ["ok"] * table.num_rows
+    return np.array(table.column("label").to_pylist()), np.array(table.column("score").to_pylist())
+
+
+def test_bf16_channels_last_classifier_matches_fp32(classifier_run, shapes):
+    ref = Classifier(classifier_run, None, "r", 1, False)
+    fast = Classifier(classifier_run, None, "r", 1, False, precision="bf16", channels_last=True)
+    assert next(fast.run.model.parameters()).is_contiguous(memory_format=torch.channels_last)
+    labels, scores = _labels_scores(ref(shapes))
+    fast_labels, fast_scores = _labels_scores(fast(shapes))
+    assert len(set(labels)) == 3  # a real test: every class is predicted somewhere
+    assert (labels == fast_labels).mean() >= 0.95
+    assert np.abs(scores - fast_scores).max() <= 0.05
+
+
+def test_bf16_channels_last_segmenter_matches_fp32(tmp_path):
+    run = _run(tmp_path, "unet", "semantic_segmentation", 4)
+    scenes = [synthetic.render_scene(np.random.default_rng(i), size=SIZE, n_objects=2) for i in range(6)]
+    _standardise_head(run, "head", np.stack([s.image for s in scenes]))
+    batch = {**_plan(6), "data": np.array([encode_png(s.image) for s in scenes], dtype=object)}
+    out = str(tmp_path / "out")
+    ref = Segmenter(run, None, "r", 1, False, output=out)(batch)
+    fast = Segmenter(run, None, "r", 1, False, output=out, precision="bf16", channels_last=True)(batch)
+    assert fast.column("status").to_pylist() == ["ok"] * 6
+    a = np.stack([decode_png_mask(m) for m in ref.column("mask_png").to_pylist()])
+    b = np.stack([decode_png_mask(m) for m in fast.column("mask_png").to_pylist()])
+    assert a.shape == b.shape == (6, SIZE, SIZE) and len(np.unique(a)) == 4
+    assert (a == b).mean() >= 0.95
+
+
+def test_compile_gives_the_same_labels(classifier_run, shapes):
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile is not available in this torch build")
+    small = {k: v[:8] for k, v in shapes.items()}
+    labels, scores = _labels_scores(Classifier(classifier_run, None, "r", 1, False)(small))
+    compiled = Classifier(classifier_run, None, "r", 1, False, compile=True)
+    got_labels, got_scores = _labels_scores(compiled(small))
+    assert compiled.model.worked, "torch.compile fell back to eager on this platform"
+    assert (labels == got_labels).all() and np.allclose(scores, got_scores, atol=1e-4)
+
+
+def test_compile_failure_warns_and_runs_eagerly(classifier_run, shapes, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: broken)
+    small = {k: v[:4] for k, v in shapes.items()}
+    labels, _ = _labels_scores(Classifier(classifier_run, None, "r", 1, False)(small))
+    with caplog.at_level(logging.WARNING, logger="raycv.annotators.base"):
+        got, _ = _labels_scores(Classifier(classifier_run, None, "r", 1, False, compile=True)(small))
+    assert (labels == got).all()
+    assert "torch.compile failed (RuntimeError: no compiler here); running the model eagerly" in caplog.text
+
+
+def test_fp16_is_refused_on_cpu(classifier_run):
+    data = {"model": "run/", "input": "in/", "output": "out/", "precision": "fp16"}
+    with pytest.raises(ConfigError) as e:
+        build_config(AnnotateConfig, data)
+    assert e.value.field == "precision" and e.value.value == "fp16"
+    assert "precision: bf16" in e.value.fix and "gpus_per_actor: 1" in e.value.fix
+    assert build_config(AnnotateConfig, {**data, "gpus_per_actor": 1}).precision == "fp16"
+    assert build_config(AnnotateConfig, {**data, "precision": "bf16"}).precision == "bf16"
+    # an actor that lands on a CPU (no CUDA there) says the same
+    with pytest.raises(ConfigError, match="fp16 runs on CUDA GPUs only"):
+        Classifier(classifier_run, None, "r", 1, False, precision="fp16")
+
+
+def test_bf16_detector_runs_the_backbone_reduced_and_boxes_in_fp32(tmp_path):
+    from raycv.annotators import Detector
+
+    run = _run(tmp_path, "test_instance_segmenter", "instance_segmentation", 3)
+    scenes = [synthetic.render_scene(np.random.default_rng(i), size=SIZE, n_objects=2) for i in range(4)]
+    batch = {**_plan(4), "data": np.array([encode_png(s.image) for s in scenes], dtype=object)}
+    kw = {"score_threshold": 0.0, "iou_threshold": 0.5}
+    ref = Detector(run, None, "r", 1, False, **kw)(batch).column("objects").to_pylist()
+    fast = Detector(run, None, "r", 1, False, precision="bf16", channels_last=True, **kw)
+    dtypes = set()
+    conv = next(m for m in fast.run.model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+    got = fast(batch).column("objects").to_pylist()
+    assert dtypes == {torch.bfloat16}  # the backbone ran in bf16 ...
+    assert sum(map(len, ref)) > 0
+    for a, b in zip(ref, got, strict=True):  # ... and the best box of each image barely moved
+        assert a and b and a[0]["label"] == b[0]["label"]
+        assert np.abs(np.array(a[0]["box"]) - np.array(b[0]["box"])).max() <= 1.0
+        assert abs(a[0]["score"] - b[0]["score"]) <= 0.05
