@@ -118,8 +118,6 @@ def test_bf16_channels_last_segmenter_matches_fp32(tmp_path):
 
 
 def test_compile_gives_the_same_labels(classifier_run, shapes):
-    if not hasattr(torch, "compile"):
-        pytest.skip("torch.compile is not available in this torch build")
     small = {k: v[:8] for k, v in shapes.items()}
     labels, scores = _labels_scores(Classifier(classifier_run, None, "r", 1, False)(small))
     compiled = Classifier(classifier_run, None, "r", 1, False, compile=True)
