@@ -18,7 +18,8 @@ def run_demo(workdir: str) -> None:
     import ray
 
     from raycv.annotation import run_annotation
-    from raycv.data.synthetic import make_special_images, write_flat_archive, write_imagefolder
+    from raycv.data.special_images import make_special_images
+    from raycv.data.synthetic import write_flat_archive, write_imagefolder
     from raycv.training import run_training
 
     root = os.path.abspath(workdir)

@@ -13,7 +13,8 @@ import pytest
 
 from raycv import storage
 from raycv.cli import main
-from raycv.data.synthetic import make_special_images, write_flat_archive, write_imagefolder
+from raycv.data.special_images import make_special_images
+from raycv.data.synthetic import write_flat_archive, write_imagefolder
 from tests._util import create_bucket, write_yaml
 
 BAD = {"truncated.jpg": "decode", "empty.png": "decode", "text.png": "decode", "bomb.png": "decode"}

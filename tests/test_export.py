@@ -11,9 +11,10 @@ import pytest
 
 from raycv import outputs, runs
 from raycv.cli import main
-from raycv.data.geotiff import make_test_geotiff, raster_info
+from raycv.data.geotiff import raster_info
 from raycv.data.images import decode_png_mask, encode_png
 from raycv.data.synthetic import CLASSES
+from raycv.data.synthetic_geo import make_test_geotiff
 from raycv.export import export_output
 from raycv.models import create_model
 from raycv.results import parse_where

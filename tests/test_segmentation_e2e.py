@@ -16,9 +16,9 @@ import pytest
 
 from raycv import outputs, storage
 from raycv.cli import main
-from raycv.data.geotiff import make_test_geotiff
 from raycv.data.images import decode_png_mask
 from raycv.data.synthetic import write_masks_dataset
+from raycv.data.synthetic_geo import make_test_geotiff
 from tests._util import create_bucket, write_yaml
 
 SHAPES = ("circle", "square")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from raycv import storage
 from raycv.annotators.base import _Annotator, _incoming_errors, _window_reader, error_fields
-from raycv.data import geotiff
+from raycv.data import cog, geotiff
 from raycv.data.images import decode_image, encode_png
 from raycv.data.transforms import to_tensor_resized
 
@@ -143,7 +143,7 @@ class Segmenter(_Annotator):
             if maps[i] is not None and geo[i] is not None and self.write_rasters and not errors[i]:
                 try:
                     raster = storage.join(self.output, "rasters", f"{batch['image_id'][i]}.tif")
-                    geotiff.write_cog(raster, maps[i], geo[i], self.endpoint_url)  # type: ignore[arg-type]
+                    cog.write_cog(raster, maps[i], geo[i], self.endpoint_url)  # type: ignore[arg-type]
                 except Exception as exc:
                     errors[i] = error_fields("write", exc)
         names = self.run.class_names

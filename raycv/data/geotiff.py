@@ -1,4 +1,4 @@
-"""GeoTIFF scenes: header facts, windowed reads scaled to uint8, and label maps written back as COGs.
+"""GeoTIFF scenes: header facts and windowed reads scaled to uint8 (COG writing: :mod:`raycv.data.cog`).
 
 A satellite scene can hold billions of pixels, so tiling never reads one whole: :func:`read_window` reads
 only the internal tiles that a window touches, through GDAL (rasterio). Local files are opened by path;
@@ -26,24 +26,20 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
-import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import rasterio
 from rasterio.abc import FileContainer
-from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
-from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from raycv import storage
-from raycv.data.images import DEFAULT_MAX_PIXELS, encode_png
+from raycv.data.images import DEFAULT_MAX_PIXELS
 from raycv.errors import DecodeError, StorageError
 
 BandScale: TypeAlias = Literal["dtype", "minmax"] | Sequence[tuple[float, float]]
@@ -54,8 +50,6 @@ GEOTIFF_EXTENSIONS = (".tif", ".tiff")
 _S3_BLOCK_SIZE = 128 * 1024  # read-ahead per GDAL request: small, so a window fetches little beyond its tiles
 _STATS_GRID = 4  # minmax without overviews samples a 4x4 grid of internal blocks
 _STATS_SIDE = 1024  # minmax with overviews reads a decimated raster about this long on its longer side
-_COG_BLOCK = 512
-_TEST_BLOCK = 512  # make_test_geotiff renders and writes blocks of this side (a multiple of its 256 tiles)
 
 
 @dataclass(frozen=True)
@@ -413,225 +407,3 @@ def _gdal_message(exc: BaseException) -> str:
     """GDAL's own message: rasterio raises "Read failed. See previous exception" with GDAL's as the cause."""
     cause = exc.__cause__
     return str(cause or exc) or type(exc).__name__
-
-
-# -- Writing -------------------------------------------------------------------------------------------------
-
-
-def write_cog(
-    uri: str,
-    label_map: np.ndarray,
-    info: RasterInfo,
-    endpoint_url: str | None = None,
-    *,
-    colormap: dict[int, tuple[int, int, int]] | None = None,
-) -> None:
-    """Write a label map as a Cloud-Optimized GeoTIFF on the source raster's grid.
-
-    Deflate-compressed 512x512 tiles; overviews built with ``mode`` resampling (the majority label of each
-    block, never an average of labels). The file is written locally, then moved or uploaded in one piece,
-    so readers never see a partial COG.
-
-    Args:
-        uri: destination (local path, ``file://`` or ``s3://``).
-        label_map: [H, W] uint8 class indexes, H and W those of ``info``.
-        info: the source raster's :class:`RasterInfo`; its CRS and transform are written.
-        colormap: optional palette, label -> (r, g, b), so viewers show classes in colour.
-
-    Raises:
-        ValueError: a label map that is not [H, W] uint8 matching ``info``, or a malformed colormap.
-        StorageError: the upload fails.
-    """
-    expected = (info.height, info.width)
-    if not isinstance(label_map, np.ndarray) or label_map.dtype != np.uint8 or label_map.shape != expected:
-        got = (label_map.dtype, label_map.shape) if isinstance(label_map, np.ndarray) else type(label_map)
-        raise ValueError(
-            f"write_cog expects a uint8 label map of shape {expected} (the raster's height, width), got "
-            f"{got}; cast with .astype(np.uint8) and predict at the original resolution."
-        )
-    palette = _palette(colormap)
-    profile = {
-        "driver": "COG",
-        "width": info.width,
-        "height": info.height,
-        "count": 1,
-        "dtype": "uint8",
-        "crs": CRS.from_user_input(info.crs) if info.crs else None,
-        "transform": Affine.from_gdal(*info.transform),
-        "compress": "deflate",
-        "blocksize": _COG_BLOCK,
-        "overview_resampling": "mode",
-    }
-    with _local_output(uri, endpoint_url) as local, rasterio.open(local, "w", **profile) as dst:
-        dst.write(label_map, 1)
-        if palette is not None:
-            dst.write_colormap(1, palette)
-
-
-def _palette(colormap: dict[int, tuple[int, int, int]] | None) -> dict[int, tuple[int, int, int, int]] | None:
-    if colormap is None:
-        return None
-    palette = {}
-    for label, colour in colormap.items():
-        rgb = tuple(int(c) for c in colour)
-        if not 0 <= int(label) <= 255 or len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
-            raise ValueError(
-                f"colormap maps a label 0..255 to (r, g, b) in 0..255, got {label!r}: {colour!r}."
-            )
-        palette[int(label)] = (rgb[0], rgb[1], rgb[2], 255)
-    return palette
-
-
-@contextmanager
-def _local_output(uri: str, endpoint_url: str | None) -> Iterator[str]:
-    """A local file path to write; on success it becomes ``uri`` whole (renamed locally, one PUT on S3)."""
-    _, path = storage.get_filesystem(uri, endpoint_url)
-    if storage.scheme(uri) == "file":
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            yield tmp
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return
-    with tempfile.TemporaryDirectory(prefix="raycv-geotiff-") as folder:
-        local = os.path.join(folder, "out.tif")
-        yield local
-        with open(local, "rb") as f:
-            storage.write_bytes(uri, f.read(), endpoint_url)
-
-
-# -- Test scenes ---------------------------------------------------------------------------------------------
-
-
-def make_test_geotiff(
-    path: str,
-    *,
-    width: int,
-    height: int,
-    count: int = 4,
-    dtype: str = "uint16",
-    crs: str | None = "EPSG:32633",
-    transform: tuple[float, float, float, float, float, float] = (500000.0, 10.0, 0.0, 5000000.0, 0.0, -10.0),
-    seed: int = 0,
-    pattern: Literal["shapes", "ramp"] = "shapes",
-    mask_path: str | None = None,
-    compress: str | None = None,
-    endpoint_url: str | None = None,
-) -> None:
-    """Write a tiled GeoTIFF (256x256 internal tiles) with a known pattern, for the tests and the demo.
-
-    Patterns, at the dtype's full range (float rasters: 0..1):
-
-    - ``"shapes"``: bright saturated circles, squares and triangles on a darker noisy background, drawn by
-      :func:`raycv.data.synthetic.render_scene` in independent 512x512 blocks (memory stays bounded for
-      any size). Bands 1-3 hold the shapes' R, G, B, further bands their brightest channel; integer values
-      are ``u8 * 256 + noise`` (noise 0..255), so the low byte is busy as in real 16-bit data.
-    - ``"ramp"``: pixel ``i = row * width + col`` of band ``b`` (1-based) holds
-      ``((i + (b - 1) * N // count) % N) * max // (N - 1)`` with ``N = width * height``: every band runs
-      the full range 0..max, shifted per band.
-
-    Args:
-        path: destination URI (local, ``file://`` or ``s3://``).
-        crs, transform: geo-reference, transform in GDAL order.
-        seed: the same seed writes the same file.
-        dtype: ``uint8``, ``uint16``, ``int16``, ``float32`` or ``float64``.
-        mask_path: also write the ground truth of ``"shapes"`` ([H, W] uint8, 0 = background, k + 1 = class
-            k of :data:`raycv.data.synthetic.CLASSES`): ``.png`` as a PNG, ``.tif``/``.tiff`` as a GeoTIFF
-            on the same grid.
-        compress: GDAL compression (``"deflate"``...), None for raw tiles.
-    """
-    if dtype not in ("uint8", "uint16", "int16", "float32", "float64"):
-        raise ValueError(f"dtype must be uint8, uint16, int16, float32 or float64, got {dtype!r}.")
-    if pattern not in ("shapes", "ramp") or (mask_path is not None and pattern != "shapes"):
-        raise ValueError(f"pattern must be 'shapes' or 'ramp' (mask_path needs 'shapes'), got {pattern!r}.")
-    if width < 1 or height < 1 or count < 1:
-        raise ValueError(f"width, height and count must be positive, got {width}, {height}, {count}.")
-    profile: dict[str, Any] = {
-        "driver": "GTiff",
-        "width": width,
-        "height": height,
-        "count": count,
-        "dtype": dtype,
-        "crs": crs,
-        "transform": Affine.from_gdal(*transform),
-        "tiled": True,
-        "blockxsize": 256,
-        "blockysize": 256,
-        "compress": compress,
-    }
-    full_mask = np.zeros((height, width), np.uint8) if mask_path and not is_geotiff(mask_path) else None
-    with ExitStack() as stack:
-        dst = stack.enter_context(
-            rasterio.open(stack.enter_context(_local_output(path, endpoint_url)), "w", **profile)
-        )
-        mask_dst = None
-        if mask_path and is_geotiff(mask_path):
-            mask_local = stack.enter_context(_local_output(mask_path, endpoint_url))
-            mask_dst = stack.enter_context(
-                rasterio.open(mask_local, "w", **{**profile, "count": 1, "dtype": "uint8"})
-            )
-        for window in _blocks(width, height):
-            bands, mask = _test_block(seed, window, count, dtype, pattern, (width, height))
-            dst.write(bands, window=window)
-            if mask_dst is not None:
-                mask_dst.write(mask, 1, window=window)
-            if full_mask is not None:
-                rows, cols = window.toslices()
-                full_mask[rows, cols] = mask
-    if full_mask is not None and mask_path:
-        storage.write_bytes(mask_path, encode_png(full_mask), endpoint_url)
-
-
-def _blocks(width: int, height: int) -> Iterator[Window]:
-    for y in range(0, height, _TEST_BLOCK):
-        for x in range(0, width, _TEST_BLOCK):
-            yield Window(x, y, min(_TEST_BLOCK, width - x), min(_TEST_BLOCK, height - y))
-
-
-def _test_block(
-    seed: int, window: Window, count: int, dtype: str, pattern: str, size: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """([count, h, w] values in ``dtype``, [h, w] uint8 ground truth) of one block."""
-    h, w = int(window.height), int(window.width)
-    if pattern == "ramp":
-        return _ramp_block(window, count, dtype, size), np.zeros((h, w), np.uint8)
-    from raycv.data.synthetic import render_scene
-
-    # One random stream per block: the file does not depend on the order blocks are written in.
-    rng = np.random.default_rng([seed, int(window.row_off), int(window.col_off)])
-    scene = render_scene(rng, size=(h, w), n_objects=2)
-    shapes = scene.mask > 0
-    rgb = np.where(shapes[:, :, None], scene.image, scene.image // 2)  # darker background
-    planes = [rgb[:, :, b] if b < 3 else rgb.max(axis=2) for b in range(count)]
-    u8 = np.stack(planes).astype(np.int64)
-    sixteen = u8 * 256 + rng.integers(0, 256, size=u8.shape)  # 0..65535, busy low byte
-    if dtype == "uint8":
-        values: np.ndarray = u8
-    elif dtype.startswith("float"):
-        values = sixteen / 65535.0
-    else:
-        values = sixteen + int(np.iinfo(np.dtype(dtype)).min)
-    return values.astype(dtype), scene.mask
-
-
-def _ramp_block(window: Window, count: int, dtype: str, size: tuple[int, int]) -> np.ndarray:
-    width, height = size
-    n = width * height
-    rows, cols = np.mgrid[
-        int(window.row_off) : int(window.row_off + window.height),
-        int(window.col_off) : int(window.col_off + window.width),
-    ]
-    flat = rows.astype(np.int64) * width + cols
-    kind = np.dtype(dtype)
-    top = 1.0 if kind.kind == "f" else float(np.iinfo(kind).max) - float(np.iinfo(kind).min)
-    planes = []
-    for b in range(count):
-        step = (flat + b * n // count) % n
-        if kind.kind == "f":
-            planes.append(step / max(n - 1, 1))
-        else:
-            planes.append(step * int(top) // max(n - 1, 1) + int(np.iinfo(kind).min))
-    return np.stack(planes).astype(dtype)

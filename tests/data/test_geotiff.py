@@ -18,8 +18,9 @@ from rasterio.io import MemoryFile
 from rasterio.transform import Affine
 
 from raycv import storage
-from raycv.data import geotiff
-from raycv.data.geotiff import RasterInfo, make_test_geotiff, open_raster, read_scene, read_window
+from raycv.data import cog, geotiff
+from raycv.data.geotiff import RasterInfo, open_raster, read_scene, read_window
+from raycv.data.synthetic_geo import make_test_geotiff
 from raycv.errors import DecodeError
 
 UTM = (500000.0, 10.0, 0.0, 5000000.0, 0.0, -10.0)
@@ -389,7 +390,7 @@ def test_write_cog_local(tmp_path):
     labels, majority = _majority_labels(900, 1300)
     out = str(tmp_path / "out" / "labels.tif")
 
-    geotiff.write_cog(out, labels, info, colormap={0: (0, 0, 0), 3: (255, 128, 0)})
+    cog.write_cog(out, labels, info, colormap={0: (0, 0, 0), 3: (255, 128, 0)})
 
     with rasterio.open(out) as ds:
         _check_cog(ds, labels, info)
@@ -406,7 +407,7 @@ def test_write_cog_on_s3_keeps_the_source_grid(s3_scene):
     labels[100:400, 200:900] = 2
     out = uri.replace("scenes/", "labels/")
 
-    geotiff.write_cog(out, labels, info)
+    cog.write_cog(out, labels, info)
 
     with MemoryFile(storage.read_bytes(out)) as memory, memory.open() as ds:
         _check_cog(ds, labels, info)
@@ -416,13 +417,11 @@ def test_write_cog_validates_the_label_map(tmp_path):
     info = RasterInfo(64, 32, 1, "uint8", None, (0.0, 1.0, 0.0, 0.0, 0.0, 1.0), None)
 
     with pytest.raises(ValueError, match=r"shape \(32, 64\)"):
-        geotiff.write_cog(str(tmp_path / "x.tif"), np.zeros((64, 32), np.uint8), info)
+        cog.write_cog(str(tmp_path / "x.tif"), np.zeros((64, 32), np.uint8), info)
     with pytest.raises(ValueError, match="uint8"):
-        geotiff.write_cog(str(tmp_path / "x.tif"), np.zeros((32, 64), np.int64), info)
+        cog.write_cog(str(tmp_path / "x.tif"), np.zeros((32, 64), np.int64), info)
     with pytest.raises(ValueError, match="colormap"):
-        geotiff.write_cog(
-            str(tmp_path / "x.tif"), np.zeros((32, 64), np.uint8), info, colormap={300: (1, 2, 3)}
-        )
+        cog.write_cog(str(tmp_path / "x.tif"), np.zeros((32, 64), np.uint8), info, colormap={300: (1, 2, 3)})
 
 
 # -- Test scenes ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """raycv.data.images: every format decodes to the displayed RGB pixels; every bad input says why.
 
-The inputs are the generated edge-case files of ``synthetic.make_special_images`` plus a few made here
+The inputs are the generated edge-case files of ``special_images.make_special_images`` plus a few made here
 (16-bit colour PNG written chunk by chunk, since Pillow cannot save one).
 """
 
@@ -25,7 +25,7 @@ from raycv.data.images import (
     encode_png,
     image_header,
 )
-from raycv.data.synthetic import make_special_images
+from raycv.data.special_images import make_special_images
 from raycv.errors import DecodeError
 
 SPECIAL = make_special_images()

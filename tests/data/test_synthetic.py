@@ -13,9 +13,9 @@ from torch import nn
 
 from raycv import storage
 from raycv.data.images import decode_image
+from raycv.data.special_images import make_special_images
 from raycv.data.synthetic import (
     CLASSES,
-    make_special_images,
     render_classification_sample,
     render_scene,
     write_flat_archive,
