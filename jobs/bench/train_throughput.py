@@ -89,6 +89,7 @@ def plain_loop(
     from raycv.models import create_model
     from raycv.tasks import task_ops
     from raycv.training import make_transforms, plan_dataset
+    from raycv.training_common import optimizer_step
 
     torch.set_num_threads(threads)
     plan = plan_dataset(cfg)  # type: ignore[arg-type]
@@ -136,14 +137,7 @@ def plain_loop(
             x, y = x.to(device), y.to(device)
             with torch.autocast(device, dtype=amp_dtype, enabled=use_amp):
                 loss = ops.loss(model(x), y, cfg)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            optimizer_step(loss, opt, scaler)  # the same step as raycv's training loop
         sched.step()
         model.eval()
         with torch.no_grad():
