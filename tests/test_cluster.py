@@ -14,6 +14,7 @@ import json
 import math
 import re
 import shlex
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,24 @@ from raycv.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
-CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "kuberay-crds"
+
+
+def _crd_dir() -> Path:
+    """``shared/kuberay-crds`` beside this checkout, else beside the repository it was cloned from (a CI
+    clone made elsewhere, e.g. ``git clone . /tmp/ci-check``)."""
+    repo = Path(__file__).resolve().parents[1]
+    beside = repo.parent / "shared" / "kuberay-crds"
+    if beside.is_dir():
+        return beside
+    origin = subprocess.run(
+        ["git", "-C", str(repo), "remote", "get-url", "origin"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    if origin and Path(origin).is_dir():
+        return Path(origin).resolve().parent / "shared" / "kuberay-crds"
+    return beside
+
+
+CRD_DIR = _crd_dir()
 CRD_FILES = {
     "RayCluster": "ray.io_rayclusters.yaml",
     "RayJob": "ray.io_rayjobs.yaml",
