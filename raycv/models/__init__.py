@@ -10,6 +10,7 @@ from raycv.models import classification as classification  # registers the class
 from raycv.models import detection as detection  # registers the torchvision detectors
 from raycv.models import segmentation as segmentation  # registers the segmenters
 from raycv.models import yolo as yolo  # registers the YOLO detectors
+from raycv.models import yolo_v1 as yolo_v1  # registers yolo_v1
 from raycv.models.registry import TASKS, ModelInfo, create_model, get_model_info, list_models, register_model
 from raycv.models.transfer import LoadReport, freeze_backbone, head_module_names, load_weights
 

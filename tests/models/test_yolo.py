@@ -16,7 +16,7 @@ from torchvision import ops
 import raycv.models.yolo  # registers the YOLO models
 from raycv.data.synthetic import render_scene
 from raycv.models import create_model, list_models
-from raycv.models.yolo import yolo_v1_loss
+from raycv.models.yolo_v1 import yolo_v1_loss
 
 NUM_CLASSES = 3
 YOLO_MODELS = list_models("yolo*", task="detection")
