@@ -22,7 +22,8 @@ def evaluate(cfg: TrainConfig, split: str = "val") -> dict[str, Any]:
     Returns:
         ``{"split", "images", <the task's metrics>, "confusion_matrix"}``.
     """
-    from raycv.training import evaluate_confusion, make_transforms, plan_dataset
+    from raycv.training import evaluate_confusion, make_transforms
+    from raycv.training_data import plan_dataset
 
     run = runs.load_run(cfg.output.dir, cfg.storage.endpoint_url)
     plan = plan_dataset(cfg)

@@ -8,7 +8,6 @@ Train checkpoint; a worker that dies is replaced and every rank resumes from tha
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -23,19 +22,11 @@ import ray.train.torch
 import torch
 from torch import nn
 
-import raycv
 from raycv import runs, storage
-from raycv.config import DEFAULT_FORMATS, TrainConfig, config_to_dict
+from raycv.config import TrainConfig, config_to_dict
 from raycv.data.formats import (
-    Dataset,
-    DetectionDataset,
     DetectionSample,
     Sample,
-    read_coco,
-    read_imagefolder,
-    read_masks,
-    read_yolo,
-    split_train_val,
 )
 from raycv.data.loader import BatchLoader, Target, Transform, shard_indices
 from raycv.data.transforms import (
@@ -47,10 +38,11 @@ from raycv.data.transforms import (
     resize_mask,
     to_tensor_resized,
 )
-from raycv.errors import ConfigError, DatasetError, RaycvError
+from raycv.errors import RaycvError
 from raycv.tasks import TaskOps, task_ops
 from raycv.tasks import classification as cls_task
 from raycv.training_common import all_reduce_sum, epoch_seed, optimizer_step
+from raycv.training_data import plan_dataset
 from raycv.training_detection import (
     DETECTION_TASKS,
     evaluate_detection,
@@ -244,42 +236,6 @@ def _restore(model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> tuple[
     return start, record
 
 
-def _write_run_dir(cfg: TrainConfig, info: dict[str, Any], record: dict[str, Any]) -> None:
-    run_dir, ep = cfg.output.dir, cfg.storage.endpoint_url
-    runs.write_metrics(run_dir, record["history"], ep)
-    best = record["best"]
-    card = {
-        "task": cfg.task,
-        "arch": cfg.model.arch,
-        "options": cfg.model.options,
-        "num_classes": info["num_classes"],
-        "class_names": info["class_names"],
-        "image_size": cfg.data.image_size,
-        "in_channels": 3,
-        # Detectors take 0..1 pixels (torchvision's normalise inside); the others ImageNet-normalised ones.
-        "normalization": {"mean": [0.0] * 3, "std": [1.0] * 3}
-        if cfg.task in DETECTION_TASKS
-        else {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "raycv_version": raycv.__version__,
-        "torch_version": torch.__version__,
-        "best_epoch": best["epoch"],
-        "best_metrics": best["metrics"],
-        # classification: the best epoch's validation confusion matrix, rows = true class (confusion.png)
-        **({"best_confusion": best["confusion"]} if "confusion" in best else {}),
-        "train_images": info["n_train"],
-        "val_images": info["n_val"],
-        "resumed_at_epochs": record["resumed_at_epochs"],
-        "config": config_to_dict(cfg),
-    }
-    runs.write_json(storage.join(run_dir, runs.MODEL_CARD), card, ep)
-    try:  # curves.png (and confusion.png), refreshed every epoch; a drawing problem never stops training
-        from raycv.report import write_plots
-
-        write_plots(run_dir, card, record["history"], ep)
-    except Exception as exc:
-        log.warning("could not draw the training curves: %s", exc)
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs."""
     cfg = TrainConfig.model_validate(loop_config["cfg"])
@@ -354,7 +310,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 runs.save_weights(storage.join(cfg.output.dir, runs.WEIGHTS), model.state_dict(), ep)
         checkpoint = None
         if rank == 0:
-            _write_run_dir(cfg, info, record)
+            runs.write_run_dir(cfg, info, record)
             state = {
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
@@ -382,59 +338,6 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
-
-
-def _read_dataset(cfg: TrainConfig, root: str) -> Dataset | DetectionDataset:
-    ep = cfg.storage.endpoint_url
-    if cfg.task in DETECTION_TASKS and cfg.data_format in ("coco", "yolo"):
-        if cfg.task == "instance_segmentation" and cfg.data_format == "yolo":
-            raise ConfigError(
-                "data.format", "yolo", "Instance segmentation needs masks: use the coco format."
-            )
-        return read_coco(root, ep) if cfg.data_format == "coco" else read_yolo(root, ep)
-    if cfg.data_format == "imagefolder" and cfg.task == "classification":
-        return read_imagefolder(root, ep)
-    if cfg.data_format == "masks" and cfg.task == "semantic_segmentation":
-        return read_masks(root, ep, cfg.model.num_classes)
-    raise ConfigError(
-        "data.format", cfg.data_format, f"Task '{cfg.task}' reads the {DEFAULT_FORMATS[cfg.task]} format."
-    )
-
-
-def plan_dataset(cfg: TrainConfig) -> dict[str, Any]:
-    """List and split the dataset on the driver: the samples every worker reads its shard of."""
-    ds = _read_dataset(cfg, cfg.data.train)
-    if cfg.data.val:
-        val_ds = _read_dataset(cfg, cfg.data.val)
-        if val_ds.class_names != ds.class_names:
-            raise DatasetError(
-                f"data.val classes {val_ds.class_names} differ from data.train {ds.class_names}"
-            )
-        train, val = ds.samples, val_ds.samples
-    else:
-        train, val = split_train_val(ds.samples, cfg.data.val_fraction, cfg.train.seed)  # type: ignore[arg-type]
-    if not val:
-        raise DatasetError("The validation set is empty: raise data.val_fraction or set data.val.")
-    num_classes = cfg.model.num_classes or len(ds.class_names)
-    if num_classes < len(ds.class_names):
-        raise ConfigError(
-            "model.num_classes",
-            num_classes,
-            f"The dataset has {len(ds.class_names)} classes; use at least that.",
-        )
-    names = ds.class_names + [f"class_{i}" for i in range(len(ds.class_names), num_classes)]
-
-    def row(s: Any) -> Any:
-        return dataclasses.asdict(s) if isinstance(s, DetectionSample) else (s.uri, s.label, s.mask_uri)
-
-    return {
-        "train": [row(s) for s in train],
-        "val": [row(s) for s in val],
-        "class_names": names,
-        "num_classes": num_classes,
-        "n_train": len(train),
-        "n_val": len(val),
-    }
 
 
 def run_training(cfg: TrainConfig, address: str | None = None) -> TrainResult:

@@ -88,8 +88,9 @@ def plain_loop(
     from raycv.data.images import decode_image
     from raycv.models import create_model
     from raycv.tasks import task_ops
-    from raycv.training import make_transforms, plan_dataset
+    from raycv.training import make_transforms
     from raycv.training_common import optimizer_step
+    from raycv.training_data import plan_dataset
 
     torch.set_num_threads(threads)
     plan = plan_dataset(cfg)  # type: ignore[arg-type]
