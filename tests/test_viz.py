@@ -192,7 +192,7 @@ def _history(epochs: int) -> list[dict]:
 
 
 def test_training_writes_curves_and_the_best_confusion_matrix(tmp_path):
-    from raycv.training import _write_run_dir
+    from raycv.runs import write_run_dir
 
     cfg = TrainConfig.model_validate(
         {
@@ -204,7 +204,7 @@ def test_training_writes_curves_and_the_best_confusion_matrix(tmp_path):
     info = {"num_classes": 3, "class_names": list(CLASSES), "n_train": 30, "n_val": 9}
     cm = [[3, 0, 0], [1, 2, 0], [0, 0, 3]]
     best = {"epoch": 3, "metrics": {"accuracy": 0.89}, "confusion": cm}
-    _write_run_dir(cfg, info, {"history": _history(3), "best": best, "resumed_at_epochs": []})
+    write_run_dir(cfg, info, {"history": _history(3), "best": best, "resumed_at_epochs": []})
     card = json.loads((tmp_path / "run" / "model.json").read_text())
     assert card["best_confusion"] == cm
     assert _png(tmp_path / "run" / "curves.png").shape == (380, 1120, 3)
