@@ -46,3 +46,8 @@ class TooManyErrorsError(RaycvError, RuntimeError):
 
     Raised after the rows written so far are committed, so a re-run resumes where this one stopped.
     """
+
+
+def error_fields(stage: str, exc: BaseException) -> tuple[str, str, str]:
+    """(error_stage, error_type, error_message) of one image's failure, for its error row."""
+    return stage, type(exc).__name__, str(exc)[:2000]

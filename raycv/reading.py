@@ -11,14 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import torch
 
 from raycv import outputs, storage
-from raycv.annotators import error_fields
 from raycv.data import geotiff, medical
-from raycv.data.images import decode_image, encode_png
-from raycv.data.transforms import to_tensor_resized
-from raycv.errors import DecodeError
+from raycv.data.images import decode_image, encode_png, resize_rgb
+from raycv.errors import DecodeError, error_fields
 
 FILES_PER_READ = 8  # files fetched and decoded together: bounds a read task's memory when files are volumes
 
@@ -113,8 +110,7 @@ def read_decode_batch(
             return [(blank, -1, -1, error_fields("decode", exc))]
         out = []
         for image in images:
-            resized = to_tensor_resized(image, size_hw).mul_(255.0).round_().to(torch.uint8)
-            out.append((resized.permute(1, 2, 0).numpy(), image.shape[1], image.shape[0], _OK))
+            out.append((resize_rgb(image, size_hw), image.shape[1], image.shape[0], _OK))
         return out
 
     results = _fetch_all([str(u) for u in batch["image_uri"]], endpoint_url, one)

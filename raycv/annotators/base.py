@@ -21,11 +21,6 @@ Precision = Literal["fp32", "bf16", "fp16"]
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def error_fields(stage: str, exc: BaseException) -> tuple[str, str, str]:
-    """(error_stage, error_type, error_message) for one image's failure."""
-    return stage, type(exc).__name__, str(exc)[:2000]
-
-
 def check_precision(precision: str, device: str) -> None:
     """Refuse fp16 off CUDA: CPU kernels for it are slow or missing; bf16 is the CPU's reduced precision."""
     if precision == "fp16" and device != "cuda":

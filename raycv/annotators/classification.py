@@ -8,8 +8,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raycv.annotators.base import _Annotator, _incoming_errors, error_fields
+from raycv.annotators.base import _Annotator, _incoming_errors
 from raycv.data.transforms import normalize
+from raycv.errors import error_fields
 from raycv.tasks.classification import topk_rows
 
 

@@ -8,9 +8,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raycv.annotators.base import _Annotator, _incoming_errors, autocast, error_fields
+from raycv.annotators.base import _Annotator, _incoming_errors, autocast
 from raycv.data.images import decode_image
 from raycv.data.transforms import normalize
+from raycv.errors import error_fields
 
 
 class Detector(_Annotator):

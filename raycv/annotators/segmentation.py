@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from raycv import storage
-from raycv.annotators.base import _Annotator, _incoming_errors, _window_reader, error_fields
+from raycv.annotators.base import _Annotator, _incoming_errors, _window_reader
 from raycv.data import cog, geotiff
-from raycv.data.images import decode_image, encode_png
-from raycv.data.transforms import to_tensor_resized
+from raycv.data.images import decode_image, encode_png, resize_rgb
+from raycv.errors import error_fields
 
 # Above this many logits ([K, H, W] float32 = 4 bytes each) an untiled image is labelled at the model's
 # resolution and its label map upsampled (nearest), instead of upsampling every class's scores.
@@ -75,8 +75,7 @@ class Segmenter(_Annotator):
     def _whole(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Label maps for small images: one batch at the model's size, scores resized to each original."""
         size = self.run.size_hw
-        x = torch.stack([to_tensor_resized(im, size) for im in images]).mul_(255.0).round_().to(torch.uint8)
-        logits = self._forward(x.permute(0, 2, 3, 1).numpy())
+        logits = self._forward(np.stack([resize_rgb(im, size) for im in images]))
         maps = []
         for im, lg in zip(images, logits, strict=True):
             h, w = im.shape[:2]

@@ -9,16 +9,16 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
+from raycv.data.images import resize_rgb
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def to_tensor_resized(image: np.ndarray, size_hw: tuple[int, int]) -> torch.Tensor:
-    """[H, W, 3] uint8 -> [3, h, w] float in 0..1, resized (antialiased bilinear) to ``size_hw``."""
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-    if tuple(t.shape[1:]) != tuple(size_hw):
-        t = F.interpolate(t[None], size=size_hw, mode="bilinear", antialias=True, align_corners=False)[0]
-    return t.clamp_(0.0, 1.0)
+    """[H, W, 3] uint8 -> [3, h, w] float in 0..1, resized to ``size_hw`` by :func:`resize_rgb` (the same
+    uint8 pixels the annotation read stage ships to the model actors)."""
+    return torch.from_numpy(resize_rgb(image, size_hw)).permute(2, 0, 1).float().div_(255.0)
 
 
 def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

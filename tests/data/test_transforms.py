@@ -42,3 +42,44 @@ def test_pair_augmentation_moves_image_and_mask_together():
             assert bright[inside].float().mean() > 0.8
     t, m = augment_pair(image, mask, (16, 16), rng, color_jitter=0.5)  # colour never touches the labels
     assert torch.equal(m, resize_mask(mask, (16, 16)))
+
+
+def test_resize_is_within_one_level_of_torch_antialiased_bilinear():
+    """The shared resize (Pillow, uint8) against torch's antialiased bilinear in float, shrinking and
+    enlarging, on noise (the worst case) and on smooth gradients."""
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    diffs = []
+    for h, w, size in [
+        (300, 451, (224, 224)),
+        (97, 64, (32, 32)),
+        (40, 23, (112, 96)),
+        (256, 256, (256, 256)),
+    ]:
+        noise = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        yy, xx = np.mgrid[0:h, 0:w]
+        ramp = np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), (xx + yy) % 256], -1).astype(np.uint8)
+        for image in (noise, ramp):
+            ours = (to_tensor_resized(image, size) * 255).round().to(torch.int32)
+            x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+            ref = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+            diff = (ours - (ref.clamp(0, 1) * 255).round().to(torch.int32)).abs()
+            assert ours.shape == (3, *size) and int(diff.max()) <= 1
+            diffs.append(float(diff.float().mean()))
+    assert np.mean(diffs) < 0.25
+    same = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    assert torch.equal(
+        (to_tensor_resized(same, (8, 8)) * 255).round().to(torch.uint8).permute(1, 2, 0),
+        torch.from_numpy(same),
+    )
+
+
+def test_the_annotation_read_stage_does_not_import_torch():
+    """Read tasks start in fresh Ray workers: importing torch and torchvision there cost ~4 CPU-s each."""
+    import subprocess
+    import sys
+
+    code = "import sys, raycv.reading; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
