@@ -77,8 +77,11 @@ def _stages(
     if card["task"] == "classification":
         size = card["image_size"]
         size_hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        cls_kw = {**common, "topk": cfg.topk, "explain": cfg.explain, "max_pixels": cfg.max_pixels}
+        if cfg.decode == "actor":  # ship the encoded files; the actor decodes them on its device
+            return read_bytes_batch, {"endpoint_url": ep, "max_pixels": cfg.max_pixels}, Classifier, cls_kw
         read_kw = {"size_hw": size_hw, "endpoint_url": ep, "max_pixels": cfg.max_pixels}
-        return read_decode_batch, read_kw, Classifier, {**common, "topk": cfg.topk, "explain": cfg.explain}
+        return read_decode_batch, read_kw, Classifier, cls_kw
     if card["task"] == "semantic_segmentation":
         tile = cfg.tile.model_dump() if cfg.tile else None
         seg_kw = {

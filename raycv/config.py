@@ -211,6 +211,11 @@ class AnnotateConfig(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
+    # Classification: where images are decoded and resized. "tasks": the CPU read tasks, which ship pixels
+    # to the actors; "actor": the read tasks ship the encoded files and the model actor decodes them on its
+    # device (JPEGs with nvJPEG on a GPU, see raycv.annotators.decode). Segmentation and detection actors
+    # always decode (at full resolution, on their CPU).
+    decode: Literal["tasks", "actor"] = "tasks"
     tile: TileConfig | None = None
     score_threshold: float = Field(default=0.25, ge=0.0, le=1.0)
     iou_threshold: float = Field(default=0.5, ge=0.0, le=1.0)

@@ -110,15 +110,20 @@ class _Annotator:
         self.task = self.run.card["task"]
         self.schema = outputs.images_schema(self.task)
 
-    def _forward(self, pixels: np.ndarray) -> torch.Tensor:
-        """[B, H, W, 3] uint8 -> the model's output (logits) for the normalised batch, float32 on the CPU."""
-        x = (
+    def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
+        """[B, H, W, 3] uint8 -> [B, 3, H, W] float in 0..1 on the model's device."""
+        return (
             torch.from_numpy(np.ascontiguousarray(pixels))
             .to(self.device)
             .permute(0, 3, 1, 2)
             .float()
             .div_(255.0)
         )
+
+    def _forward(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The model's output (logits), float32 on the CPU, for a batch: [B, H, W, 3] uint8, or [B, 3, H, W]
+        float in 0..1 already on the device (decoded there)."""
+        x = pixels if isinstance(pixels, torch.Tensor) else self._to_device(pixels)
         x = normalize(x, self.mean, self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -9,6 +9,8 @@ import pyarrow as pa
 import torch
 
 from raycv.annotators.base import _Annotator, _incoming_errors
+from raycv.annotators.decode import decode_batch
+from raycv.data.images import DEFAULT_MAX_PIXELS
 from raycv.data.transforms import normalize
 from raycv.errors import error_fields
 from raycv.tasks.classification import topk_rows
@@ -16,6 +18,10 @@ from raycv.tasks.classification import topk_rows
 
 class Classifier(_Annotator):
     """Labels batches of decoded, resized images: top class, score and the top-k.
+
+    A batch holds the read tasks' ``pixels`` (``decode: tasks``), or the files' encoded ``data``
+    (``decode: actor``), which the actor decodes and resizes on its device (:mod:`.decode`: nvJPEG on a
+    GPU), filling ``width``/``height`` and giving undecodable files their decode error rows.
 
     With ``explain="gradcam"`` each ok row also gets ``gradcam_png``: the Grad-CAM heatmap of the top class
     (:mod:`raycv.gradcam`) as a uint8 PNG at the model's input size (stretch it to the image, as the input
@@ -31,38 +37,70 @@ class Classifier(_Annotator):
         use_gpu: bool,
         topk: int = 5,
         explain: str | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
         **speed: Any,
     ) -> None:
         super().__init__(run_dir, endpoint_url, run_id, threads, use_gpu, **speed)
-        self.topk, self.explain = topk, explain
+        self.topk, self.explain, self.max_pixels = topk, explain, max_pixels
         if explain == "gradcam":
             from raycv.gradcam import find_target_layer
 
             self.cam_layer = find_target_layer(self.run.model)
             self.schema = self.schema.append(pa.field("gradcam_png", pa.binary()))
 
-    def _explained(self, pixels: np.ndarray) -> tuple[torch.Tensor, list[bytes]]:
-        """Logits and Grad-CAM PNGs of a [B, H, W, 3] uint8 batch (one forward and one backward pass)."""
+    def _explained(self, x: torch.Tensor) -> tuple[torch.Tensor, list[bytes]]:
+        """Logits and Grad-CAM PNGs of a [B, 3, H, W] batch in 0..1 (one forward and one backward pass)."""
         from raycv.gradcam import gradcam, heatmap_png
 
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
         logits, cams = gradcam(self.run.model, normalize(x, self.mean, self.std), target_layer=self.cam_layer)
         return logits.cpu(), [heatmap_png(c.numpy()) for c in cams]
+
+    def _decoded(
+        self, batch: dict[str, np.ndarray], errors: list[tuple[str, str, str] | None]
+    ) -> tuple[torch.Tensor | None, list[int]]:
+        """The good images of a batch as [B, 3, H, W] in 0..1 on the device, and their row indices.
+
+        Decodes ``data`` (``decode: actor``) first: its failures become the rows' errors, and the original
+        sizes go into ``batch["width"]``/``batch["height"]``.
+        """
+        n = len(errors)
+        if "data" not in batch:
+            good = [i for i in range(n) if errors[i] is None]
+            return (self._to_device(batch["pixels"][good]) if good else None), good
+        todo = [i for i in range(n) if errors[i] is None]
+        decoded = decode_batch(
+            [bytes(batch["data"][i]) for i in todo],
+            [str(batch["image_uri"][i]) for i in todo],
+            self.run.size_hw,
+            self.device,
+            max_pixels=self.max_pixels,
+        )
+        batch["width"] = np.full(n, -1, np.int64)
+        batch["height"] = np.full(n, -1, np.int64)
+        good, tensors = [], []
+        for i, d in zip(todo, decoded, strict=True):
+            batch["width"][i], batch["height"][i] = d.width, d.height
+            if d.pixels is None:
+                errors[i] = d.error
+            else:
+                good.append(i)
+                tensors.append(d.pixels)
+        return (torch.stack(tensors) if tensors else None), good
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = _incoming_errors(batch)
         n = len(errors)
-        good = [i for i in range(n) if errors[i] is None]
+        x, good = self._decoded(batch, errors)
         rows: list[Any] = [None] * n
         cams: list[bytes | None] = [None] * n
-        if good:
+        if x is not None:
             try:
                 if self.explain == "gradcam":
-                    logits, pngs = self._explained(batch["pixels"][good])
+                    logits, pngs = self._explained(x)
                     for i, png in zip(good, pngs, strict=True):
                         cams[i] = png
                 else:
-                    logits = self._forward(batch["pixels"][good])
+                    logits = self._forward(x)
                 probs = torch.softmax(logits, dim=1).numpy()
                 for i, r in zip(good, topk_rows(probs, self.run.class_names, self.topk), strict=True):
                     rows[i] = r
