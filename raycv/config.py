@@ -102,6 +102,9 @@ class AugmentConfig(_Strict):
 class TrainParams(_Strict):
     epochs: int = Field(default=10, gt=0)
     batch_size: int = Field(default=32, gt=0)
+    # One optimiser step (and one DDP gradient all-reduce) every this many batches: the effective batch is
+    # batch_size x grad_accum_steps x num_workers (raycv.training_common.GradientAccumulation).
+    grad_accum_steps: int = Field(default=1, ge=1)
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
     lr: float = Field(default=0.001, gt=0.0)
     weight_decay: float = Field(default=0.0001, ge=0.0)

@@ -41,7 +41,7 @@ from raycv.data.transforms import (
 from raycv.errors import RaycvError
 from raycv.tasks import TaskOps, task_ops
 from raycv.tasks import classification as cls_task
-from raycv.training_common import all_reduce_sum, epoch_seed, optimizer_step
+from raycv.training_common import GradientAccumulation, all_reduce_sum, batches_of, epoch_seed
 from raycv.training_data import plan_dataset
 from raycv.training_detection import (
     DETECTION_TASKS,
@@ -175,14 +175,18 @@ def _train_epoch(
     aug = cfg.train.augment
     rng = np.random.default_rng([cfg.train.seed, epoch, ray.train.get_context().get_world_rank()])
     total = torch.zeros(2, dtype=torch.float64)
-    for images, labels in loader.iterate(indices, seed=epoch_seed(cfg.train.seed, epoch)):
+    acc = GradientAccumulation(
+        model, opt, scaler, cfg.train.grad_accum_steps, batches_of(indices, loader.batch_size)
+    )
+    for i, (images, labels) in enumerate(loader.iterate(indices, seed=epoch_seed(cfg.train.seed, epoch))):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         targets: torch.Tensor = labels
         if aug.mixup > 0:
             images, targets = cls_task.mixup(images, labels, num_classes, aug.mixup, rng)
-        with autocast:
-            loss = ops.loss(model(images), targets, cfg)
-        optimizer_step(loss, opt, scaler)
+        with acc.window(i):
+            with autocast:
+                loss = ops.loss(model(images), targets, cfg)
+            acc.backward(i, loss)
         total[0] += float(loss.detach()) * len(labels)
         total[1] += len(labels)
     total = all_reduce_sum(total)
@@ -278,7 +282,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         if is_det:
             seed = epoch_seed(cfg.train.seed, epoch)
-            loss = train_epoch_detection(ddp, train_loader, idx, opt, scaler, autocast, device, seed)
+            loss = train_epoch_detection(
+                ddp, train_loader, idx, opt, scaler, autocast, device, seed, cfg.train.grad_accum_steps
+            )
         else:
             loss = _train_epoch(
                 ddp, train_loader, idx, opt, scaler, autocast, cfg, ops, num_classes, epoch, device

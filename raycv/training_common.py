@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: Any) -> None:
@@ -18,6 +21,65 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: Any) 
     else:
         loss.backward()
         opt.step()
+
+
+class GradientAccumulation:
+    """One optimiser step every ``steps`` batches of an epoch of ``batches`` batches (``train.grad_accum_steps``).
+
+    The batches of a window add their gradients locally: under DDP they run forward and backward inside
+    ``model.no_sync()``, so the all-reduce happens once per window, on the window's last backward. Each
+    loss is divided by the window's size (the last window of an epoch may be shorter), so a window of
+    ``steps`` batches of ``b`` images gives the gradient of one batch of ``steps * b`` (without BatchNorm
+    statistics, which stay per batch). ``steps=1`` is :func:`optimizer_step`.
+
+        acc = GradientAccumulation(model, opt, scaler, steps, batches)
+        for i, batch in enumerate(loader):
+            with acc.window(i):
+                acc.backward(i, loss_of(batch))
+    """
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, steps: int, batches: int):
+        self.model, self.opt, self.scaler = model, opt, scaler
+        self.steps, self.batches = max(1, steps), batches
+        self.full_windows = batches // self.steps
+        opt.zero_grad(set_to_none=True)
+
+    def ends_window(self, i: int) -> bool:
+        """Whether batch ``i`` (0-based) is the last of its window: its backward syncs and the step follows."""
+        return (i + 1) % self.steps == 0 or i + 1 == self.batches
+
+    def _window_size(self, i: int) -> int:
+        return (
+            self.steps
+            if i // self.steps < self.full_windows
+            else self.batches - self.full_windows * self.steps
+        )
+
+    def window(self, i: int) -> contextlib.AbstractContextManager[Any]:
+        """The context of batch ``i``'s forward and backward: DDP's ``no_sync()`` unless it ends a window."""
+        if not self.ends_window(i) and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()  # type: ignore[operator,no-any-return]
+        return contextlib.nullcontext()
+
+    def backward(self, i: int, loss: torch.Tensor) -> None:
+        """Backward of batch ``i``'s loss (scaled to the window); the optimiser step if it ends the window."""
+        loss = loss / self._window_size(i)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        if self.ends_window(i):
+            if self.scaler is not None:
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+
+
+def batches_of(indices: list[int], batch_size: int) -> int:
+    """How many batches ``indices`` make (the last may be smaller)."""
+    return math.ceil(len(indices) / batch_size)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

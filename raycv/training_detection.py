@@ -18,7 +18,7 @@ from torch import nn
 from raycv.config import TrainConfig
 from raycv.data.formats import DetectionSample
 from raycv.data.loader import BatchLoader
-from raycv.training_common import all_reduce_sum, optimizer_step
+from raycv.training_common import GradientAccumulation, all_reduce_sum, batches_of
 
 DETECTION_TASKS = ("detection", "instance_segmentation")
 
@@ -89,16 +89,19 @@ def train_epoch_detection(
     autocast: Any,
     device: Any,
     seed: int,
+    grad_accum_steps: int = 1,
 ) -> float:
     model.train()
     total = torch.zeros(2, dtype=torch.float64)
-    for images, targets in loader.iterate(indices, seed=seed):
+    acc = GradientAccumulation(model, opt, scaler, grad_accum_steps, batches_of(indices, loader.batch_size))
+    for i, (images, targets) in enumerate(loader.iterate(indices, seed=seed)):
         imgs = [im.to(device) for im in images]
         tgts = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        with autocast:
-            losses = model(imgs, tgts)
-            loss = sum(losses.values())
-        optimizer_step(loss, opt, scaler)
+        with acc.window(i):
+            with autocast:
+                losses = model(imgs, tgts)
+                loss = sum(losses.values())
+            acc.backward(i, loss)  # type: ignore[arg-type]
         total[0] += float(loss.detach()) * len(imgs)
         total[1] += len(imgs)
     all_reduce_sum(total)
