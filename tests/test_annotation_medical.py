@@ -16,7 +16,8 @@ from pydicom.data import get_testdata_file
 
 from raycv import storage
 from raycv.cli import main
-from raycv.data.synthetic import write_flat_archive, write_imagefolder
+from raycv.data.synthetic import write_flat_archive
+from tests._ray_cluster import write_run_dir
 from tests._util import create_bucket, write_yaml
 
 DICOM = {  # name in the archive -> (pydicom's bundled file, rows expected)
@@ -34,22 +35,10 @@ BAD = {
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, ray_local, s3_endpoint):
+    """An untrained test_classifier run directory on S3: these tests are about rows, not accuracy, and
+    `raycv train` on S3 is covered by test_end_to_end (a Ray Train start-up less here)."""
     create_bucket("med")
-    write_imagefolder("s3://med/datasets/shapes", n_per_class=8, size=32, seed=0)
-    tmp = tmp_path_factory.mktemp("med")
-    cfg = write_yaml(
-        tmp,
-        "train.yaml",
-        {
-            "model": {"arch": "test_classifier"},
-            "data": {"train": "s3://med/datasets/shapes", "image_size": 32, "val_fraction": 0.25},
-            "train": {"epochs": 1, "batch_size": 8},
-            "scaling": {"num_workers": 1, "cpus_per_worker": 1},
-            "output": {"dir": "s3://med/runs/tiny"},
-        },
-    )
-    assert main(["train", cfg]) == 0
-    return {"run": "s3://med/runs/tiny", "tmp": tmp}
+    return {"run": write_run_dir("s3://med/runs/tiny"), "tmp": tmp_path_factory.mktemp("med")}
 
 
 def _put(name: str, path: str, archive: str = "s3://med/archive") -> str:
