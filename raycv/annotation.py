@@ -15,11 +15,9 @@ import datetime as dt
 import logging
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
-import pyarrow.compute as pc
 import ray
 import ray.data
 
@@ -29,11 +27,10 @@ from raycv.config import AnnotateConfig
 from raycv.errors import ConfigError, TooManyErrorsError
 from raycv.planning import ROWS_PER_BLOCK, Plan, plan_inputs, skip_current
 from raycv.reading import read_bytes_batch, read_decode_batch, read_stage
+from raycv.writing import Tally, write_blocks
 
 log = logging.getLogger(__name__)
 DECODE_CPUS = 0.5
-WRITE_CPUS = 0.25
-MIN_IMAGES_FOR_ERROR_CHECK = 32  # max_error_fraction is only judged after this many images
 
 
 @dataclass
@@ -107,55 +104,7 @@ def _stages(
     raise ConfigError("model", cfg.model, f"This run's task '{card['task']}' cannot be annotated yet.")
 
 
-@dataclass
-class _Tally:
-    """Status counts of the rows written so far, and the first few errors (for the stop message)."""
-
-    ok: int = 0
-    error: int = 0
-    first_errors: list[str] = field(default_factory=list)
-
-    def add(self, written: dict[str, Any]) -> None:
-        self.ok += written["ok"]
-        self.error += written["error"]
-        self.first_errors.extend(written["errors"][: 3 - len(self.first_errors)])
-
-    def exceeds(self, max_error_fraction: float) -> bool:
-        n = self.ok + self.error
-        return n >= MIN_IMAGES_FOR_ERROR_CHECK and self.error / n > max_error_fraction
-
-
-@ray.remote(num_cpus=WRITE_CPUS)
-def _write_block(block: Any, uri: str, endpoint_url: str | None) -> dict[str, Any]:
-    """Write one block of result rows as one Parquet file (atomically); return its status counts."""
-    from ray.data.block import BlockAccessor
-
-    table = BlockAccessor.for_block(block).to_arrow()
-    if table.num_rows:
-        outputs.write_table(uri, table, endpoint_url)
-    failed = table.filter(pc.equal(table["status"], "error")) if table.num_rows else table
-    errors = [
-        f"{r['image_uri']}: {r['error_stage']} {r['error_type']}: {(r['error_message'] or '')[:300]}"
-        for r in failed.slice(0, 3)
-        .select(["image_uri", "error_stage", "error_type", "error_message"])
-        .to_pylist()
-    ]
-    return {"ok": table.num_rows - failed.num_rows, "error": failed.num_rows, "errors": errors}
-
-
-def _drain(pending: list[Any], tally: _Tally, keep: int) -> list[Any]:
-    """Add the finished writes to ``tally``, waiting until at most ``keep`` are still running."""
-    while len(pending) > keep:
-        done, pending = ray.wait(pending, num_returns=1)
-        tally.add(ray.get(done[0]))
-    if pending:
-        done, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
-        for ref in done:
-            tally.add(ray.get(ref))
-    return pending
-
-
-def _run_pipeline(cfg: AnnotateConfig, todo: Plan, card: dict[str, Any], run_id: str) -> _Tally:
+def _run_pipeline(cfg: AnnotateConfig, todo: Plan, card: dict[str, Any], run_id: str) -> Tally:
     """Run the pipeline over ``todo`` into the run's staging folder; stop early past ``max_error_fraction``.
 
     The driver iterates over references to the actors' output blocks (never their rows) and hands each to
@@ -186,29 +135,9 @@ def _run_pipeline(cfg: AnnotateConfig, todo: Plan, card: dict[str, Any], run_id:
     refs = (ref for bundle in bundles for ref in bundle.block_refs)
     try:
         in_flight = 2 * cfg.actors + 2
-        return _write_blocks(refs, staging, cfg.storage.endpoint_url, cfg.max_error_fraction, in_flight)
+        return write_blocks(refs, staging, cfg.storage.endpoint_url, cfg.max_error_fraction, in_flight)
     finally:
         del refs, bundles  # the last references: the executor shuts down, releasing its actors' CPUs/GPUs
-
-
-def _write_blocks(
-    refs: Iterator[Any], staging: str, endpoint_url: str | None, max_error_fraction: float, in_flight: int
-) -> _Tally:
-    """Write each block of ``refs`` to ``staging`` as ``part-<n>.parquet``; stop taking blocks once the
-    finished writes exceed ``max_error_fraction`` (the writes started are awaited: only whole files).
-
-    At most ``in_flight`` writes run at once, which also holds the pipeline back when storage is slow.
-    """
-    tally, pending = _Tally(), []
-    for n, ref in enumerate(refs):
-        uri = storage.join(staging, f"part-{n:06d}.parquet")
-        pending.append(_write_block.remote(ref, uri, endpoint_url))
-        pending = _drain(pending, tally, keep=in_flight)
-        if tally.exceeds(max_error_fraction):
-            log.warning("stopping: %d of %d images failed", tally.error, tally.ok + tally.error)
-            break
-    _drain(pending, tally, keep=0)
-    return tally
 
 
 def new_run_id() -> str:
@@ -243,7 +172,7 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
     index = outputs.read_index(cfg.output, ep)
     skipped = skip_current(todo, index.current(model_id)) if cfg.incremental else 0
     run_id = new_run_id()
-    tally, reached = _Tally(), 0
+    tally, reached = Tally(), 0
     if len(todo):
         ensure_ray(address)
         tally = _run_pipeline(cfg, todo, card, run_id)
@@ -272,7 +201,7 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
     return summary
 
 
-def _stop_message(cfg: AnnotateConfig, tally: _Tally, stopped: bool) -> str:
+def _stop_message(cfg: AnnotateConfig, tally: Tally, stopped: bool) -> str:
     n = tally.ok + tally.error
     return (
         f"{tally.error} of {n} images failed ({tally.error / n:.0%} > max_error_fraction "

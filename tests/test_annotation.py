@@ -15,11 +15,11 @@ from nibabel.testing import data_path as NIBABEL_DATA
 from pydicom.data import get_testdata_file
 
 from raycv import outputs, storage
-from raycv.annotation import _write_blocks
 from raycv.data.images import decode_image, encode_png
 from raycv.errors import ConfigError
 from raycv.planning import PLAN_SCHEMA, plan_inputs
 from raycv.reading import read_bytes_batch, read_decode_batch
+from raycv.writing import write_blocks
 
 
 @pytest.fixture
@@ -194,7 +194,7 @@ def test_writes_stop_taking_blocks_once_too_many_images_failed(tmp_path, ray_loc
             yield ray.put(block(i, "ok" if i % 4 == 0 else "error"))
 
     staging = str(tmp_path / "staging")
-    tally = _write_blocks(blocks(), staging, None, max_error_fraction=0.5, in_flight=2)
+    tally = write_blocks(blocks(), staging, None, max_error_fraction=0.5, in_flight=2)
     assert tally.exceeds(0.5) and len(taken) < 40
     assert len(tally.first_errors) == 3
     assert all(re.fullmatch(r"s3://b/\d+-\d\.png: decode DecodeError: bad", e) for e in tally.first_errors)

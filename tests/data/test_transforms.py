@@ -75,11 +75,15 @@ def test_resize_is_within_one_level_of_torch_antialiased_bilinear():
     )
 
 
-def test_the_annotation_read_stage_does_not_import_torch():
-    """Read tasks start in fresh Ray workers: importing torch and torchvision there cost ~4 CPU-s each."""
+def test_the_annotation_read_and_write_tasks_do_not_import_torch():
+    """Read and write tasks start in fresh Ray workers: importing torch and torchvision there cost ~4 CPU-s
+    and ~300 MB each."""
     import subprocess
     import sys
 
-    code = "import sys, raycv.reading; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    code = (
+        "import sys, raycv.reading, raycv.writing, ray.data.block; "
+        "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
