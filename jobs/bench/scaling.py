@@ -29,6 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, when imported from elsewhere
 
 import _common as C
+import _inputs  # holds register_bench_models, which Ray workers get by value
 
 TARGET = "~2x (>= 1.8x) mid-run"
 
@@ -170,7 +171,7 @@ def _main(args: C.argparse.Namespace, cluster: LocalCluster | None) -> dict:
     import ray.cloudpickle
 
     C.register_bench_models()
-    ray.cloudpickle.register_pickle_by_value(C)  # the hook travels by value: workers need not import _common
+    ray.cloudpickle.register_pickle_by_value(_inputs)  # the hook travels by value: workers need not import it
     runtime_env = {"worker_process_setup_hook": C.register_bench_models}
     k = args.actors_per_node
     with C.workdir(args.workdir) as wd:
