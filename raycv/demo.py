@@ -38,7 +38,7 @@ def run_demo(workdir: str) -> None:
         {
             "model": {"arch": "simple_cnn"},
             "data": {"train": dataset, "image_size": 32, "val_fraction": 0.2},
-            "train": {"epochs": 12, "batch_size": 8, "lr": 0.003, "augment": {"hflip": 0.5}},
+            "train": {"epochs": 8, "batch_size": 8, "lr": 0.003, "augment": {"hflip": 0.5}},
             "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
             "output": {"dir": run_dir},
         }
