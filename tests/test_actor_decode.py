@@ -119,6 +119,16 @@ def test_actor_decode_matches_the_read_tasks(files):
     assert "pixels" in decoded[names.index("bomb.png")].error[2]
 
 
+def test_a_batch_without_jpegs_decodes_on_the_cpu_path(files):
+    names = ["shape0.png", "image.bmp", "empty.png"]
+    decoded = decode_batch(
+        [storage.read_bytes(files[n]) for n in names], names, (SIZE, SIZE), "cpu", max_pixels=10**8
+    )
+    assert [d.pixels is not None for d in decoded] == [True, True, False]
+    assert decoded[0].pixels.shape == (3, SIZE, SIZE) and decoded[2].error[:2] == ("decode", "DecodeError")
+    assert decode_batch([], [], (SIZE, SIZE), "cpu", max_pixels=10) == []
+
+
 def _run(path) -> str:
     torch.manual_seed(0)
     model = create_model("test_classifier", num_classes=3, image_size=SIZE)

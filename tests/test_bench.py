@@ -41,9 +41,10 @@ def _positive(results: dict, *keys: str) -> None:
 
 def test_annotate_efficiency(ray_local, tmp_path):
     out = tmp_path / "eff.json"
-    _script("annotate_efficiency").main([*TINY, "--cpus-per-actor", "0.5", "--json", str(out)])
+    argv = [*TINY, "--cpus-per-actor", "0.5", "--decode", "actor", "--json", str(out)]
+    _script("annotate_efficiency").main(argv)
     r = _read(out, "annotate_efficiency")
-    assert r["images"] == r["ok"] == 12
+    assert r["images"] == r["ok"] == 12 and r["decode"] == "actor"
     _positive(r, "bare_model_images_per_s", "pipeline_images_per_s", "efficiency")
     assert r["torch_threads_per_actor"] == 1 and r["precision"] == "fp32" and r["compile"] is False
     # the bare model ran at the niceness of Ray's workers (Ray starts them 15 above the raylet)
@@ -92,9 +93,12 @@ def test_memory(ray_local, tmp_path):
 def test_train_throughput(ray_local, tmp_path):
     out = tmp_path / "train.json"
     argv = [*TINY[:-2], "--n", "18", "--epochs", "2", "--workers", "2", "--cpus-per-worker", "0.5"]
-    _script("train_throughput").main([*argv, "--val-fraction", "0.2", "--json", str(out)])
+    _script("train_throughput").main(
+        [*argv, "--val-fraction", "0.2", "--grad-accum-steps", "2", "--json", str(out)]
+    )
     r = _read(out, "train_throughput")
     assert r["epochs"] == 2 and len(r["ray_epoch_s"]) == len(r["plain_epoch_s"]) == 2
+    assert r["grad_accum_steps"] == 2
     _positive(r, "train_images", "ray_images_per_s", "plain_images_per_s", "per_worker_core_ratio")
     _positive(r, "per_worker_ratio_side_by_side", "per_cpu_second_ratio", "ray_cpu_share", "plain_cpu_share")
     assert r["plain_niceness"] == r["ray_worker_niceness"] > r["driver_niceness"]

@@ -38,6 +38,12 @@ def parse_args(argv: list[str] | None = None) -> C.argparse.Namespace:
     )
     p.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (actors and bare model)")
+    p.add_argument(
+        "--decode",
+        choices=["tasks", "actor"],
+        default="tasks",
+        help="annotate decode: read tasks decode (default), or the actors (nvJPEG with --device cuda)",
+    )
     return p.parse_args(argv)
 
 
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
                 gpus_per_actor=gpus,
                 endpoint_url=ep,
                 address=args.address,
-                speed=speed,
+                speed={**speed, "decode": args.decode},
             )
             bare_after = C.bare_model_rate(run_dir, pixels, device=args.device, **bare_kw)
     bare = (bare_before + bare_after) / 2
@@ -99,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bare_model_niceness": bare_nice,
         "driver_niceness": os.nice(0),
         **speed,
+        "decode": args.decode,
         "layout": f"{args.actors} actor(s) x {threads} thread(s), bare model: same",
     }
     C.print_table(
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
             ("efficiency steady state", results["steady_efficiency"]),
             ("niceness: Ray workers, bare model", f"{worker_nice}, {bare_nice}"),
             ("precision, channels_last, compile", f"{args.precision}, {args.channels_last}, {args.compile}"),
+            ("decode", args.decode),
             ("target", TARGET),
         ],
     )

@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> C.argparse.Namespace:
         help="skip the second baseline: one plain loop per worker, all at once, each on its shard",
     )
     p.add_argument("--amp", action="store_true", help="GPU: bf16 autocast (fp16 + GradScaler without bf16)")
+    p.add_argument(
+        "--grad-accum-steps",
+        type=int,
+        default=1,
+        help="train.grad_accum_steps: a step (and a DDP all-reduce) every k batches, in both loops",
+    )
     return p.parse_args(argv)
 
 
@@ -59,7 +65,12 @@ def train_config(args: C.argparse.Namespace, data: str, out: str) -> object:
             "task": "classification",
             "model": {"arch": args.arch},
             "data": {"train": data, "val_fraction": args.val_fraction, "image_size": args.image_size},
-            "train": {"epochs": args.epochs, "batch_size": args.batch_size, "amp": args.amp},
+            "train": {
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "amp": args.amp,
+                "grad_accum_steps": args.grad_accum_steps,
+            },
             "scaling": {
                 "num_workers": args.workers,
                 "use_gpu": args.device == "cuda",
@@ -89,7 +100,7 @@ def plain_loop(
     from raycv.models import create_model
     from raycv.tasks import task_ops
     from raycv.training import make_transforms
-    from raycv.training_common import optimizer_step
+    from raycv.training_common import GradientAccumulation
     from raycv.training_data import plan_dataset
 
     torch.set_num_threads(threads)
@@ -134,11 +145,12 @@ def plain_loop(
         )
         t0, cpu0 = time.perf_counter(), time.process_time()
         model.train()
-        for x, y in train:
+        acc = GradientAccumulation(model, opt, scaler, t.grad_accum_steps, len(train))  # as raycv's loop
+        for i, (x, y) in enumerate(train):
             x, y = x.to(device), y.to(device)
             with torch.autocast(device, dtype=amp_dtype, enabled=use_amp):
                 loss = ops.loss(model(x), y, cfg)
-            optimizer_step(loss, opt, scaler)  # the same step as raycv's training loop
+            acc.backward(i, loss)
         sched.step()
         model.eval()
         with torch.no_grad():
@@ -208,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         "epochs": args.epochs,
         "workers": args.workers,
         "cpus_per_worker": args.cpus_per_worker,
+        "grad_accum_steps": args.grad_accum_steps,
         "ray_epoch_s": ray_s,
         "plain_epoch_s": plain_s,
         "ray_images_per_s": ray_steady,
@@ -231,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
         "driver_niceness": os.nice(0),
     }
     C.print_table(
-        f"train throughput: {args.arch} @ {args.image_size}, batch {args.batch_size}/worker, "
+        f"train throughput: {args.arch} @ {args.image_size}, batch {args.batch_size}/worker "
+        f"(a step every {args.grad_accum_steps}), "
         f"{args.workers} DDP worker(s) x {args.cpus_per_worker} CPU vs 1 process x {threads} thread(s)",
         [
             ("train images / epoch", n_train),

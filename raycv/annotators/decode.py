@@ -60,18 +60,20 @@ def _decode_jpegs(datas: list[bytes], device: str) -> list[torch.Tensor | None]:
     """[3, H, W] uint8 tensors on ``device``; one call for the batch, per file if that fails."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    if not datas:
+        return []  # decode_jpeg refuses an empty list
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     with warnings.catch_warnings():
         # Deprecated in torchvision 0.29 in favour of TorchCodec's decoders (not a dependency of raycv yet).
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
             return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:  # "no partial results": find the file(s) at fault
+        except Exception:  # "no partial results": find the file(s) at fault
             out: list[torch.Tensor | None] = []
             for t in tensors:
                 try:
                     out.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
-                except RuntimeError:
+                except Exception:  # the CPU path decodes it, or gives it its decode error
                     out.append(None)
             return out
 
