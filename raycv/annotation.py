@@ -132,12 +132,18 @@ def _run_pipeline(cfg: AnnotateConfig, todo: Plan, card: dict[str, Any], run_id:
     )
     staging = outputs.staging_dir(cfg.output, run_id)
     bundles = ds.iter_internal_ref_bundles()
-    refs = (ref for bundle in bundles for ref in bundle.block_refs)
+    blocks = (
+        (entry.ref, entry.metadata.num_rows, entry.metadata.size_bytes)
+        for bundle in bundles
+        for entry in bundle.blocks
+    )
     try:
         in_flight = 2 * cfg.actors + 2
-        return write_blocks(refs, staging, cfg.storage.endpoint_url, cfg.max_error_fraction, in_flight)
+        return write_blocks(
+            blocks, staging, cfg.storage.endpoint_url, cfg.max_error_fraction, in_flight, cfg.rows_per_file
+        )
     finally:
-        del refs, bundles  # the last references: the executor shuts down, releasing its actors' CPUs/GPUs
+        del blocks, bundles  # the last references: the executor shuts down, releasing its actors' CPUs/GPUs
 
 
 def new_run_id() -> str:

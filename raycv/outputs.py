@@ -266,14 +266,22 @@ def _read_file(
         return pq.read_table(f, columns=columns)
 
 
+ROW_GROUP_BYTES = 64 << 20  # in-memory bytes of a row group: readers fetch and decode one at a time
+
+
 def write_table(uri: str, table: pa.Table, endpoint_url: str | None = None) -> None:
     """Write ``table`` as one zstd Parquet file at ``uri``, atomically (readers never see a part of it)."""
     _write_file(uri, table, endpoint_url)
 
 
 def _write_file(uri: str, table: pa.Table, endpoint_url: str | None) -> None:
+    """Row groups of about :data:`ROW_GROUP_BYTES`: a file of label rows is one group; a file of masks is
+    cut into several, so a reader of one column or a few rows never decodes the whole file at once."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    per_row = table.nbytes / max(table.num_rows, 1)
+    pq.write_table(
+        table, sink, compression="zstd", row_group_size=max(1, int(ROW_GROUP_BYTES / max(per_row, 1)))
+    )
     storage.write_bytes(uri, sink.getvalue().to_pybytes(), endpoint_url)
 
 

@@ -8,10 +8,11 @@ workers import pyarrow and raycv's storage only, not torch: a worker importing t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
@@ -19,6 +20,8 @@ from raycv import outputs, storage
 
 log = logging.getLogger(__name__)
 WRITE_CPUS = 0.25
+ROWS_PER_FILE = 8192  # annotate rows_per_file: rows of one output Parquet file
+MAX_FILE_BYTES = 256 << 20  # in-memory bytes of one file's blocks (rows with masks fill a file sooner)
 MIN_IMAGES_FOR_ERROR_CHECK = 32  # max_error_fraction is only judged after this many images
 
 
@@ -41,11 +44,12 @@ class Tally:
 
 
 @ray.remote(num_cpus=WRITE_CPUS)
-def write_block(block: Any, uri: str, endpoint_url: str | None) -> dict[str, Any]:
-    """Write one block of result rows as one Parquet file (atomically); return its status counts."""
+def write_block(uri: str, endpoint_url: str | None, *blocks: Any) -> dict[str, Any]:
+    """Write result blocks as one Parquet file (atomically); return its status counts and first errors."""
     from ray.data.block import BlockAccessor
 
-    table = BlockAccessor.for_block(block).to_arrow()
+    tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+    table = pa.concat_tables([t for t in tables if t.num_rows] or tables[:1])
     if table.num_rows:
         outputs.write_table(uri, table, endpoint_url)
     failed = table.filter(pc.equal(table["status"], "error")) if table.num_rows else table
@@ -71,20 +75,44 @@ def drain(pending: list[Any], tally: Tally, keep: int) -> list[Any]:
 
 
 def write_blocks(
-    refs: Iterator[Any], staging: str, endpoint_url: str | None, max_error_fraction: float, in_flight: int
+    blocks: Iterable[tuple[Any, int | None, int | None]],
+    staging: str,
+    endpoint_url: str | None,
+    max_error_fraction: float,
+    in_flight: int,
+    rows_per_file: int = ROWS_PER_FILE,
 ) -> Tally:
-    """Write each block of ``refs`` to ``staging`` as ``part-<n>.parquet``; stop taking blocks once the
-    finished writes exceed ``max_error_fraction`` (the writes started are awaited: only whole files).
+    """Write ``blocks`` (``(ref, rows, bytes)`` of each result block) to ``staging`` as ``part-<n>.parquet``
+    files of about ``rows_per_file`` rows (fewer when the blocks pass :data:`MAX_FILE_BYTES`, e.g. masks);
+    stop taking blocks once the finished writes exceed ``max_error_fraction`` (the blocks taken are
+    written, the writes started awaited: only whole files).
 
-    At most ``in_flight`` writes run at once, which also holds the pipeline back when storage is slow.
+    One file per actor batch would leave an archive of a million images in ~30,000 files of 32 rows: as
+    many requests to list, read and move at every commit and incremental run. At most ``in_flight`` writes
+    run at once, which also holds the pipeline back when storage is slow.
     """
     tally, pending = Tally(), []
-    for n, ref in enumerate(refs):
-        uri = storage.join(staging, f"part-{n:06d}.parquet")
-        pending.append(write_block.remote(ref, uri, endpoint_url))
+    group: list[Any] = []
+    rows = size = files = 0
+
+    def flush() -> None:
+        nonlocal group, rows, size, files, pending
+        uri = storage.join(staging, f"part-{files:06d}.parquet")
+        pending.append(write_block.remote(uri, endpoint_url, *group))
+        group, rows, size, files = [], 0, 0, files + 1
         pending = drain(pending, tally, keep=in_flight)
+
+    for ref, num_rows, size_bytes in blocks:
+        group.append(ref)
+        rows, size = rows + (num_rows or 0), size + (size_bytes or 0)
+        if rows >= rows_per_file or size >= MAX_FILE_BYTES:
+            flush()
+        else:
+            pending = drain(pending, tally, keep=in_flight)
         if tally.exceeds(max_error_fraction):
             log.warning("stopping: %d of %d images failed", tally.error, tally.ok + tally.error)
             break
+    if group:
+        flush()
     drain(pending, tally, keep=0)
     return tally

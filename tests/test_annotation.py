@@ -1,6 +1,7 @@
 """Input planning and the read/decode stage, without a model (the full pipeline: test_end_to_end.py,
 test_annotation_medical.py)."""
 
+import glob
 import os
 import re
 import shutil
@@ -191,13 +192,41 @@ def test_writes_stop_taking_blocks_once_too_many_images_failed(tmp_path, ray_loc
         for i in range(40):
             taken.append(i)
             time.sleep(0.25)  # a pipeline that is slower than the writes, as on a large archive
-            yield ray.put(block(i, "ok" if i % 4 == 0 else "error"))
+            yield ray.put(block(i, "ok" if i % 4 == 0 else "error")), 4, 1000
 
     staging = str(tmp_path / "staging")
-    tally = write_blocks(blocks(), staging, None, max_error_fraction=0.5, in_flight=2)
+    tally = write_blocks(blocks(), staging, None, max_error_fraction=0.5, in_flight=2, rows_per_file=8)
     assert tally.exceeds(0.5) and len(taken) < 40
     assert len(tally.first_errors) == 3
     assert all(re.fullmatch(r"s3://b/\d+-\d\.png: decode DecodeError: bad", e) for e in tally.first_errors)
     written = pq.read_table(staging)
     assert written.num_rows == tally.ok + tally.error == 4 * len(taken)
     assert tally.error == written.filter(pa.compute.equal(written["status"], "error")).num_rows
+
+
+def test_blocks_are_grouped_into_files_by_rows_and_by_bytes(tmp_path, ray_local, monkeypatch):
+    """Files of >= rows_per_file rows (whole blocks), fewer when the blocks pass MAX_FILE_BYTES; every
+    row written once, in order."""
+    import ray
+
+    from raycv import writing
+
+    def blocks(n: int, size: int):
+        for i in range(n):
+            rows = {"image_uri": [f"u{i}-{j}" for j in range(4)], "status": ["ok"] * 4}
+            rows.update({k: [None] * 4 for k in ("error_stage", "error_type", "error_message")})
+            yield ray.put(pa.table(rows)), 4, size
+
+    def files(staging: str) -> list[list[str]]:
+        return [
+            pq.read_table(p).column("image_uri").to_pylist()
+            for p in sorted(glob.glob(f"{staging}/*.parquet"))
+        ]
+
+    tally = write_blocks(blocks(10, 1000), str(tmp_path / "a"), None, 1.0, in_flight=2, rows_per_file=10)
+    written = files(str(tmp_path / "a"))
+    assert [len(f) for f in written] == [12, 12, 12, 4] and tally.ok == 40
+    assert [u for f in written for u in f] == [f"u{i}-{j}" for i in range(10) for j in range(4)]
+    monkeypatch.setattr(writing, "MAX_FILE_BYTES", 2500)  # two blocks of 1000 bytes fit, the third flushes
+    write_blocks(blocks(5, 1000), str(tmp_path / "b"), None, 1.0, in_flight=2, rows_per_file=10_000)
+    assert [len(f) for f in files(str(tmp_path / "b"))] == [12, 8]

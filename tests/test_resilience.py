@@ -83,6 +83,7 @@ def archive(tmp_path, ray_local):
         "batch_size": 8,
         "actors": 1,
         "cpus_per_actor": 1,
+        "rows_per_file": 16,  # files staged while the run goes (the default 8192 would be one at the end)
     }
     return {"run": run, "uris": uris, "cfg": cfg, "out": str(tmp_path / "out"), "tmp": tmp_path}
 
