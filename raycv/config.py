@@ -227,7 +227,7 @@ class AnnotateConfig(_Strict):
     # Classification: also write each ok row's Grad-CAM heatmap (`gradcam_png`, see raycv.gradcam).
     explain: Literal["gradcam"] | None = None
     max_pixels: int = Field(default=178_956_970, gt=0)
-    # Rows per output Parquet file (fewer when the rows are large, e.g. masks: files stay under 256 MB).
+    # Rows per output Parquet file (fewer when the rows are large, e.g. masks: files stay under 128 MB).
     rows_per_file: int = Field(default=8192, ge=1)
     # Stop (exit 1) once more than this fraction of at least 32 images failed; 1.0 never stops.
     max_error_fraction: float = Field(default=1.0, gt=0.0, le=1.0)

@@ -21,7 +21,7 @@ from raycv import outputs, storage
 log = logging.getLogger(__name__)
 WRITE_CPUS = 0.25
 ROWS_PER_FILE = 8192  # annotate rows_per_file: rows of one output Parquet file
-MAX_FILE_BYTES = 256 << 20  # in-memory bytes of one file's blocks (rows with masks fill a file sooner)
+MAX_FILE_BYTES = 128 << 20  # in-memory bytes of one file's blocks (rows with masks fill a file sooner)
 MIN_IMAGES_FOR_ERROR_CHECK = 32  # max_error_fraction is only judged after this many images
 
 
