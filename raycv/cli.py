@@ -110,9 +110,9 @@ def _validated(args: argparse.Namespace, kind: str) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _validated(args, "train")  # before importing torch and Ray: a bad config answers at once
     from raycv.training import run_training
 
-    cfg = _validated(args, "train")
     result = run_training(cfg, args.address)
     shown = ", ".join(f"{k}={v}" for k, v in result.best_metrics.items())
     print(
@@ -123,9 +123,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
+    cfg = _validated(args, "annotate")
     from raycv.annotation import run_annotation
 
-    s = run_annotation(_validated(args, "annotate"), args.address)
+    s = run_annotation(cfg, args.address)
     print(
         f"\nraycv annotate: {s.total} images: {s.ok} ok, {s.error} error, {s.skipped} skipped "
         f"in {s.duration_s:.1f}s ({s.images_per_s:.1f} img/s)\n"
@@ -136,9 +137,10 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    cfg = _validated(args, "train")
     from raycv.evaluation import evaluate
 
-    print(json.dumps(evaluate(_validated(args, "train"), args.split), indent=2))
+    print(json.dumps(evaluate(cfg, args.split), indent=2))
     return EXIT_OK
 
 
@@ -186,10 +188,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from raycv.models import TASKS, get_model_info, list_models
+    from typing import get_args
 
-    if args.task is not None and args.task not in TASKS:
-        raise ConfigError("--task", args.task, f"Choose one of {', '.join(TASKS)}.")
+    from raycv.config import Task
+
+    tasks = get_args(Task)
+    if args.task is not None and args.task not in tasks:  # before importing torchvision's models
+        raise ConfigError("--task", args.task, f"Choose one of {', '.join(tasks)}.")
+    from raycv.models import get_model_info, list_models
+
     names = list_models(args.pattern, task=args.task)
     width = max((len(n) for n in names), default=4)
     print(f"{'name':<{width}}  {'task':<22} {'source':<12} min_size")

@@ -60,7 +60,7 @@ def run_demo(workdir: str) -> None:
     rows = {r["image_uri"]: r for r in table.to_pylist()}
     correct = sum(rows[u]["label"] == lb for u, lb in truth.items() if rows.get(u, {}).get("status") == "ok")
     errors = [
-        (os.path.basename(r["image_uri"]), r["error_stage"], r["error_type"])
+        (os.path.basename(r["image_uri"]), r["error_stage"], r["error_type"], r["error_message"] or "")
         for r in rows.values()
         if r["status"] == "error"
     ]
@@ -70,9 +70,9 @@ def run_demo(workdir: str) -> None:
         f"annotated: {summary.total} images, {summary.ok} ok, {summary.error} error rows; "
         f"accuracy on the labelled part of the archive {correct}/{len(truth)}"
     )
-    for name, stage, message in sorted(errors):
-        reason = message.split(": ", 1)[-1]
-        print(f"  error row: {name:<14} stage={stage:<7} {reason[:80]}")
+    for name, stage, kind, message in sorted(errors):
+        reason = message.split(": ", 1)[-1]  # DecodeError messages start with the image's URI
+        print(f"  error row: {name:<14} stage={stage:<7} {kind}: {reason[:80]}")
     print(
         f"\nrun directory: {run_dir}\nannotations:   {out}/images (Parquet)\nsummary:       {out}/_summary.json"
     )

@@ -1,6 +1,7 @@
 """The `raycv` entry point as users run it (subprocesses of the installed console script)."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "=== raycv demo ===" in out
     for name in ["truncated.jpg", "empty.png", "text.png", "bomb.png"]:
         assert f"error row: {name}" in out
+    # the reason, not only the type: e.g. "... stage=decode  DecodeError: the file is empty (0 bytes)"
+    assert re.search(r"error row: empty\.png +stage=decode +DecodeError: .*empty", out), out
+    assert re.search(r"error row: bomb\.png +stage=decode +DecodeError: .*pixels", out), out
     table = pq.read_table(str(tmp_path / "annotations" / "shapes" / "images"))
     assert table.num_rows == 73 and len(set(table.column("image_uri").to_pylist())) == 73
     assert (tmp_path / "runs" / "shapes" / "model.pt").exists()
