@@ -88,7 +88,9 @@ def write_blocks(
     written, the writes started awaited: only whole files).
 
     One file per actor batch would leave an archive of a million images in ~30,000 files of 32 rows: as
-    many requests to list, read and move at every commit and incremental run. At most ``in_flight`` writes
+    many requests to list, read and move at every commit and incremental run. The first files are small
+    and double in size up to ``rows_per_file`` (32, 64, 128, ... rows), so that ``max_error_fraction`` is
+    judged after the first few dozen images, not after the first full file. At most ``in_flight`` writes
     run at once, which also holds the pipeline back when storage is slow.
     """
     tally, pending = Tally(), []
@@ -105,7 +107,7 @@ def write_blocks(
     for ref, num_rows, size_bytes in blocks:
         group.append(ref)
         rows, size = rows + (num_rows or 0), size + (size_bytes or 0)
-        if rows >= rows_per_file or size >= MAX_FILE_BYTES:
+        if rows >= min(rows_per_file, MIN_IMAGES_FOR_ERROR_CHECK << min(files, 30)) or size >= MAX_FILE_BYTES:
             flush()
         else:
             pending = drain(pending, tally, keep=in_flight)

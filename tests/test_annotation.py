@@ -227,6 +227,9 @@ def test_blocks_are_grouped_into_files_by_rows_and_by_bytes(tmp_path, ray_local,
     written = files(str(tmp_path / "a"))
     assert [len(f) for f in written] == [12, 12, 12, 4] and tally.ok == 40
     assert [u for f in written for u in f] == [f"u{i}-{j}" for i in range(10) for j in range(4)]
+    # The first files are small and double (32, 64, ... rows) up to rows_per_file: errors are judged early.
+    write_blocks(blocks(40, 1000), str(tmp_path / "c"), None, 1.0, in_flight=2, rows_per_file=10_000)
+    assert [len(f) for f in files(str(tmp_path / "c"))] == [32, 64, 64]
     monkeypatch.setattr(writing, "MAX_FILE_BYTES", 2500)  # two blocks of 1000 bytes fit, the third flushes
     write_blocks(blocks(5, 1000), str(tmp_path / "b"), None, 1.0, in_flight=2, rows_per_file=10_000)
     assert [len(f) for f in files(str(tmp_path / "b"))] == [12, 8]
