@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from raycv.data.images import decode_image, resize_rgb
-from raycv.errors import DecodeError, error_fields
+from raycv.errors import error_fields
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _EXIF_ORIENTATION = 0x0112
@@ -88,8 +88,6 @@ def _resized(image: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
 
 def _on_cpu(data: bytes, uri: str, size_hw: tuple[int, int], device: str, max_pixels: int) -> Decoded:
     try:
-        if not data:
-            raise DecodeError(uri, "the file is empty (0 bytes)")
         image = decode_image(data, uri, max_pixels=max_pixels)
     except Exception as exc:
         return Decoded(None, error=error_fields("decode", exc))
