@@ -92,7 +92,7 @@ def _labels_scores(table) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_bf16_channels_last_classifier_matches_fp32(classifier_run, shapes):
-    ref = Classifier(classifier_run, None, "r", 1, False)
+    ref = Classifier(classifier_run, None, "r", 1, False, channels_last=False)
     fast = Classifier(classifier_run, None, "r", 1, False, precision="bf16", channels_last=True)
     assert next(fast.run.model.parameters()).is_contiguous(memory_format=torch.channels_last)
     labels, scores = _labels_scores(ref(shapes))
@@ -108,13 +108,40 @@ def test_bf16_channels_last_segmenter_matches_fp32(tmp_path):
     _standardise_head(run, "head", np.stack([s.image for s in scenes]))
     batch = {**_plan(6), "data": np.array([encode_png(s.image) for s in scenes], dtype=object)}
     out = str(tmp_path / "out")
-    ref = Segmenter(run, None, "r", 1, False, output=out)(batch)
+    ref = Segmenter(run, None, "r", 1, False, output=out, channels_last=False)(batch)
     fast = Segmenter(run, None, "r", 1, False, output=out, precision="bf16", channels_last=True)(batch)
     assert fast.column("status").to_pylist() == ["ok"] * 6
     a = np.stack([decode_png_mask(m) for m in ref.column("mask_png").to_pylist()])
     b = np.stack([decode_png_mask(m) for m in fast.column("mask_png").to_pylist()])
     assert a.shape == b.shape == (6, SIZE, SIZE) and len(np.unique(a)) == 4
     assert (a == b).mean() >= 0.95
+
+
+def test_channels_last_is_the_default_and_changes_no_label(classifier_run, shapes, tmp_path):
+    """NHWC (the default: faster on CPU too) computes the same function as NCHW, up to summation order."""
+    assert build_config(AnnotateConfig, {"model": "r/", "input": "i/", "output": "o/"}).channels_last
+    nchw = Classifier(classifier_run, None, "r", 1, False, channels_last=False)
+    nhwc = Classifier(classifier_run, None, "r", 1, False)
+    assert next(nhwc.run.model.parameters()).is_contiguous(memory_format=torch.channels_last)
+    assert next(nchw.run.model.parameters()).is_contiguous()
+    labels, scores = _labels_scores(nchw(shapes))
+    got_labels, got_scores = _labels_scores(nhwc(shapes))
+    assert len(set(labels)) == 3 and (labels == got_labels).all()
+    assert np.abs(scores - got_scores).max() <= 1e-4
+
+    run = _run(tmp_path, "unet", "semantic_segmentation", 4)
+    scenes = [synthetic.render_scene(np.random.default_rng(i), size=SIZE, n_objects=2) for i in range(4)]
+    _standardise_head(run, "head", np.stack([s.image for s in scenes]))
+    batch = {**_plan(4), "data": np.array([encode_png(s.image) for s in scenes], dtype=object)}
+    out = str(tmp_path / "out")
+    masks = [
+        np.stack([decode_png_mask(m) for m in table.column("mask_png").to_pylist()])
+        for table in (
+            Segmenter(run, None, "r", 1, False, output=out, channels_last=False)(batch),
+            Segmenter(run, None, "r", 1, False, output=out)(batch),
+        )
+    ]
+    assert len(np.unique(masks[0])) == 4 and (masks[0] == masks[1]).mean() >= 0.999
 
 
 def test_compile_gives_the_same_labels(classifier_run, shapes):
@@ -159,7 +186,7 @@ def test_bf16_detector_runs_the_backbone_reduced_and_boxes_in_fp32(tmp_path):
     scenes = [synthetic.render_scene(np.random.default_rng(i), size=SIZE, n_objects=2) for i in range(4)]
     batch = {**_plan(4), "data": np.array([encode_png(s.image) for s in scenes], dtype=object)}
     kw = {"score_threshold": 0.0, "iou_threshold": 0.5}
-    ref = Detector(run, None, "r", 1, False, **kw)(batch).column("objects").to_pylist()
+    ref = Detector(run, None, "r", 1, False, channels_last=False, **kw)(batch).column("objects").to_pylist()
     fast = Detector(run, None, "r", 1, False, precision="bf16", channels_last=True, **kw)
     dtypes = set()
     conv = next(m for m in fast.run.model.backbone.modules() if isinstance(m, torch.nn.Conv2d))

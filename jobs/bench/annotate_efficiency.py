@@ -7,11 +7,11 @@ actors), same batch size, in the same layout of torch threads: one process per a
 ``cpus_per_actor`` threads each, no Ray, no I/O. It is measured before and after the pipeline, and the
 ratio uses their mean. The bare model runs at the niceness of Ray's workers (read from one with psutil;
 Ray starts them at nice 15), so both sides get the same share of a machine shared with other work, and
-with the same ``--precision``, ``--channels-last`` and ``--compile`` as the actors. Target on CPU: >= 0.90.
+with the same ``--precision``, ``--[no-]channels-last`` and ``--compile`` as the actors. Target on CPU: >= 0.90.
 
     python jobs/bench/annotate_efficiency.py --n 600 --json eff.json               # resnet18 @ 224, CPU
     python jobs/bench/annotate_efficiency.py --device cuda --arch resnet50 --n 20000 --batch-size 128 \\
-        --actors 1 --cpus-per-actor 8 --precision bf16 --channels-last --input s3://archive/images/ \\
+        --actors 1 --cpus-per-actor 8 --precision bf16 --input s3://archive/images/ \\
         --address auto --json eff_gpu.json
 """
 
@@ -36,7 +36,12 @@ def parse_args(argv: list[str] | None = None) -> C.argparse.Namespace:
     p.add_argument(
         "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast (fp16: GPU)"
     )
-    p.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs")
+    p.add_argument(
+        "--channels-last",
+        action=C.argparse.BooleanOptionalAction,
+        default=True,
+        help="NHWC weights and inputs (annotate's default; --no-channels-last for NCHW)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (actors and bare model)")
     p.add_argument(
         "--decode",

@@ -2,8 +2,9 @@
 
 The naive script is one process with torch's default threads (all cores): for each batch of files it
 reads, decodes (raycv's own ``decode_image`` and resize, so both sides compute the same pixels), runs the
-forward pass and the softmax, appends the top-k rows to a list, and at the end writes one Parquet file.
-It overlaps nothing. The pipeline is the real :func:`raycv.annotation.run_annotation` with its actors and
+forward pass (plain NCHW tensors; ``--naive-channels-last`` gives it raycv's NHWC default too, which
+leaves the pipelining alone in the ratio) and the softmax, appends the top-k rows to a list, and at the
+end writes one Parquet file. It overlaps nothing. The pipeline is the real :func:`raycv.annotation.run_annotation` with its actors and
 read tasks on the same cores. Speed-up = pipeline img/s / naive img/s, both end to end (start-up
 included). The naive script runs in its own process at the niceness of Ray's workers (read from one with
 psutil; Ray starts them at nice 15), so both sides get the same share of a shared machine. Target on 2
@@ -32,6 +33,17 @@ def parse_args(argv: list[str] | None = None) -> C.argparse.Namespace:
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads of the naive script (default: torch's)"
     )
+    p.add_argument(
+        "--naive-channels-last",
+        action="store_true",
+        help="NHWC weights and inputs in the naive script too (the pipeline's default)",
+    )
+    p.add_argument(
+        "--no-channels-last",
+        dest="channels_last",
+        action="store_false",
+        help="the pipeline with annotate channels_last: false (NCHW)",
+    )
     return p.parse_args(argv)
 
 
@@ -44,6 +56,7 @@ def naive_annotate(
     device: str,
     endpoint_url: str | None,
     threads: int | None = None,
+    channels_last: bool = False,
 ) -> tuple[float, int]:
     """The sequential script: read -> decode -> forward -> append -> one Parquet file.
 
@@ -63,6 +76,9 @@ def naive_annotate(
 
     t0 = time.perf_counter()
     run = runs.load_run(run_dir, device=device)
+    if channels_last:
+        run.model.to(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     norm = run.card["normalization"]
     rows: list[dict] = []
     for i in range(0, len(uris), batch_size):
@@ -70,7 +86,8 @@ def naive_annotate(
         images = [decode_image(storage.read_bytes(u, endpoint_url), u) for u in chunk]
         x = torch.stack([to_tensor_resized(im, run.size_hw) for im in images]).to(device)
         with torch.inference_mode():
-            probs = torch.softmax(run.model(normalize(x, norm["mean"], norm["std"])).float(), dim=1).cpu()
+            x = normalize(x, norm["mean"], norm["std"]).contiguous(memory_format=fmt)
+            probs = torch.softmax(run.model(x).float(), dim=1).cpu()
         for uri, im, top in zip(chunk, images, topk_rows(probs.numpy(), run.class_names, 5), strict=True):
             rows.append({"image_uri": uri, "width": im.shape[1], "height": im.shape[0], "topk": top})
     table = pa.Table.from_pylist(rows)
@@ -98,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
                 device=args.device,
                 endpoint_url=args.endpoint_url,
                 threads=args.threads,
+                channels_last=args.naive_channels_last,
             )
             summary = C.annotate(
                 run_dir,
@@ -109,12 +127,15 @@ def main(argv: list[str] | None = None) -> dict:
                 gpus_per_actor=1.0 if args.device == "cuda" else 0.0,
                 endpoint_url=args.endpoint_url,
                 address=args.address,
+                speed={"channels_last": args.channels_last},
             )
     results = {
         "images": len(uris),
         "ok": summary["ok"],
         "naive_images_per_s": naive,
         "naive_torch_threads": threads,
+        "naive_channels_last": args.naive_channels_last,
+        "pipeline_channels_last": args.channels_last,
         "ray_worker_niceness": worker_nice,
         "naive_niceness": naive_nice,
         "driver_niceness": os.nice(0),
@@ -135,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
             ("speed-up end to end", results["speedup"]),
             ("speed-up steady state", results["steady_speedup"]),
             ("layout", results["layout"]),
+            ("channels_last: pipeline, naive", f"{args.channels_last}, {args.naive_channels_last}"),
             ("niceness: Ray workers, naive script", f"{worker_nice}, {naive_nice}"),
             ("target", TARGET),
         ],

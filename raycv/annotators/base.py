@@ -88,7 +88,7 @@ class _Annotator:
         use_gpu: bool,
         *,
         precision: Precision = "fp32",
-        channels_last: bool = False,
+        channels_last: bool = True,
         compile: bool = False,
     ) -> None:
         torch.set_num_threads(
