@@ -33,7 +33,9 @@ def evaluate(cfg: TrainConfig, split: str = "val") -> dict[str, Any]:
     rows = plan["val"] if split == "val" else plan["train"] + plan["val"]
     samples = [Sample(*row) for row in rows]
     _, eval_tf = make_transforms(cfg)
-    loader = BatchLoader(samples, eval_tf, batch_size=32, endpoint_url=cfg.storage.endpoint_url)
+    loader = BatchLoader(
+        samples, eval_tf, batch_size=32, endpoint_url=cfg.storage.endpoint_url, decode_size=cfg.data.size_hw
+    )
     ops = task_ops(cfg.task)
     k = int(run.card["num_classes"])
     cm = evaluate_confusion(run.model, loader, list(range(len(samples))), ops, k, torch.device("cpu"))

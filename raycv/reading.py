@@ -14,7 +14,7 @@ import numpy as np
 
 from raycv import outputs, storage
 from raycv.data import geotiff, medical
-from raycv.data.images import decode_image, encode_png, resize_rgb
+from raycv.data.images import decode_image, decode_reduced, encode_png, resize_rgb
 from raycv.errors import DecodeError, error_fields
 
 FILES_PER_READ = 8  # files fetched and decoded together: bounds a read task's memory when files are volumes
@@ -49,6 +49,20 @@ def decode_file(data: bytes, uri: str, *, max_pixels: int) -> list[np.ndarray]:
             _check_pixels(uri, slices[0].shape[0], slices[0].shape[1], max_pixels)
         return slices
     return [decode_image(data, uri, max_pixels=max_pixels)]
+
+
+def decode_file_resized(
+    data: bytes, uri: str, size_hw: tuple[int, int], *, max_pixels: int
+) -> list[tuple[np.ndarray, int, int]]:
+    """:func:`decode_file`, each image resized to ``size_hw`` (:func:`resize_rgb`): ``(pixels, width, height)``
+    with the original size. A large JPEG is decoded at reduced DCT scale (:func:`decode_reduced`)."""
+    if medical.is_dicom(uri) or medical.looks_like_dicom(data) or medical.is_nifti(uri):
+        return [
+            (resize_rgb(im, size_hw), im.shape[1], im.shape[0])
+            for im in decode_file(data, uri, max_pixels=max_pixels)
+        ]
+    image, width, height = decode_reduced(data, uri, size_hw, max_pixels=max_pixels)
+    return [(resize_rgb(image, size_hw), width, height)]
 
 
 def _check_pixels(uri: str, height: int, width: int, max_pixels: int) -> None:
@@ -105,13 +119,10 @@ def read_decode_batch(
         except Exception as exc:
             return [(blank, -1, -1, error_fields("read", exc))]
         try:
-            images = decode_file(data, uri, max_pixels=max_pixels)
+            images = decode_file_resized(data, uri, size_hw, max_pixels=max_pixels)
         except Exception as exc:
             return [(blank, -1, -1, error_fields("decode", exc))]
-        out = []
-        for image in images:
-            out.append((resize_rgb(image, size_hw), image.shape[1], image.shape[0], _OK))
-        return out
+        return [(pixels, width, height, _OK) for pixels, width, height in images]
 
     results = _fetch_all([str(u) for u in batch["image_uri"]], endpoint_url, one)
     out = _expanded(batch, results, [[r[3] for r in per_file] for per_file in results])

@@ -3,8 +3,9 @@
 The read tasks then ship each file's encoded bytes (a 256 px JPEG is ~15 KB against 150 KB of decoded
 224 px pixels), and the actor decodes a batch of baseline RGB or grayscale JPEGs in one call of
 :func:`torchvision.io.decode_jpeg` on its device, then resizes there with antialiased bilinear
-interpolation (within a level of the read tasks' Pillow resize). Every other file goes the CPU way of the
-read tasks (:func:`raycv.data.images.decode_image`, then :func:`raycv.data.images.resize_rgb`), and so
+interpolation (within a level of Pillow's resize; the read tasks also decode large JPEGs at a reduced DCT
+scale, which moves pixels by 0.1-0.25 level on average). Every other file goes the CPU way of the
+read tasks (:func:`raycv.data.images.decode_reduced`, then :func:`raycv.data.images.resize_rgb`), and so
 does a JPEG that needs more than the GPU decoder does: EXIF orientation (applied on CPU only), CMYK/YCCK,
 or one nvJPEG refuses. A file Pillow cannot decode either gets that decode error, as in the read tasks.
 """
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from raycv.data.images import decode_image, resize_rgb
+from raycv.data.images import decode_reduced, resize_rgb
 from raycv.errors import error_fields
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -88,11 +89,11 @@ def _resized(image: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
 
 def _on_cpu(data: bytes, uri: str, size_hw: tuple[int, int], device: str, max_pixels: int) -> Decoded:
     try:
-        image = decode_image(data, uri, max_pixels=max_pixels)
+        image, width, height = decode_reduced(data, uri, size_hw, max_pixels=max_pixels)
     except Exception as exc:
         return Decoded(None, error=error_fields("decode", exc))
     pixels = torch.from_numpy(resize_rgb(image, size_hw)).to(device).permute(2, 0, 1).float().div_(255.0)
-    return Decoded(pixels, image.shape[1], image.shape[0])
+    return Decoded(pixels, width, height)
 
 
 def decode_batch(

@@ -30,6 +30,7 @@ from contextlib import contextmanager, suppress
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from raycv.data.image_errors import failure_reason, unidentified_reason
 from raycv.errors import DecodeError
 
 DEFAULT_MAX_PIXELS = 178_956_970
@@ -41,25 +42,6 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _LOSSY_FORMATS = ("JPEG", "MPO")
-
-# Magic numbers, to say what a file is when Pillow cannot open it.
-_IMAGE_SIGNATURES = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF8", "GIF"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-    (b"BM", "BMP"),
-)
-_OTHER_SIGNATURES = (
-    (b"%PDF", "a PDF document"),
-    (b"PK\x03\x04", "a ZIP archive"),
-    (b"\x1f\x8b", "gzip data"),
-    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000 data"),
-    (b"\xff\x0a", "JPEG XL data, which Pillow cannot read"),
-    (b"\x00\x00\x00\x0cJXL ", "JPEG XL data, which Pillow cannot read"),
-)
-_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"mif1", b"msf1")
 
 
 # -- Pillow's global pixel limit ---------------------------------------------------------------------------
@@ -112,19 +94,28 @@ def decode_image(data: bytes, uri: str = "", *, max_pixels: int = DEFAULT_MAX_PI
         DecodeError: empty, not an image, truncated, corrupt, or over ``max_pixels``.
         ValueError: ``max_pixels`` is not positive.
     """
-    if max_pixels <= 0:
-        raise ValueError(f"max_pixels must be a positive pixel count, got {max_pixels}.")
-    with _pillow_limit_lifted(), _open(data, uri) as im:
-        _check_pixels(im, uri, max_pixels)
-        try:
-            im.load()  # Image.open leaves multi-frame files on frame 0: this decodes only the first frame
-            _exif_transpose(im)
-            rgb = _to_rgb(im)
-        except MemoryError:
-            raise
-        except Exception as e:
-            raise DecodeError(uri, _failure_reason(e, data)) from e
-    return np.ascontiguousarray(rgb)
+    return _decode(data, uri, max_pixels, None)[0]
+
+
+def decode_reduced(
+    data: bytes, uri: str, size_hw: tuple[int, int], *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, int, int]:
+    """:func:`decode_image` for a caller that resizes the image to ``size_hw`` next (with :func:`resize_rgb`).
+
+    A JPEG at least four times ``size_hw`` in both dimensions is decoded at 1/2, 1/4 or 1/8 scale in the
+    DCT domain (libjpeg's scaling, Pillow's ``draft``), never below twice ``size_hw``, as Pillow's
+    ``thumbnail`` does: the antialiased resize that follows then gives the full decode's result within a
+    level or two (mean difference 0.1-0.25 level on shapes of 512-3,000 px, tested) for 1.6x (512 px to
+    112) to 4x (3,000 px to 224) less CPU. Other formats and smaller JPEGs decode in full.
+
+    Returns:
+        (the [H', W', 3] uint8 RGB pixels, the image's width, its height), the size as displayed at full
+        resolution (after EXIF orientation), whatever scale was decoded.
+
+    Raises:
+        DecodeError: as :func:`decode_image` (``max_pixels`` applies to the full-resolution size).
+    """
+    return _decode(data, uri, max_pixels, (int(size_hw[0]), int(size_hw[1])))
 
 
 def image_header(data: bytes, uri: str = "") -> tuple[int, int]:
@@ -200,8 +191,48 @@ def decode_png_mask(data: bytes, uri: str = "") -> np.ndarray:
         except DecodeError:
             raise
         except Exception as e:
-            raise DecodeError(uri, _failure_reason(e, data)) from e
+            raise DecodeError(uri, failure_reason(e, data)) from e
     return np.ascontiguousarray(labels)
+
+
+# -- Decoding -------------------------------------------------------------------------------------------------
+
+
+def _decode(
+    data: bytes, uri: str, max_pixels: int, reduce_for: tuple[int, int] | None
+) -> tuple[np.ndarray, int, int]:
+    """(pixels, full width, full height) as displayed; JPEGs drafted down towards twice ``reduce_for``."""
+    if max_pixels <= 0:
+        raise ValueError(f"max_pixels must be a positive pixel count, got {max_pixels}.")
+    with _pillow_limit_lifted(), _open(data, uri) as im:
+        _check_pixels(im, uri, max_pixels)
+        width, height = im.size
+        try:
+            turned = _draft(im, reduce_for) if reduce_for is not None and im.format == "JPEG" else None
+            stored = im.size  # the size the decoder delivers, before orientation
+            im.load()  # Image.open leaves multi-frame files on frame 0: this decodes only the first frame
+            _exif_transpose(im)
+            rgb = _to_rgb(im)
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise DecodeError(uri, failure_reason(e, data)) from e
+    if stored == (width, height):  # decoded in full: the pixels have the displayed size
+        return np.ascontiguousarray(rgb), rgb.shape[1], rgb.shape[0]
+    if stored[0] != stored[1]:  # did the orientation turn it? the pixels say (a corrupt EXIF may not)
+        turned = rgb.shape[:2] == stored
+    return np.ascontiguousarray(rgb), *((height, width) if turned else (width, height))
+
+
+def _draft(im: Image.Image, size_hw: tuple[int, int]) -> bool:
+    """Ask the JPEG decoder for the smallest DCT scale that keeps twice ``size_hw`` (as displayed) in both
+    dimensions; returns whether the EXIF orientation turns the image by 90 degrees."""
+    turned = _header_orientation(im) in _ROTATED
+    h, w = size_hw
+    if turned:
+        h, w = w, h  # the decoder works in the stored orientation
+    im.draft(None, (2 * w, 2 * h))
+    return turned
 
 
 # -- Opening and checking -----------------------------------------------------------------------------------
@@ -213,11 +244,11 @@ def _open(data: bytes, uri: str) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:
-        raise DecodeError(uri, _unidentified_reason(data)) from e
+        raise DecodeError(uri, unidentified_reason(data)) from e
     except MemoryError:
         raise
     except Exception as e:  # plugins raise OSError, SyntaxError, ValueError, struct.error... on bad headers
-        raise DecodeError(uri, _failure_reason(e, data)) from e
+        raise DecodeError(uri, failure_reason(e, data)) from e
 
 
 def _check_pixels(im: Image.Image, uri: str, max_pixels: int) -> None:
@@ -328,59 +359,3 @@ def _label_values(im: Image.Image, uri: str) -> np.ndarray:
             raise DecodeError(uri, f"label values span {values.min()}..{values.max()}, outside uint8 0..255")
         return values.astype(np.uint8)
     raise DecodeError(uri, f"expected a single-channel label map (mode L or P), got mode {im.mode}")
-
-
-# -- Saying what went wrong -------------------------------------------------------------------------------------
-
-
-def _failure_reason(exc: BaseException, data: bytes) -> str:
-    message = str(exc) or type(exc).__name__
-    if "truncated" in message.lower() or isinstance(exc, EOFError) or _riff_is_short(data):
-        return f"truncated image data ({len(data)} bytes): {message}"
-    return f"{type(exc).__name__}: {message}"
-
-
-def _riff_is_short(data: bytes) -> bool:
-    """A WebP whose RIFF header declares more bytes than the file holds (libwebp only says it failed)."""
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
-        return False
-    return len(data) < 8 + int.from_bytes(data[4:8], "little")
-
-
-def _unidentified_reason(data: bytes) -> str:
-    for magic, name in _IMAGE_SIGNATURES:
-        if data.startswith(magic):
-            return (
-                f"truncated image data or a corrupt {name} header ({len(data)} bytes); Pillow cannot parse it"
-            )
-    if _riff_is_short(data):
-        return f"truncated image data ({len(data)} bytes): the WebP header declares more"
-    return f"not a recognised image format: {_describe(data)}"
-
-
-def _describe(data: bytes) -> str:
-    """What the first bytes look like, in words."""
-    for magic, name in _OTHER_SIGNATURES:
-        if data.startswith(magic):
-            return f"the file is {name}"
-    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
-        return "the file is a HEIF/HEIC photo; install and register the pillow-heif plugin to read it"
-    text = _as_text(data[:256])
-    if text is not None:
-        stripped = text.lstrip().lower()
-        kind = "HTML" if stripped.startswith(("<!doctype html", "<html")) else "text"
-        if stripped.startswith(("<?xml", "<svg")):
-            kind = "XML/SVG (vector graphics are not decoded)"
-        return f"the file looks like {kind}: {text[:40]!r}"
-    return f"it starts with bytes {data[:8].hex(' ')}"
-
-
-def _as_text(head: bytes) -> str | None:
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if e.start < len(head) - 3:  # a real decoding error, not a character cut by the slice
-            return None
-        text = head[: e.start].decode("utf-8")
-    printable = all(c.isprintable() or c in "\r\n\t" for c in text)
-    return text if text and printable else None

@@ -20,7 +20,7 @@ import torch
 
 from raycv import storage
 from raycv.data.formats import DetectionSample, Sample
-from raycv.data.images import decode_image, decode_png_mask
+from raycv.data.images import decode_image, decode_png_mask, decode_reduced
 
 Target = int | np.ndarray
 # (image [H, W, 3] uint8, target: class index or [H, W] uint8 label map, rng) -> (image tensor, target)
@@ -55,9 +55,14 @@ class BatchLoader:
         endpoint_url: str | None = None,
         threads: int = 8,
         cache_bytes: int = 1 << 30,
+        decode_size: tuple[int, int] | None = None,
     ) -> None:
         self.samples = samples
         self.transform = transform
+        # The size ``transform`` resizes a labelled image to first: large JPEGs are then decoded at a reduced
+        # DCT scale, as the annotation read tasks do (:func:`raycv.data.images.decode_reduced`), so training,
+        # evaluation and annotation see the same pixels. Images with masks or boxes decode in full.
+        self.decode_size = decode_size
         self.batch_size = batch_size
         self.endpoint_url = endpoint_url
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="raycv-load")
@@ -77,7 +82,10 @@ class BatchLoader:
 
     def _load_one(self, index: int, seed: int) -> tuple[torch.Tensor, Any]:
         sample = self.samples[index]
-        image = decode_image(self._fetch(sample.uri), sample.uri)
+        if self.decode_size is not None and isinstance(sample, Sample) and sample.mask_uri is None:
+            image = decode_reduced(self._fetch(sample.uri), sample.uri, self.decode_size)[0]
+        else:
+            image = decode_image(self._fetch(sample.uri), sample.uri)
         target: Any
         if isinstance(sample, DetectionSample):
             target = sample  # the detection transform reads boxes, labels and masks from the sample

@@ -22,8 +22,10 @@ from raycv.data.images import (
     IMAGE_EXTENSIONS,
     decode_image,
     decode_png_mask,
+    decode_reduced,
     encode_png,
     image_header,
+    resize_rgb,
 )
 from raycv.data.special_images import make_special_images
 from raycv.errors import DecodeError
@@ -203,6 +205,77 @@ def test_corrupt_exif_keeps_the_stored_orientation():
     data = _save(Image.new("RGB", (40, 20), (9, 9, 9)), "JPEG", exif=b"Exif\x00\x00garbage, not TIFF")
     assert decode_image(data, "bad_exif.jpg").shape == (20, 40, 3)
     assert image_header(data, "bad_exif.jpg") == (40, 20)
+
+
+# -- Decoding for a target size -----------------------------------------------------------------------------
+
+
+def _shapes_jpeg(width: int, height: int, **options: object) -> tuple[bytes, np.ndarray]:
+    from raycv.data import synthetic
+
+    rng = np.random.default_rng(width * 7 + height)
+    square = synthetic.render_classification_sample(rng, 1, size=max(width, height))
+    pixels = np.ascontiguousarray(square[:height, :width])
+    return _save(Image.fromarray(pixels), "JPEG", quality=90, **options), pixels
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "size_hw", "decoded_hw"),
+    [
+        (512, 512, (112, 112), (256, 256)),  # 1/2: 1/4 would leave less than twice 112
+        (1024, 1024, (112, 112), (256, 256)),  # 1/4
+        (2048, 1024, (100, 200), (256, 512)),  # 1/4: height and width each keep twice their target
+        (1600, 1600, (96, 96), (200, 200)),  # 1/8
+        (256, 256, (224, 224), (256, 256)),  # under twice the target: in full
+        (448, 300, (224, 150), (300, 448)),
+    ],
+)
+def test_decode_reduced_decodes_large_jpegs_smaller_and_resizes_like_a_full_decode(
+    width, height, size_hw, decoded_hw
+):
+    data, _ = _shapes_jpeg(width, height)
+    image, w, h = decode_reduced(data, "a.jpg", size_hw)
+    assert image.shape == (*decoded_hw, 3) and image.flags.c_contiguous and image.flags.writeable
+    assert (w, h) == (width, height)  # the original size, for the output's width/height columns
+    full = resize_rgb(decode_image(data), size_hw).astype(np.int32)
+    diff = np.abs(resize_rgb(image, size_hw).astype(np.int32) - full)
+    if decoded_hw == (height, width):
+        assert diff.max() == 0
+    else:  # DCT scaling, then the antialiased resize from at least twice the size: within a level or two
+        assert diff.mean() <= 0.4 and np.percentile(diff, 99) <= 3, (diff.mean(), diff.max())
+
+
+def test_decode_reduced_keeps_exif_orientation_progressive_gray_and_cmyk():
+    pixels = np.zeros((400, 800, 3), dtype=np.uint8)  # stored 800 wide: left half red, right half blue
+    pixels[:, :400], pixels[:, 400:] = (255, 0, 0), (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed 400 wide x 800 high, the stored left half on top
+    data = _save(Image.fromarray(pixels), "JPEG", exif=exif.tobytes())
+    image, w, h = decode_reduced(data, "turned.jpg", (200, 100))
+    assert (w, h) == (400, 800) == image_header(data)
+    assert image.shape == (400, 200, 3)  # 1/2: twice (200, 100) as displayed
+    assert _close(image[10, 100], (255, 0, 0), 6) and _close(image[390, 100], (0, 0, 255), 6)
+    corrupt = _save(Image.fromarray(pixels), "JPEG", exif=b"Exif\x00\x00garbage, not TIFF")
+    image, w, h = decode_reduced(corrupt, "bad_exif.jpg", (50, 100))
+    assert (w, h) == (800, 400) and image.shape == (100, 200, 3)  # 1/4, stored orientation
+
+    data, _ = _shapes_jpeg(640, 640, progressive=True)
+    assert decode_reduced(data, "p.jpg", (80, 80))[0].shape == (160, 160, 3)
+    gray = _save(Image.fromarray(np.full((640, 480), 77, np.uint8)), "JPEG")
+    image, w, h = decode_reduced(gray, "g.jpg", (80, 60))
+    assert image.shape == (160, 120, 3) and (w, h) == (480, 640) and _close(image[80, 60], (77, 77, 77), 2)
+    cmyk = _save(Image.new("CMYK", (640, 480), (0, 255, 255, 0)), "JPEG")  # red
+    image, w, h = decode_reduced(cmyk, "c.jpg", (60, 80))
+    assert image.shape == (120, 160, 3) and (w, h) == (640, 480) and _close(image[60, 80], (255, 0, 0), 6)
+    png, _ = _save(Image.new("RGB", (640, 480), (1, 2, 3)), "PNG"), None
+    assert decode_reduced(png, "a.png", (60, 80))[0].shape == (480, 640, 3)  # other formats: in full
+
+
+def test_decode_reduced_checks_max_pixels_on_the_full_size():
+    data, _ = _shapes_jpeg(1000, 1000)
+    with pytest.raises(DecodeError, match="1000x1000 = 1000000 pixels, over the limit of 500000"):
+        decode_reduced(data, "big.jpg", (50, 50), max_pixels=500_000)
+    assert decode_reduced(data, "big.jpg", (50, 50), max_pixels=1_000_000)[0].shape == (125, 125, 3)
 
 
 # -- Bad inputs -------------------------------------------------------------------------------------------

@@ -36,3 +36,43 @@ def test_batches_keep_order_labels_and_shapes(tmp_path):
     values = torch.cat([b[0][:, 0, 0, 0] for b in batches]).tolist()
     assert values == [180, 0, 30, 60, 90, 120, 150]
     assert torch.cat([b[1] for b in batches]).tolist() == [0, 0, 1, 0, 1, 0, 1]
+
+
+def test_decode_size_gives_the_annotation_read_tasks_pixels(tmp_path):
+    """Classification training and evaluation decode large JPEGs as the annotation read tasks do."""
+    import io
+
+    from PIL import Image
+
+    from raycv.data import synthetic
+    from raycv.data.transforms import to_tensor_resized
+    from raycv.reading import read_decode_batch
+
+    samples = []
+    for i, size in enumerate([96, 300, 700]):
+        image = synthetic.render_classification_sample(np.random.default_rng(i), i % 3, size=size)
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, "JPEG", quality=85)
+        uri = str(tmp_path / f"{i}.jpg")
+        storage.write_bytes(uri, buf.getvalue())
+        samples.append(Sample(uri, i % 3))
+    size = (64, 64)
+
+    def eval_tf(image: np.ndarray, target, rng: np.random.Generator):
+        return to_tensor_resized(image, size), target
+
+    loader = BatchLoader(samples, eval_tf, batch_size=3, decode_size=size)
+    full = BatchLoader(samples, eval_tf, batch_size=3)
+    (images, labels), (full_images, _) = next(loader.iterate([0, 1, 2])), next(full.iterate([0, 1, 2]))
+    loader.close()
+    full.close()
+    uris = np.array([s.uri for s in samples], dtype=object)
+    batch = {"image_id": uris, "image_uri": uris, "source_etag": np.array([""] * 3, dtype=object)}
+    read = read_decode_batch(batch, size_hw=size, endpoint_url=None, max_pixels=10**8)
+    assert read["width"].tolist() == [96, 300, 700] and read["height"].tolist() == [96, 300, 700]
+    expected = torch.from_numpy(read["pixels"]).permute(0, 3, 1, 2).float() / 255.0
+    assert labels.tolist() == [0, 1, 2]
+    assert torch.allclose(images, expected, atol=1e-6)  # the same pixels as annotation
+    assert torch.equal(images[0], full_images[0])  # 96 px: under 4x the size, decoded in full
+    assert not torch.equal(images[2], full_images[2])  # 700 px: decoded at 1/4 scale
+    assert (images[2] - full_images[2]).abs().mean() <= 1 / 255
