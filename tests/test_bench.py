@@ -55,14 +55,16 @@ def test_annotate_efficiency(ray_local, tmp_path):
 def test_naive_baseline(ray_local, tmp_path):
     out = tmp_path / "naive.json"
     argv = [*TINY, "--actors", "1", "--threads", "1", "--json", str(out), "--workdir", str(tmp_path / "w")]
-    _script("naive_baseline").main(argv)
+    _script("naive_baseline").main([*argv, "--naive-like-raycv"])
     r = _read(out, "naive_baseline")
     assert r["images"] == r["ok"] == 12 and r["naive_torch_threads"] == 1
+    assert r["naive_like_raycv"] is True and r["pipeline_channels_last"] is True
     assert r["naive_niceness"] == r["ray_worker_niceness"] > r["driver_niceness"]
     _positive(r, "naive_images_per_s", "pipeline_images_per_s", "speedup")
     import pyarrow.parquet as pq
 
-    assert pq.read_table(tmp_path / "w" / "naive.parquet").num_rows == 12  # the naive script's output
+    naive = pq.read_table(tmp_path / "w" / "naive.parquet")  # the naive script's output
+    assert naive.num_rows == 12 and set(naive.column("width").to_pylist()) == {32}
 
 
 def test_memory(ray_local, tmp_path):
