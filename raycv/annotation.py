@@ -6,7 +6,7 @@ each write's status counts, never the rows, so its memory does not grow with the
 the run early when too many images fail (``max_error_fraction``). Every failure of one image (read,
 decode, model, write) becomes an error row instead of failing the run. A multi-frame DICOM or a NIfTI
 volume is expanded in the read stage into one row per frame or slice (``image_uri`` = ``<file>#frame=<k>``).
-See :mod:`raycv.outputs` for how a run is committed.
+See :mod:`raycv.outputs_commit` for how a run is committed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import ray
 import ray.data
 
-from raycv import outputs, runs, storage
+from raycv import outputs, outputs_commit, runs, storage
 from raycv.annotators import Classifier, Detector, Segmenter
 from raycv.config import AnnotateConfig
 from raycv.errors import ConfigError, TooManyErrorsError
@@ -130,7 +130,7 @@ def _run_pipeline(cfg: AnnotateConfig, todo: Plan, card: dict[str, Any], run_id:
         num_gpus=cfg.gpus_per_actor or None,
         fn_constructor_kwargs=annotator_kw,
     )
-    staging = outputs.staging_dir(cfg.output, run_id)
+    staging = outputs_commit.staging_dir(cfg.output, run_id)
     bundles = ds.iter_internal_ref_bundles()
     blocks = (
         (entry.ref, entry.metadata.num_rows, entry.metadata.size_bytes)
@@ -172,7 +172,7 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
             f"Grad-CAM explains classifiers only, this run is {card['task']}: remove it.",
         )
     model_id = runs.model_id_of(storage.read_bytes(storage.join(cfg.model, runs.WEIGHTS), ep))
-    recovered = outputs.recover(cfg.output, ep)
+    recovered = outputs_commit.recover(cfg.output, ep)
     todo = plan_inputs(cfg.input, ep)
     files = len(todo)
     index = outputs.read_index(cfg.output, ep)
@@ -182,9 +182,9 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
     if len(todo):
         ensure_ray(address)
         tally = _run_pipeline(cfg, todo, card, run_id)
-        sources = outputs.staged_sources(cfg.output, run_id, ep)
+        sources = outputs_commit.staged_sources(cfg.output, run_id, ep)
         reached = len(sources)
-        outputs.commit(cfg.output, run_id, index.superseded(sources), ep)
+        outputs_commit.commit(cfg.output, run_id, index.superseded(sources), ep)
     stopped = reached < len(todo)
     duration = time.time() - t0
     summary = AnnotateSummary(

@@ -1,10 +1,9 @@
-"""Annotation outputs (SPEC §6): the Parquet schemas, and committing a run so each image has one row.
+"""Annotation outputs (SPEC §6): the Parquet schemas, the layout of ``OUTPUT`` and its committed rows.
 
-A run writes its Parquet files to ``OUTPUT/_staging/<run_id>/`` (invisible to readers of
-``OUTPUT/images``), then :func:`commit` records what it will do in ``OUTPUT/_journal/<run_id>.json``,
-moves the new files into ``OUTPUT/images/`` and rewrites the older files that held rows of the
-re-annotated input files without those rows. A journal left by a crash is finished by the next run
-(:func:`recover`), and every step is idempotent.
+``OUTPUT/images/`` holds one row per image (:func:`images_schema`), ``OUTPUT/objects/`` one row per
+detected object (:func:`objects_schema`), and :func:`read_index` lists what is committed. How a run's
+staged files are committed exactly once (``_staging``, ``_journal``, :func:`commit`, :func:`recover`) is
+:mod:`raycv.outputs_commit`; its names stay importable from here.
 
 Rows are superseded by input file, not by ``image_id``: a multi-frame DICOM or NIfTI volume has one row
 per frame (``image_uri`` = ``<file>#frame=<k>``, ``frame`` = k, ``frame_count`` = frames), and a re-run
@@ -14,10 +13,8 @@ replaces all rows of the file, whatever number of frames it had before (:class:`
 from __future__ import annotations
 
 import hashlib
-import json
-import posixpath
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +22,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raycv import storage
+
+if TYPE_CHECKING:  # at run time these come from __getattr__: raycv.outputs_commit imports this module
+    from raycv.outputs_commit import commit as commit
+    from raycv.outputs_commit import recover as recover
+    from raycv.outputs_commit import staged_sources as staged_sources
+    from raycv.outputs_commit import staging_dir as staging_dir
+
+_COMMIT_NAMES = frozenset({"commit", "recover", "staged_sources", "staging_dir"})
 
 IMAGES_DIR = "images"
 STAGING_DIR = "_staging"
@@ -212,7 +217,7 @@ def read_index(output: str, endpoint_url: str | None = None) -> Index:
     files = committed_files(output, endpoint_url)
     tables = [_INDEX_SCHEMA.empty_table()]
     for i, f in enumerate(files):
-        t = _read_file(f, endpoint_url, wanted=_INDEX_COLUMNS)
+        t = read_table(f, endpoint_url, wanted=_INDEX_COLUMNS)
         n = t.num_rows
         frame = t["frame"] if "frame" in t.column_names else pa.nulls(n, pa.int32())
         count = t["frame_count"] if "frame_count" in t.column_names else pa.nulls(n, pa.int32())
@@ -230,19 +235,6 @@ def read_index(output: str, endpoint_url: str | None = None) -> Index:
     return Index(pa.concat_tables(tables).combine_chunks(), files)
 
 
-def staged_sources(output: str, run_id: str, endpoint_url: str | None = None) -> pa.Array:
-    """The distinct input files that the staged rows of ``run_id`` came from."""
-    parts = []
-    for e in storage.iter_files(
-        staging_dir(output, run_id), extensions=(".parquet",), endpoint_url=endpoint_url
-    ):
-        t = _read_file(e.uri, endpoint_url, columns=["image_uri", "frame"])
-        parts.append(source_uris(t["image_uri"], t["frame"]))
-    if not parts:
-        return pa.array([], pa.string())
-    return pc.unique(pa.chunked_array([c for p in parts for c in pa.chunked_array(p).chunks], pa.string()))
-
-
 def committed_files(output: str, endpoint_url: str | None = None) -> list[str]:
     images = storage.join(output, IMAGES_DIR)
     try:
@@ -253,10 +245,10 @@ def committed_files(output: str, endpoint_url: str | None = None) -> list[str]:
         return []
 
 
-def _read_file(
+def read_table(
     uri: str, endpoint_url: str | None, columns: list[str] | None = None, *, wanted: list[str] | None = None
 ) -> pa.Table:
-    """Read ``columns`` (all by default), or those of ``wanted`` that the file has."""
+    """The Parquet file at ``uri``: ``columns`` (all by default), or those of ``wanted`` that it has."""
     fs, path = storage.get_filesystem(uri, endpoint_url)
     with fs.open(path, "rb") as f:
         if wanted is not None:
@@ -289,113 +281,15 @@ def count_status(files: list[str], endpoint_url: str | None = None) -> dict[str,
     """Rows per ``status`` over ``files`` (reads only that column)."""
     counts: dict[str, int] = {}
     for f in files:
-        for item in pc.value_counts(_read_file(f, endpoint_url, ["status"]).column("status")).to_pylist():
+        for item in pc.value_counts(read_table(f, endpoint_url, ["status"]).column("status")).to_pylist():
             counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
     return counts
 
 
-# ------------------------------------------------------------------------------------------- committing
+def __getattr__(name: str) -> Any:
+    """The commit protocol's names, moved to :mod:`raycv.outputs_commit`, loaded on first use (no cycle)."""
+    if name in _COMMIT_NAMES:
+        from raycv import outputs_commit
 
-
-def staging_dir(output: str, run_id: str) -> str:
-    return storage.join(output, STAGING_DIR, run_id)
-
-
-def commit(
-    output: str,
-    run_id: str,
-    supersede: dict[str, list[str]],
-    endpoint_url: str | None = None,
-) -> list[str]:
-    """Make the staged files of ``run_id`` visible and drop the rows they replace.
-
-    Args:
-        supersede: committed file -> image_ids in it that this run re-annotated.
-
-    Returns:
-        The committed URIs of this run's files.
-    """
-    try:
-        staged = [
-            e.uri
-            for e in storage.iter_files(
-                staging_dir(output, run_id), extensions=(".parquet",), endpoint_url=endpoint_url
-            )
-        ]
-    except FileNotFoundError:  # the run wrote nothing
-        staged = []
-    moves = [(s, storage.join(output, IMAGES_DIR, f"{run_id}-{i:05d}.parquet")) for i, s in enumerate(staged)]
-    journal = {"run_id": run_id, "moves": moves, "supersede": supersede}
-    storage.write_bytes(_journal_uri(output, run_id), json.dumps(journal).encode(), endpoint_url)
-    _apply(output, journal, endpoint_url)
-    return [dst for _, dst in moves]
-
-
-def recover(output: str, endpoint_url: str | None = None) -> list[str]:
-    """Finish the commits a crashed run left half-done, and drop what runs killed before committing staged.
-
-    Runs on one output are sequential, so a staging folder without a journal belongs to a run that died
-    before its commit: its rows were never visible and are annotated again. Returns the finished run ids.
-    """
-    try:
-        journals = list(
-            storage.iter_files(
-                storage.join(output, JOURNAL_DIR), extensions=(".json",), endpoint_url=endpoint_url
-            )
-        )
-    except FileNotFoundError:
-        journals = []
-    done = []
-    for entry in journals:
-        journal = json.loads(storage.read_bytes(entry.uri, endpoint_url))
-        _apply(output, journal, endpoint_url)
-        done.append(journal["run_id"])
-    try:
-        abandoned = storage.list_dirs(storage.join(output, STAGING_DIR), endpoint_url)
-    except FileNotFoundError:
-        abandoned = []
-    for run_id in abandoned:
-        storage.remove(staging_dir(output, run_id), endpoint_url, recursive=True)
-    return done
-
-
-def _commit_file(output: str, src: str, dst: str, endpoint_url: str | None) -> None:
-    """Move one staged file into ``images/``; a detection file is split into ``images/`` + ``objects/``.
-
-    The objects twin is written first and has the same name: a crash between the two writes is redone
-    from the staged file, which is removed last.
-    """
-    fs, path = storage.get_filesystem(src, endpoint_url)
-    with fs.open(path, "rb") as f:
-        names = pq.ParquetFile(f).schema_arrow.names
-    if "objects" not in names:
-        storage.move(src, dst, endpoint_url)
-        return
-    images, objects = split_objects(_read_file(src, endpoint_url))
-    _write_file(storage.join(output, OBJECTS_DIR, posixpath.basename(dst)), objects, endpoint_url)
-    _write_file(dst, images, endpoint_url)
-    storage.remove(src, endpoint_url)
-
-
-def _journal_uri(output: str, run_id: str) -> str:
-    return storage.join(output, JOURNAL_DIR, f"{run_id}.json")
-
-
-def _apply(output: str, journal: dict[str, Any], endpoint_url: str | None) -> None:
-    run_id = journal["run_id"]
-    for src, dst in journal["moves"]:
-        if storage.exists(src, endpoint_url):
-            _commit_file(output, src, dst, endpoint_url)
-    for old, ids in journal["supersede"].items():
-        for directory in (IMAGES_DIR, OBJECTS_DIR):  # an images file and its objects twin go together
-            path = storage.join(output, directory, posixpath.basename(old))
-            if not storage.exists(path, endpoint_url):
-                continue  # rewritten already (or removed by a later run), or no objects twin
-            table = _read_file(path, endpoint_url)
-            keep = table.filter(pc.invert(pc.is_in(table.column("image_id"), pa.array(ids, pa.string()))))
-            if keep.num_rows:
-                stem = posixpath.splitext(posixpath.basename(old))[0].split("~")[0]
-                _write_file(storage.join(output, directory, f"{stem}~{run_id}.parquet"), keep, endpoint_url)
-            storage.remove(path, endpoint_url)
-    storage.remove(staging_dir(output, run_id), endpoint_url, recursive=True)
-    storage.remove(_journal_uri(output, run_id), endpoint_url)
+        return getattr(outputs_commit, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

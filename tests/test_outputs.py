@@ -5,7 +5,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raycv import outputs, storage
+from raycv import outputs, outputs_commit, storage
 
 
 def _rows(
@@ -40,7 +40,7 @@ def _rows(
 
 
 def _stage(out: str, run_id: str, uris: list[str], **kw) -> None:
-    path = os.path.join(outputs.staging_dir(out, run_id), "part-0.parquet")
+    path = os.path.join(outputs_commit.staging_dir(out, run_id), "part-0.parquet")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pq.write_table(_rows(run_id, uris, **kw), path)
 
@@ -56,22 +56,22 @@ def test_staged_rows_are_invisible_until_committed(tmp_path):
     _stage(out, "r1", ["a", "b"])
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     assert pq.read_table(os.path.join(out, "images")).num_rows == 0
-    files = outputs.commit(out, "r1", {}, None)
+    files = outputs_commit.commit(out, "r1", {}, None)
     table = pq.read_table(os.path.join(out, "images"))
     assert sorted(table.column("image_uri").to_pylist()) == ["a", "b"] and len(files) == 1
-    assert not os.path.exists(outputs.staging_dir(out, "r1"))
+    assert not os.path.exists(outputs_commit.staging_dir(out, "r1"))
 
 
 def test_rerun_supersedes_old_rows_so_each_image_has_one(tmp_path):
     out = str(tmp_path / "out")
     _stage(out, "r1", ["a", "b", "c"])
-    outputs.commit(out, "r1", {}, None)
+    outputs_commit.commit(out, "r1", {}, None)
     index = outputs.read_index(out)
     assert sorted(index.table["source_uri"].to_pylist()) == ["a", "b", "c"]
     _stage(out, "r2", ["b", "d"])
-    supersede = index.superseded(outputs.staged_sources(out, "r2"))
+    supersede = index.superseded(outputs_commit.staged_sources(out, "r2"))
     assert list(supersede.values()) == [[outputs.image_id_of("b")]]
-    outputs.commit(out, "r2", supersede, None)
+    outputs_commit.commit(out, "r2", supersede, None)
     table = pq.read_table(os.path.join(out, "images"))
     runs = dict(zip(table.column("image_uri").to_pylist(), table.column("run_id").to_pylist(), strict=True))
     assert runs == {"a": "r1", "b": "r2", "c": "r1", "d": "r2"}
@@ -81,24 +81,24 @@ def test_rerun_supersedes_old_rows_so_each_image_has_one(tmp_path):
 def test_a_half_done_commit_is_finished_by_recover(tmp_path):
     out = str(tmp_path / "out")
     _stage(out, "r1", ["a", "b"])
-    outputs.commit(out, "r1", {}, None)
+    outputs_commit.commit(out, "r1", {}, None)
     old = outputs.committed_files(out)[0]
     _stage(out, "r2", ["a"])
     # the journal of a commit that crashed right after being written
-    staged = next(storage.iter_files(outputs.staging_dir(out, "r2"))).uri
+    staged = next(storage.iter_files(outputs_commit.staging_dir(out, "r2"))).uri
     journal = {
         "run_id": "r2",
         "moves": [[staged, os.path.join(out, "images", "r2-00000.parquet")]],
         "supersede": {old: [outputs.image_id_of("a")]},
     }
     storage.write_bytes(os.path.join(out, "_journal", "r2.json"), json.dumps(journal).encode())
-    assert outputs.recover(out) == ["r2"]
+    assert outputs_commit.recover(out) == ["r2"]
     table = pq.read_table(os.path.join(out, "images"))
     assert sorted(zip(table.column("image_uri").to_pylist(), table.column("run_id").to_pylist())) == [
         ("a", "r2"),
         ("b", "r1"),
     ]
-    assert outputs.recover(out) == []
+    assert outputs_commit.recover(out) == []
 
 
 def test_frames_are_superseded_by_their_source_file_and_current_only_when_complete(tmp_path):
@@ -107,7 +107,7 @@ def test_frames_are_superseded_by_their_source_file_and_current_only_when_comple
     frames = [outputs.frame_uri(vol, k) for k in range(3)]
     assert frames[1] == "s3://b/ct.dcm#frame=1"
     _stage(out, "r1", [*frames, "s3://b/x#frame=7.png"], frames=[0, 1, 2, None], count=3)
-    outputs.commit(out, "r1", {}, None)
+    outputs_commit.commit(out, "r1", {}, None)
     index = outputs.read_index(out)
     assert sorted(set(index.table["source_uri"].to_pylist())) == [vol, "s3://b/x#frame=7.png"]
     current = index.current("m")
@@ -118,12 +118,12 @@ def test_frames_are_superseded_by_their_source_file_and_current_only_when_comple
     # a stopped run left 2 of 3 frames: not current; a re-run's single error row replaces all frames
     partial = str(tmp_path / "partial")
     _stage(partial, "r1", frames[:2], frames=[0, 1], count=3)
-    outputs.commit(partial, "r1", {}, None)
+    outputs_commit.commit(partial, "r1", {}, None)
     assert outputs.read_index(partial).current("m").num_rows == 0
     _stage(out, "r2", [vol], status="error")
-    supersede = outputs.read_index(out).superseded(outputs.staged_sources(out, "r2"))
+    supersede = outputs.read_index(out).superseded(outputs_commit.staged_sources(out, "r2"))
     assert sorted(next(iter(supersede.values()))) == sorted(outputs.image_id_of(u) for u in frames)
-    outputs.commit(out, "r2", supersede, None)
+    outputs_commit.commit(out, "r2", supersede, None)
     table = pq.read_table(os.path.join(out, "images"))
     assert sorted(table["image_uri"].to_pylist()) == [vol, "s3://b/x#frame=7.png"]
 
@@ -136,3 +136,14 @@ def test_index_reads_files_written_before_the_frame_columns(tmp_path):
     index = outputs.read_index(out)
     assert index.table["source_uri"].to_pylist() == ["a", "b"] and index.table["frame"].null_count == 2
     assert index.current("m").num_rows == 2
+
+
+def test_commit_protocol_names_stay_importable_from_outputs():
+    from raycv.outputs import commit, recover, staged_sources, staging_dir
+
+    assert (commit, recover, staged_sources, staging_dir) == (
+        outputs_commit.commit,
+        outputs_commit.recover,
+        outputs_commit.staged_sources,
+        outputs_commit.staging_dir,
+    )
