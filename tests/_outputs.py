@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from raycv import outputs
 from raycv.data.images import encode_png
-from raycv.data.synthetic import CLASSES, render_scene
+from raycv.data.synthetic_scenes import CLASSES, render_scene
 from raycv.tasks.detection import encode_rle
 
 

@@ -20,7 +20,7 @@ from raycv.annotators import Classifier
 from raycv.annotators.decode import decode_batch, device_decodable
 from raycv.cli import main
 from raycv.config import AnnotateConfig, build_config
-from raycv.data import synthetic
+from raycv.data import synthetic_scenes
 from raycv.data.special_images import make_special_images
 from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from raycv.models import create_model
@@ -45,7 +45,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     rng = np.random.default_rng(3)
     data = {}
     for i, size in enumerate([48, 96, 200, 64, 131]):
-        image = synthetic.render_classification_sample(rng, i % 3, size=size)
+        image = synthetic_scenes.render_classification_sample(rng, i % 3, size=size)
         data[f"rgb{i}.jpg"] = _jpeg(image)
         data[f"progressive{i}.jpg"] = _jpeg(image, progressive=True)
         data[f"gray{i}.jpg"] = _jpeg(image.mean(axis=2).astype(np.uint8))

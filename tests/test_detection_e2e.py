@@ -151,7 +151,7 @@ def _straddles(box, edge: int, slack: int = 3) -> bool:
 
 def _crossing_scenes(count: int, size: int, edge: int) -> list:
     """Large scenes (objects at the training scale) in which some object straddles the tile edge ``edge``."""
-    from raycv.data.synthetic import render_scene
+    from raycv.data.synthetic_scenes import render_scene
 
     scenes, seed = [], 0
     while len(scenes) < count:

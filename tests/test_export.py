@@ -13,8 +13,8 @@ from raycv import outputs, runs
 from raycv.cli import main
 from raycv.data.geotiff import raster_info
 from raycv.data.images import decode_png_mask, encode_png
-from raycv.data.synthetic import CLASSES
 from raycv.data.synthetic_geo import make_test_geotiff
+from raycv.data.synthetic_scenes import CLASSES
 from raycv.export import export_output
 from raycv.models import create_model
 from raycv.results import parse_where

@@ -14,7 +14,7 @@ from raycv import runs
 from raycv.annotators import Classifier
 from raycv.cli import main
 from raycv.data.images import encode_png
-from raycv.data.synthetic import CLASSES, render_scene
+from raycv.data.synthetic_scenes import CLASSES, render_scene
 from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from raycv.gradcam import decode_heatmap, find_target_layer, gradcam
 from raycv.models import create_model

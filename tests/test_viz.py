@@ -14,7 +14,7 @@ from raycv import runs, viz
 from raycv.cli import main
 from raycv.config import TrainConfig
 from raycv.data.images import encode_png
-from raycv.data.synthetic import CLASSES, render_scene
+from raycv.data.synthetic_scenes import CLASSES, render_scene
 from raycv.errors import ConfigError
 from raycv.results import filter_table, parse_where
 from raycv.tasks.segmentation import class_pixels

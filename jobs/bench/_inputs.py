@@ -42,15 +42,15 @@ def make_archive(
     from PIL import Image
 
     from raycv import storage
-    from raycv.data import synthetic
+    from raycv.data import synthetic_scenes
 
     def one(i: int) -> str:
         uri = storage.join(root, f"{i:06d}.{fmt}")
         if storage.scheme(uri) == "file" and os.path.exists(uri):
             return uri
         rng = np.random.default_rng([seed, i])
-        label = i % len(synthetic.CLASSES)
-        pixels = synthetic.render_classification_sample(rng, label, size=size)
+        label = i % len(synthetic_scenes.CLASSES)
+        pixels = synthetic_scenes.render_classification_sample(rng, label, size=size)
         import io
 
         buf = io.BytesIO()

@@ -41,10 +41,11 @@ def make_test_geotiff(
 
     Patterns, at the dtype's full range (float rasters: 0..1):
 
-    - ``"shapes"``: bright saturated circles, squares and triangles on a darker noisy background, drawn by
-      :func:`raycv.data.synthetic.render_scene` in independent 512x512 blocks (memory stays bounded for
-      any size). Bands 1-3 hold the shapes' R, G, B, further bands their brightest channel; integer values
-      are ``u8 * 256 + noise`` (noise 0..255), so the low byte is busy as in real 16-bit data.
+    - ``"shapes"``: bright saturated circles, squares and triangles on a darker noisy background, drawn
+      by :func:`raycv.data.synthetic_scenes.render_scene` in independent 512x512 blocks (memory stays
+      bounded for any size). Bands 1-3 hold the shapes' R, G, B, further bands their brightest channel;
+      integer values are ``u8 * 256 + noise`` (noise 0..255), so the low byte is busy as in real 16-bit
+      data.
     - ``"ramp"``: pixel ``i = row * width + col`` of band ``b`` (1-based) holds
       ``((i + (b - 1) * N // count) % N) * max // (N - 1)`` with ``N = width * height``: every band runs
       the full range 0..max, shifted per band.
@@ -55,8 +56,8 @@ def make_test_geotiff(
         seed: the same seed writes the same file.
         dtype: ``uint8``, ``uint16``, ``int16``, ``float32`` or ``float64``.
         mask_path: also write the ground truth of ``"shapes"`` ([H, W] uint8, 0 = background, k + 1 = class
-            k of :data:`raycv.data.synthetic.CLASSES`): ``.png`` as a PNG, ``.tif``/``.tiff`` as a GeoTIFF
-            on the same grid.
+            k of :data:`raycv.data.synthetic_scenes.CLASSES`): ``.png`` as a PNG, ``.tif``/``.tiff`` as a
+            GeoTIFF on the same grid.
         compress: GDAL compression (``"deflate"``...), None for raw tiles.
     """
     if dtype not in ("uint8", "uint16", "int16", "float32", "float64"):
@@ -114,7 +115,7 @@ def _test_block(
     h, w = int(window.height), int(window.width)
     if pattern == "ramp":
         return _ramp_block(window, count, dtype, size), np.zeros((h, w), np.uint8)
-    from raycv.data.synthetic import render_scene
+    from raycv.data.synthetic_scenes import render_scene
 
     # One random stream per block: the file does not depend on the order blocks are written in.
     rng = np.random.default_rng([seed, int(window.row_off), int(window.col_off)])

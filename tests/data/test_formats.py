@@ -77,7 +77,8 @@ def test_masks_dataset_scenes_follow_their_parameters(tmp_path):
     import numpy as np
 
     from raycv.data.images import decode_image, decode_png_mask
-    from raycv.data.synthetic import _rng, render_scene, write_masks_dataset
+    from raycv.data.synthetic import _rng, write_masks_dataset
+    from raycv.data.synthetic_scenes import render_scene
 
     write_masks_dataset(str(tmp_path), n=2, size=40, seed=3, classes=("circle", "square"), scale=(0.3, 0.4))
     rng = _rng(3, 3, 1)

@@ -1,5 +1,6 @@
-"""raycv.data.synthetic: annotations describe exactly the visible pixels, output is a function of the seed,
-the classification samples are learnable, and the writers lay files out as documented."""
+"""raycv.data.synthetic_scenes and raycv.data.synthetic: annotations describe exactly the visible pixels,
+output is a function of the seed, the classification samples are learnable, and the writers lay files out
+as documented."""
 
 from __future__ import annotations
 
@@ -12,15 +13,11 @@ import torch
 from torch import nn
 
 from raycv import storage
+from raycv.data import synthetic
 from raycv.data.images import decode_image
 from raycv.data.special_images import make_special_images
-from raycv.data.synthetic import (
-    CLASSES,
-    render_classification_sample,
-    render_scene,
-    write_flat_archive,
-    write_imagefolder,
-)
+from raycv.data.synthetic import write_flat_archive, write_imagefolder
+from raycv.data.synthetic_scenes import CLASSES, render_classification_sample, render_scene
 
 
 def _ring(mask: np.ndarray) -> np.ndarray:
@@ -233,3 +230,8 @@ def test_special_images_are_complete_small_and_fresh():
     assert len(files["bomb.png"]) < 1_000_000 and sum(map(len, files.values())) < 100_000
     files.clear()
     assert len(make_special_images()) == 13  # callers get their own dict
+
+
+def test_rendering_names_stay_importable_from_synthetic():
+    assert synthetic.render_scene is render_scene and synthetic.CLASSES is CLASSES
+    assert synthetic.render_classification_sample is render_classification_sample

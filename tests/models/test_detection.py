@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import raycv.models.detection as detection
-from raycv.data.synthetic import render_scene
+from raycv.data.synthetic_scenes import render_scene
 from raycv.models.registry import create_model, get_model_info, list_models
 from raycv.models.transfer import freeze_backbone, head_module_names, load_weights
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from torchvision import ops
 
 import raycv.models.yolo  # registers the YOLO models
-from raycv.data.synthetic import render_scene
+from raycv.data.synthetic_scenes import render_scene
 from raycv.models import create_model, list_models
 from raycv.models.yolo_v1 import yolo_v1_loss
 

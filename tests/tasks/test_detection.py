@@ -7,7 +7,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from raycv.data.synthetic import render_scene
+from raycv.data.synthetic_scenes import render_scene
 from raycv.tasks.detection import (
     augment_detection,
     coco_metrics,
