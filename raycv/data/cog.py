@@ -14,7 +14,7 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 
 from raycv import storage
-from raycv.data.geotiff import RasterInfo
+from raycv.data.geotiff_info import RasterInfo
 
 _COG_BLOCK = 512
 

@@ -1,4 +1,4 @@
-"""GeoTIFF scenes: header facts and windowed reads scaled to uint8 (COG writing: :mod:`raycv.data.cog`).
+"""GeoTIFF scenes: opening them and windowed reads scaled to uint8 (COG writing: :mod:`raycv.data.cog`).
 
 A satellite scene can hold billions of pixels, so tiling never reads one whole: :func:`read_window` reads
 only the internal tiles that a window touches, through GDAL (rasterio). Local files are opened by path;
@@ -7,8 +7,8 @@ byte ranges, so a 256x256 window of a 50 MB scene fetches about 1 MB). rasterio'
 Python file object (``rasterio.open(fileobj)``, ``FilePath``) download the whole object first.
 
 Coordinates are pixels of the full-resolution raster: ``x`` is the column, ``y`` the row, (0, 0) the
-top-left corner. Bands are 1-based, in GDAL order. ``transform`` is GDAL's geotransform
-``(x0, pixel_width, row_rotation, y0, column_rotation, pixel_height)``, i.e. ``Affine.to_gdal()``.
+top-left corner. Bands are 1-based, in GDAL order. The header facts (:class:`RasterInfo`: size, dtype,
+CRS, geotransform) are :mod:`raycv.data.geotiff_info`; they stay importable from here.
 
 Band values become uint8 by a per-band linear map ``lo..hi -> 0..255`` (rounded half up, values outside
 clipped; nodata, masked and non-finite pixels give 0). The ranges come from :data:`BandScale`:
@@ -39,6 +39,8 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from raycv import storage
+from raycv.data.geotiff_info import RasterInfo as RasterInfo
+from raycv.data.geotiff_info import dataset_info as dataset_info
 from raycv.data.images import DEFAULT_MAX_PIXELS
 from raycv.errors import DecodeError, StorageError
 
@@ -50,33 +52,6 @@ GEOTIFF_EXTENSIONS = (".tif", ".tiff")
 _S3_BLOCK_SIZE = 128 * 1024  # read-ahead per GDAL request: small, so a window fetches little beyond its tiles
 _STATS_GRID = 4  # minmax without overviews samples a 4x4 grid of internal blocks
 _STATS_SIDE = 1024  # minmax with overviews reads a decimated raster about this long on its longer side
-
-
-@dataclass(frozen=True)
-class RasterInfo:
-    """What a raster's header says.
-
-    Attributes:
-        width, height: pixels of the full-resolution raster.
-        count: number of bands.
-        dtype: numpy name of the first band's data type (``"uint16"``, ``"float32"``...).
-        crs: ``"EPSG:32633"`` when the CRS is exactly an EPSG code, else its WKT; None when there is none.
-        transform: GDAL geotransform ``(x0, pixel_width, row_rotation, y0, column_rotation, pixel_height)``;
-            the identity ``(0, 1, 0, 0, 0, 1)`` for a raster that is not geo-referenced.
-        nodata: the first band's nodata value, None when unset.
-    """
-
-    width: int
-    height: int
-    count: int
-    dtype: str
-    crs: str | None
-    transform: tuple[float, float, float, float, float, float]
-    nodata: float | None
-
-    @property
-    def is_georeferenced(self) -> bool:
-        return self.crs is not None or self.transform != (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 @dataclass
@@ -184,26 +159,6 @@ def raster_info(uri: str, endpoint_url: str | None = None) -> RasterInfo:
     """
     with open_raster(uri, endpoint_url) as ds:
         return dataset_info(ds)
-
-
-def dataset_info(ds: Any) -> RasterInfo:
-    """The :class:`RasterInfo` of an open dataset."""
-    crs: str | None = None
-    if ds.crs is not None:
-        # Only an exact match becomes an EPSG code: a fuzzy one would change the CRS written back.
-        epsg = ds.crs.to_epsg(confidence_threshold=100)
-        crs = f"EPSG:{epsg}" if epsg is not None else ds.crs.to_wkt()
-    gdal = tuple(float(v) for v in ds.transform.to_gdal())
-    nodata = None if ds.nodata is None else float(ds.nodata)
-    return RasterInfo(
-        width=int(ds.width),
-        height=int(ds.height),
-        count=int(ds.count),
-        dtype=str(ds.dtypes[0]),
-        crs=crs,
-        transform=(gdal[0], gdal[1], gdal[2], gdal[3], gdal[4], gdal[5]),
-        nodata=nodata,
-    )
 
 
 # -- Reading -------------------------------------------------------------------------------------------------

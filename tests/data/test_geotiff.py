@@ -18,8 +18,9 @@ from rasterio.io import MemoryFile
 from rasterio.transform import Affine
 
 from raycv import storage
-from raycv.data import cog, geotiff
-from raycv.data.geotiff import RasterInfo, open_raster, read_scene, read_window
+from raycv.data import cog, geotiff, geotiff_info
+from raycv.data.geotiff import open_raster, read_scene, read_window
+from raycv.data.geotiff_info import RasterInfo
 from raycv.data.synthetic_geo import make_test_geotiff
 from raycv.errors import DecodeError
 
@@ -444,3 +445,7 @@ def test_make_test_geotiff_layout_and_ground_truth(tmp_path):
     brightest = values.max(axis=0)
     assert brightest[mask > 0].mean() > 2 * brightest[mask == 0].mean()  # bright shapes, darker background
     assert values.max() > 60000 and (values % 256).std() > 50  # full 16-bit range, busy low byte
+
+
+def test_header_names_stay_importable_from_geotiff():
+    assert geotiff.RasterInfo is RasterInfo and geotiff.dataset_info is geotiff_info.dataset_info
