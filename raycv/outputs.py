@@ -2,8 +2,8 @@
 
 ``OUTPUT/images/`` holds one row per image (:func:`images_schema`), ``OUTPUT/objects/`` one row per
 detected object (:func:`objects_schema`), and :func:`read_index` lists what is committed. How a run's
-staged files are committed exactly once (``_staging``, ``_journal``, :func:`commit`, :func:`recover`) is
-:mod:`raycv.outputs_commit`; its names stay importable from here.
+staged files are committed exactly once (``_staging``, ``_journal``, ``commit``, ``recover``) is
+:mod:`raycv.outputs_commit`.
 
 Rows are superseded by input file, not by ``image_id``: a multi-frame DICOM or NIfTI volume has one row
 per frame (``image_uri`` = ``<file>#frame=<k>``, ``frame`` = k, ``frame_count`` = frames), and a re-run
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,14 +22,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raycv import storage
-
-if TYPE_CHECKING:  # at run time these come from __getattr__: raycv.outputs_commit imports this module
-    from raycv.outputs_commit import commit as commit
-    from raycv.outputs_commit import recover as recover
-    from raycv.outputs_commit import staged_sources as staged_sources
-    from raycv.outputs_commit import staging_dir as staging_dir
-
-_COMMIT_NAMES = frozenset({"commit", "recover", "staged_sources", "staging_dir"})
 
 IMAGES_DIR = "images"
 STAGING_DIR = "_staging"
@@ -284,12 +276,3 @@ def count_status(files: list[str], endpoint_url: str | None = None) -> dict[str,
         for item in pc.value_counts(read_table(f, endpoint_url, ["status"]).column("status")).to_pylist():
             counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
     return counts
-
-
-def __getattr__(name: str) -> Any:
-    """The commit protocol's names, moved to :mod:`raycv.outputs_commit`, loaded on first use (no cycle)."""
-    if name in _COMMIT_NAMES:
-        from raycv import outputs_commit
-
-        return getattr(outputs_commit, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

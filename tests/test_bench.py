@@ -105,6 +105,9 @@ def test_train_throughput(ray_local, tmp_path):
     _positive(r, "per_worker_ratio_side_by_side", "per_cpu_second_ratio", "ray_cpu_share", "plain_cpu_share")
     assert r["plain_niceness"] == r["ray_worker_niceness"] > r["driver_niceness"]
     assert len(r["side_by_side_epoch_s"]) == 2 and len(r["ray_epoch_cpu_s_rank0"]) == 2
+    # the plain loop on all the ranks' cores: 2 x 0.5 CPU -> 1 thread
+    assert r["plain_all_cores_threads"] == 1 and len(r["plain_all_cores_epoch_s"]) == 2
+    _positive(r, "plain_all_cores_images_per_s", "per_core_ratio_same_cores")
 
 
 @pytest.fixture

@@ -136,14 +136,3 @@ def test_index_reads_files_written_before_the_frame_columns(tmp_path):
     index = outputs.read_index(out)
     assert index.table["source_uri"].to_pylist() == ["a", "b"] and index.table["frame"].null_count == 2
     assert index.current("m").num_rows == 2
-
-
-def test_commit_protocol_names_stay_importable_from_outputs():
-    from raycv.outputs import commit, recover, staged_sources, staging_dir
-
-    assert (commit, recover, staged_sources, staging_dir) == (
-        outputs_commit.commit,
-        outputs_commit.recover,
-        outputs_commit.staged_sources,
-        outputs_commit.staging_dir,
-    )

@@ -10,7 +10,12 @@ files and warms up). The plain loop runs in its own process at the niceness of R
 one with psutil; Ray starts them at nice 15), so on a machine shared with other work both sides get the
 same share of the CPU. Per worker-core ratio = (Ray img/s / workers) / plain img/s. Target: >= 0.95.
 
-A second baseline runs ``--workers`` plain loops side by side (one process each, each on its shard of the
+A second baseline is the plain loop given all the ranks' cores (``workers x cpus_per_worker`` torch
+threads in one process): what a user gets without Ray Train on the same cores, so Ray img/s / its img/s is
+the per-core ratio with the same cores on both sides (the first ratio assumes that one plain loop per core
+would scale perfectly).
+
+A third baseline runs ``--workers`` plain loops side by side (one process each, each on its shard of the
 images): the ranks' layout without DDP, so the ratio against it is what the communication and Ray cost
 when the cores are shared (on a machine with fewer free cores than workers, the single plain loop gets a
 core to itself while the ranks take turns, which the first ratio counts against Ray). Both sides also
@@ -187,6 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
             plain_nice, (plain_s, n_train, plain_cpu) = C.call_niced(
                 worker_nice, __file__, "plain_loop", plain_cfg, args.device, threads, omp_threads=threads
             )
+            cores = max(1, int(args.workers * args.cpus_per_worker))
+            _, (all_s, _, _) = C.call_niced(
+                worker_nice, __file__, "plain_loop", plain_cfg, args.device, cores, omp_threads=cores
+            )
             side = []
             if not args.no_side_by_side:  # the same processes competing for the same cores as the ranks
                 calls = [
@@ -209,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     ray_rate = [ray_images / s for s in ray_s]
     plain_rate = [n_train / s for s in plain_s]
     ray_steady, plain_steady = _steady(ray_rate), _steady(plain_rate)
+    all_steady = _steady([n_train / s for s in all_s])
     # Side by side: each loop's img/s over epochs 2+, averaged over the loops (= per process).
     side_steady = statistics.mean(_steady([n / s for s in secs]) for secs, n, _ in side) if side else None
     # Images per CPU-second: what each side gets done with the CPU time it was given (a shared machine
@@ -228,6 +238,10 @@ def main(argv: list[str] | None = None) -> dict:
         "ray_images_per_s_per_worker": ray_steady / args.workers,
         "per_worker_core_ratio": ray_steady / args.workers / plain_steady,
         "first_epoch_ratio": ray_rate[0] / args.workers / plain_rate[0],
+        "plain_all_cores_threads": cores,
+        "plain_all_cores_epoch_s": all_s,
+        "plain_all_cores_images_per_s": all_steady,
+        "per_core_ratio_same_cores": ray_steady / all_steady,
         "side_by_side_epoch_s": [secs for secs, _, _ in side],
         "side_by_side_images_per_s_per_process": side_steady,
         "per_worker_ratio_side_by_side": C.ratio(ray_steady / args.workers, side_steady),
@@ -256,6 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
             ("Ray Train img/s per worker", results["ray_images_per_s_per_worker"]),
             ("per worker-core ratio", results["per_worker_core_ratio"]),
             ("per worker-core ratio, epoch 1", results["first_epoch_ratio"]),
+            (f"plain loop on all {cores} cores ({cores} threads) img/s", all_steady),
+            ("per-core ratio, same cores (Ray / that loop)", results["per_core_ratio_same_cores"]),
             (f"{args.workers} plain loops side by side, img/s each", C.fmt(side_steady)),
             ("per worker ratio vs side by side", C.fmt(results["per_worker_ratio_side_by_side"], ".3f")),
             (
