@@ -254,13 +254,10 @@ ROW_GROUP_BYTES = 64 << 20  # in-memory bytes of a row group: readers fetch and 
 
 
 def write_table(uri: str, table: pa.Table, endpoint_url: str | None = None) -> None:
-    """Write ``table`` as one zstd Parquet file at ``uri``, atomically (readers never see a part of it)."""
-    _write_file(uri, table, endpoint_url)
+    """Write ``table`` as one zstd Parquet file at ``uri``, atomically (readers never see a part of it).
 
-
-def _write_file(uri: str, table: pa.Table, endpoint_url: str | None) -> None:
-    """Row groups of about :data:`ROW_GROUP_BYTES`: a file of label rows is one group; a file of masks is
-    cut into several, so a reader of one column or a few rows never decodes the whole file at once."""
+    Row groups of about :data:`ROW_GROUP_BYTES`: a file of label rows is one group; a file of masks is cut
+    into several, so a reader of one column or a few rows never decodes the whole file at once."""
     sink = pa.BufferOutputStream()
     per_row = table.nbytes / max(table.num_rows, 1)
     pq.write_table(

@@ -39,16 +39,16 @@ def decode_file(data: bytes, uri: str, *, max_pixels: int) -> list[np.ndarray]:
     Raises:
         DecodeError: unreadable, a compressed syntax without a decoder, or a frame over ``max_pixels``.
     """
+    if not _is_volume(data, uri):
+        return [decode_image(data, uri, max_pixels=max_pixels)]
     if medical.is_dicom(uri) or medical.looks_like_dicom(data):
         info = medical.dicom_info(data, uri)  # the header only: refuse a pixel bomb before decoding it
         _check_pixels(uri, info["rows"] or 0, info["columns"] or 0, max_pixels)
         return medical.dicom_frames(data, uri)
-    if medical.is_nifti(uri):
-        slices = medical.nifti_slices(data, uri)
-        if slices:
-            _check_pixels(uri, slices[0].shape[0], slices[0].shape[1], max_pixels)
-        return slices
-    return [decode_image(data, uri, max_pixels=max_pixels)]
+    slices = medical.nifti_slices(data, uri)
+    if slices:
+        _check_pixels(uri, slices[0].shape[0], slices[0].shape[1], max_pixels)
+    return slices
 
 
 def decode_file_resized(
@@ -56,13 +56,18 @@ def decode_file_resized(
 ) -> list[tuple[np.ndarray, int, int]]:
     """:func:`decode_file`, each image resized to ``size_hw`` (:func:`resize_rgb`): ``(pixels, width, height)``
     with the original size. A large JPEG is decoded at reduced DCT scale (:func:`decode_reduced`)."""
-    if medical.is_dicom(uri) or medical.looks_like_dicom(data) or medical.is_nifti(uri):
-        return [
-            (resize_rgb(im, size_hw), im.shape[1], im.shape[0])
-            for im in decode_file(data, uri, max_pixels=max_pixels)
-        ]
-    image, width, height = decode_reduced(data, uri, size_hw, max_pixels=max_pixels)
-    return [(resize_rgb(image, size_hw), width, height)]
+    if not _is_volume(data, uri):
+        image, width, height = decode_reduced(data, uri, size_hw, max_pixels=max_pixels)
+        return [(resize_rgb(image, size_hw), width, height)]
+    return [
+        (resize_rgb(im, size_hw), im.shape[1], im.shape[0])
+        for im in decode_file(data, uri, max_pixels=max_pixels)
+    ]
+
+
+def _is_volume(data: bytes, uri: str) -> bool:
+    """A DICOM (by extension or ``DICM`` marker) or a NIfTI file: frames or slices, not one image."""
+    return medical.is_dicom(uri) or medical.looks_like_dicom(data) or medical.is_nifti(uri)
 
 
 def _check_pixels(uri: str, height: int, width: int, max_pixels: int) -> None:
