@@ -11,15 +11,22 @@ See :mod:`raycv.outputs_commit` for how a run is committed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import math
 import time
 import uuid
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import ray
 import ray.data
+from ray.util.annotations import RayDeprecationWarning
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raycv import outputs, outputs_commit, runs, storage
 from raycv.annotators import Classifier, Detector, Segmenter
@@ -31,6 +38,10 @@ from raycv.writing import Tally, write_blocks
 
 log = logging.getLogger(__name__)
 DECODE_CPUS = 0.5
+# How long a run waits for the cluster to place its model actors. Generous: an autoscaling cluster may
+# first start GPU nodes from zero (cluster/README.md), which takes minutes; the wait is logged meanwhile.
+PLACEMENT_TIMEOUT_S = 900.0
+PLACEMENT_LOG_EVERY_S = 30.0
 
 
 @dataclass
@@ -113,23 +124,38 @@ def _run_pipeline(cfg: AnnotateConfig, todo: Plan, card: dict[str, Any], run_id:
     staging folder holds only whole files.
     """
     read_fn, read_kw, annotator, annotator_kw = _stages(cfg, card, run_id)
-    ds: ray.data.Dataset = ray.data.from_arrow(todo.blocks(cfg.actors))
-    ds = ds.map_batches(
-        read_stage,  # type: ignore[arg-type]  # a generator taking keyword arguments (fn_kwargs)
-        batch_size=ROWS_PER_BLOCK,
-        num_cpus=DECODE_CPUS,
-        batch_format="numpy",
-        fn_kwargs={"read": read_fn, **read_kw},
-    )
-    ds = ds.map_batches(
-        annotator,
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_actor or None,
-        fn_constructor_kwargs=annotator_kw,
-    )
+    with _actor_placement(cfg, f"raycv-annotate-{run_id}") as placement:
+        # from_blocks, not from_arrow: no task runs before the group is placed. from_arrow runs a 1-CPU
+        # task per block, and the cluster's view of free CPUs lags behind their end: a group placed right
+        # after them could find a node busy and put all its bundles on another.
+        ds: ray.data.Dataset = ray.data.from_blocks(todo.blocks(cfg.actors))
+        ds = ds.map_batches(
+            read_stage,  # type: ignore[arg-type]  # a generator taking keyword arguments (fn_kwargs)
+            batch_size=ROWS_PER_BLOCK,
+            num_cpus=DECODE_CPUS,
+            batch_format="numpy",
+            fn_kwargs={"read": read_fn, **read_kw},
+        )
+        with warnings.catch_warnings():
+            # Ray 2.60 has no named parameter for a placement group: `scheduling_strategy` goes through
+            # the deprecated **ray_remote_args (removed in 2.64; named placement options are planned,
+            # ray-project/ray#65227). Deliberate, and only this warning is silenced.
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
+            ds = ds.map_batches(
+                annotator,
+                batch_size=cfg.batch_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+                num_cpus=cfg.cpus_per_actor,
+                num_gpus=cfg.gpus_per_actor or None,
+                fn_constructor_kwargs=annotator_kw,
+                scheduling_strategy=placement,
+            )
+        return _write_all(ds, cfg, run_id)
+
+
+def _write_all(ds: ray.data.Dataset, cfg: AnnotateConfig, run_id: str) -> Tally:
+    """Hand the blocks of ``ds`` to write tasks as they come (see :func:`_run_pipeline`)."""
     staging = outputs_commit.staging_dir(cfg.output, run_id)
     bundles = ds.iter_internal_ref_bundles()
     blocks = (
@@ -146,6 +172,67 @@ def _run_pipeline(cfg: AnnotateConfig, todo: Plan, card: dict[str, Any], run_id:
         del blocks, bundles  # the last references: the executor shuts down, releasing its actors' CPUs/GPUs
 
 
+@contextlib.contextmanager
+def _actor_placement(cfg: AnnotateConfig, name: str) -> Iterator[PlacementGroupSchedulingStrategy]:
+    """Reserve one bundle per model actor in a "SPREAD" placement group for the run; remove it after.
+
+    Ray Data starts its actors with the best-effort "SPREAD" strategy at the same time as the read tasks,
+    which can fill one node before the second actor is placed: both then share a node. The group is
+    placed before any task of the run exists (:func:`_run_pipeline`), so its bundles spread over the
+    nodes. An actor takes exactly one bundle's resources, so each actor (and each restart of a killed
+    one) fills a bundle of its own.
+
+    Raises:
+        ConfigError: when the cluster cannot place the bundles within :data:`PLACEMENT_TIMEOUT_S`.
+    """
+    bundle = {"CPU": cfg.cpus_per_actor, **({"GPU": cfg.gpus_per_actor} if cfg.gpus_per_actor > 0 else {})}
+    pg = placement_group([bundle] * cfg.actors, strategy="SPREAD", name=name)
+    try:
+        if not _wait_placed(pg, cfg.actors, bundle):
+            raise ConfigError("actors", cfg.actors, _no_room_message(cfg, bundle))
+        yield PlacementGroupSchedulingStrategy(pg)
+    finally:
+        remove_placement_group(pg)
+
+
+def _wait_placed(pg: PlacementGroup, actors: int, bundle: dict[str, float]) -> bool:
+    """Whether ``pg`` is placed within :data:`PLACEMENT_TIMEOUT_S`; logs what it waits for meanwhile."""
+    deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
+    # Whole seconds, at least one: Ray truncates the timeout to an integer, and 0 returns at once.
+    while not pg.wait(max(1, math.ceil(min(deadline - time.monotonic(), PLACEMENT_LOG_EVERY_S)))):
+        if time.monotonic() >= deadline:
+            return False
+        log.warning(
+            "Waiting for the cluster to place %d model actors of %s each; it has %s (%s free). "
+            "An autoscaling cluster adds nodes meanwhile; giving up after %.0f s.",
+            actors,
+            bundle,
+            *_cpu_gpu(),
+            PLACEMENT_TIMEOUT_S,
+        )
+    return True
+
+
+def _cpu_gpu() -> tuple[str, str]:
+    """The cluster's CPUs and GPUs, in all and free now: ("2 CPU, 0 GPU", "0.5 CPU, 0 GPU")."""
+    return _text(ray.cluster_resources()), _text(ray.available_resources())
+
+
+def _text(resources: dict[str, float]) -> str:
+    return f"{resources.get('CPU', 0.0):g} CPU, {resources.get('GPU', 0.0):g} GPU"
+
+
+def _no_room_message(cfg: AnnotateConfig, bundle: dict[str, float]) -> str:
+    total, free = _cpu_gpu()
+    asked = _text({k: cfg.actors * v for k, v in bundle.items()})
+    knobs = "cpus_per_actor" + ("/gpus_per_actor" if cfg.gpus_per_actor > 0 else "")
+    return (
+        f"The cluster could not place {cfg.actors} model actors of {bundle} each ({asked} in all) within "
+        f"{PLACEMENT_TIMEOUT_S:.0f} s: it has {total} in all ({free} free now). Lower actors or {knobs} "
+        "to fit, add nodes, or wait for other jobs to release theirs."
+    )
+
+
 def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
@@ -157,6 +244,8 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
     the rows this run wrote for it (all its frames), so ``OUTPUT/images`` never holds an image twice.
 
     Raises:
+        ConfigError: when the cluster cannot place the model actors (``actors`` x ``cpus_per_actor`` /
+            ``gpus_per_actor``) within :data:`PLACEMENT_TIMEOUT_S`; this run writes nothing then.
         TooManyErrorsError: after committing, when more than ``max_error_fraction`` of at least
             :data:`MIN_IMAGES_FOR_ERROR_CHECK` images failed; a re-run resumes (``incremental``).
     """

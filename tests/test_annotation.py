@@ -1,5 +1,5 @@
-"""Input planning and the read/decode stage, without a model (the full pipeline: test_end_to_end.py,
-test_annotation_medical.py)."""
+"""Input planning, the read/decode stage and the driver's writes, without a model; the model actors'
+placement group (the full pipeline: test_end_to_end.py, test_annotation_medical.py)."""
 
 import glob
 import os
@@ -15,12 +15,17 @@ import pytest
 from nibabel.testing import data_path as NIBABEL_DATA
 from pydicom.data import get_testdata_file
 
-from raycv import outputs, storage
+from raycv import annotation, outputs, storage
+from raycv.cli import main
+from raycv.config import AnnotateConfig
 from raycv.data.images import decode_image, encode_png
+from raycv.data.synthetic import write_flat_archive
 from raycv.errors import ConfigError
 from raycv.planning import PLAN_SCHEMA, plan_inputs
 from raycv.reading import read_bytes_batch, read_decode_batch
 from raycv.writing import write_blocks
+from tests._ray_cluster import write_run_dir
+from tests._util import write_yaml
 
 
 @pytest.fixture
@@ -233,3 +238,54 @@ def test_blocks_are_grouped_into_files_by_rows_and_by_bytes(tmp_path, ray_local,
     monkeypatch.setattr(writing, "MAX_FILE_BYTES", 2500)  # two blocks of 1000 bytes fit, the third flushes
     write_blocks(blocks(5, 1000), str(tmp_path / "b"), None, 1.0, in_flight=2, rows_per_file=10_000)
     assert [len(f) for f in files(str(tmp_path / "b"))] == [12, 8]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """An untrained test_classifier run and 8 images to annotate with it."""
+    write_flat_archive(str(tmp_path / "images"), n=8, size=32, seed=3)
+    run = write_run_dir(str(tmp_path / "run"))
+    return {"model": run, "input": str(tmp_path / "images"), "output": str(tmp_path / "out"), "batch_size": 4}
+
+
+def _raycv_groups(timeout_s: float = 30) -> dict[str, str]:
+    """Name -> state of every placement group of an annotation run, once none is still being removed."""
+    from ray.util import placement_group_table
+
+    deadline = time.time() + timeout_s
+    while True:
+        groups = {g["name"]: g["state"] for g in placement_group_table().values()}
+        groups = {name: state for name, state in groups.items() if name.startswith("raycv-annotate-")}
+        if all(state == "REMOVED" for state in groups.values()) or time.time() > deadline:
+            return groups  # removal is asynchronous
+        time.sleep(0.2)
+
+
+def test_a_run_removes_its_placement_group(tiny, ray_local):
+    summary = annotation.run_annotation(AnnotateConfig(**tiny, actors=2, cpus_per_actor=0.5))
+    assert summary.ok == 8 and summary.error == 0
+    assert _raycv_groups()[f"raycv-annotate-{summary.run_id}"] == "REMOVED"
+
+
+def test_actors_that_cannot_fit_the_cluster_fail_fast_with_exit_2(
+    tiny, tmp_path, ray_local, monkeypatch, capsys
+):
+    """3 actors x 1 CPU on the session's 2-CPU Ray: a config error naming the ask, the cluster and the fix;
+    the group is removed, so the session's Ray gets its CPUs back."""
+    monkeypatch.setattr(annotation, "PLACEMENT_TIMEOUT_S", 3.0)
+    before = _raycv_groups()
+    cfg = write_yaml(tmp_path, "annotate.yaml", {**tiny, "actors": 3, "cpus_per_actor": 1})
+    t0 = time.time()
+    assert main(["annotate", cfg]) == 2
+    assert time.time() - t0 < 60
+    err = capsys.readouterr().err
+    assert "raycv: invalid config: actors: got 3. " in err
+    assert "could not place 3 model actors of {'CPU': 1.0} each (3 CPU, 0 GPU in all) within 3 s" in err
+    assert "it has 2 CPU, 0 GPU in all" in err and "Lower actors or cpus_per_actor to fit" in err
+    after = _raycv_groups()
+    assert len(after) == len(before) + 1 and set(after.values()) == {"REMOVED"}, after
+    assert not os.path.exists(tiny["output"] + "/images")
+    deadline = time.time() + 30
+    while ray_local.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray_local.available_resources().get("CPU", 0) == 2

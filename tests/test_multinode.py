@@ -39,7 +39,9 @@ def test_annotation_actors_run_on_both_nodes(two_nodes, tmp_path):
             "output": out,
             "batch_size": 2,
             "actors": 2,
-            "cpus_per_actor": 0.5,  # two actors could share one node; Ray Data's SPREAD must split them
+            # Two actors could share one node: Ray Data's own "SPREAD" is best-effort (the read tasks can
+            # fill a node first); raycv's placement group, placed before any task of the run, puts one on each.
+            "cpus_per_actor": 0.5,
         },
     )
     raycv = [str(BIN / "raycv")] if (BIN / "raycv").exists() else [sys.executable, "-m", "raycv.cli"]
@@ -60,5 +62,6 @@ def test_annotation_actors_run_on_both_nodes(two_nodes, tmp_path):
     # Which node ran each annotation actor: its worker's log lives under that node's own --temp-dir.
     annotators = [a for a in two_nodes.actors() if "Classifier" in a["class_name"]]
     assert len(annotators) >= 2, [a["class_name"] for a in two_nodes.actors()]
+    assert all(a.get("placement_group_id") for a in annotators), annotators
     used = {two_nodes.node_of_worker(int(a["pid"])) for a in annotators}
     assert len(two_nodes.alive_nodes()) == 2 and len(used) == 2, used
