@@ -40,7 +40,8 @@ def test_annotation_actors_run_on_both_nodes(two_nodes, tmp_path):
             "batch_size": 2,
             "actors": 2,
             # Two actors could share one node: Ray Data's own "SPREAD" is best-effort (the read tasks can
-            # fill a node first); raycv's placement group, placed before any task of the run, puts one on each.
+            # fill a node first); raycv's placement group, placed before any task of the run, puts one
+            # on each.
             "cpus_per_actor": 0.5,
         },
     )

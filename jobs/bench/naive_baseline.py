@@ -8,11 +8,11 @@ It overlaps nothing. With ``--naive-like-raycv`` it also does what raycv does fo
 decoded at reduced DCT scale with ``decode_reduced``, NHWC weights and inputs), which leaves only the
 pipelining in the ratio. The pipeline is the real :func:`raycv.annotation.run_annotation` with its actors and
 read tasks on the same cores. Speed-up = pipeline img/s / naive img/s, both end to end: start-up
-included (the naive script's imports and model load; the pipeline's operators and actors starting, importing
-and loading the model), and both in steady state: the naive script from its first batch on, the pipeline
-between the first and the last batch its actors finished. The naive script runs in its own process at the niceness of Ray's workers (read from one with
-psutil; Ray starts them at nice 15), so both sides get the same share of a shared machine. Target on 2
-cores: >= 1.5x.
+included (the naive script's imports and model load; the pipeline's operators and actors starting,
+importing and loading the model), and both in steady state: the naive script from its first batch on, the
+pipeline between the first and the last batch its actors finished. The naive script runs in its own
+process at the niceness of Ray's workers (read from one with psutil; Ray starts them at nice 15), so both
+sides get the same share of a shared machine. Target on 2 cores: >= 1.5x.
 
     python jobs/bench/naive_baseline.py --n 400 --json naive.json
 """
