@@ -213,11 +213,15 @@ def _round(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
 
 
-def _save_checkpoint(state: dict[str, Any]) -> ray.train.Checkpoint:
-    # mkdtemp, not TemporaryDirectory: report() uploads the folder after this function returns.
-    path = tempfile.mkdtemp(prefix="raycv-ckpt-")
-    torch.save(state, os.path.join(path, CHECKPOINT_FILE))
-    return ray.train.Checkpoint.from_directory(path)
+def _report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+    """``ray.train.report`` with ``state`` (rank 0) as the checkpoint. report() copies the folder to the run's
+    storage before it returns (Ray's default, synchronous upload), so the local copy is removed right after."""
+    if state is None:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="raycv-ckpt-") as path:
+        torch.save(state, os.path.join(path, CHECKPOINT_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(path))
 
 
 def _restore(model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> tuple[int, dict[str, Any]]:
@@ -317,7 +321,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 record["best"]["confusion"] = cm.tolist()
             if rank == 0:
                 runs.save_weights(storage.join(cfg.output.dir, runs.WEIGHTS), model.state_dict(), ep)
-        checkpoint = None
+        state: dict[str, Any] | None = None
         if rank == 0:
             runs.write_run_dir(cfg, info, record)
             state = {
@@ -327,14 +331,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "epoch": epoch,
                 **record,
             }
-            checkpoint = _save_checkpoint(state)
-            shown = " ".join(
-                f"{k}={v:.4f}"
-                for k, v in metrics.items()
-                if k not in ("epoch", "lr") and isinstance(v, float)
-            )
+            shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "lr" and isinstance(v, float))
             print(f"[raycv] epoch {epoch + 1}/{cfg.train.epochs} {shown}", flush=True)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        _report(metrics, state)
     train_loader.close()
     val_loader.close()
 

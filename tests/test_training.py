@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 
@@ -102,7 +104,12 @@ def test_transfer_learning_with_a_frozen_backbone_and_every_augmentation(tmp_pat
             "output": {"dir": str(tmp_path / "run")},
         }
     )
+    leftovers_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "raycv-ckpt-*")))
     run_training(cfg)
+    # each epoch's checkpoint reached the run's storage, and its local copy is gone (one per epoch filled /tmp)
+    saved = glob.glob(str(tmp_path / "run" / "checkpoints" / "ray_train" / "*" / "state.pt"))
+    assert len(saved) >= 1
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "raycv-ckpt-*"))) <= leftovers_before
     trained = load_state_dict((tmp_path / "run" / "model.pt").read_bytes())
     before = pretrained.state_dict()
     backbone = [k for k in trained if k.startswith("features.")]
