@@ -32,7 +32,7 @@ from raycv import outputs, outputs_commit, runs, storage
 from raycv.annotators import Classifier, Detector, Segmenter
 from raycv.config import AnnotateConfig
 from raycv.errors import ConfigError, TooManyErrorsError
-from raycv.planning import ROWS_PER_BLOCK, Plan, plan_inputs, skip_current
+from raycv.planning import Plan, plan_inputs, skip_current
 from raycv.reading import read_bytes_batch, read_decode_batch, read_stage
 from raycv.writing import Tally, write_blocks
 
@@ -129,9 +129,12 @@ def _run_pipeline(cfg: AnnotateConfig, todo: Plan, card: dict[str, Any], run_id:
         # task per block, and the cluster's view of free CPUs lags behind their end: a group placed right
         # after them could find a node busy and put all its bundles on another.
         ds: ray.data.Dataset = ray.data.from_blocks(todo.blocks(cfg.actors))
+        # Neither stage may merge the plan's blocks: a small archive (or a few large scenes) would reach the
+        # model stage as one batch, and all of it would go to one actor while the others idle.
+        rows = todo.rows_per_block(cfg.actors)
         ds = ds.map_batches(
             read_stage,  # type: ignore[arg-type]  # a generator taking keyword arguments (fn_kwargs)
-            batch_size=ROWS_PER_BLOCK,
+            batch_size=rows,
             num_cpus=DECODE_CPUS,
             batch_format="numpy",
             fn_kwargs={"read": read_fn, **read_kw},
@@ -143,7 +146,7 @@ def _run_pipeline(cfg: AnnotateConfig, todo: Plan, card: dict[str, Any], run_id:
             warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
             ds = ds.map_batches(
                 annotator,
-                batch_size=cfg.batch_size,
+                batch_size=min(cfg.batch_size, rows),
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=cfg.actors),
                 num_cpus=cfg.cpus_per_actor,

@@ -77,9 +77,13 @@ class Plan:
             for uri, etag in zip(c["image_uri"].to_pylist(), c["source_etag"].to_pylist(), strict=True):
                 yield uri, etag or None
 
+    def rows_per_block(self, actors: int) -> int:
+        """Up to ROWS_PER_BLOCK, and few enough that every one of ``actors`` gets at least two blocks."""
+        return max(1, min(ROWS_PER_BLOCK, -(-len(self) // (2 * actors))))
+
     def blocks(self, actors: int) -> list[pa.Table]:
-        """Zero-copy slices for Ray Data: up to ROWS_PER_BLOCK rows each, and at least two per actor."""
-        rows = max(1, min(ROWS_PER_BLOCK, -(-len(self) // (2 * actors))))
+        """Zero-copy slices of :meth:`rows_per_block` rows for Ray Data."""
+        rows = self.rows_per_block(actors)
         return [c.slice(i, rows) for c in self.chunks for i in range(0, c.num_rows, rows)]
 
 

@@ -7,6 +7,7 @@ import re
 import shutil
 import time
 import tracemalloc
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -261,10 +262,29 @@ def _raycv_groups(timeout_s: float = 30) -> dict[str, str]:
         time.sleep(0.2)
 
 
-def test_a_run_removes_its_placement_group(tiny, ray_local):
-    summary = annotation.run_annotation(AnnotateConfig(**tiny, actors=2, cpus_per_actor=0.5))
+def test_a_run_removes_its_placement_group_and_hands_its_actors_two_inputs_each(tiny, ray_local):
+    """8 images, 2 actors: the plan's 4 blocks of 2 reach the model stage as 4 inputs (the read stage used to
+    merge them into one, so one actor got the whole archive: Ray Data warned "only received 1 input(s)")."""
+    from ray.util import placement_group_table
+    from ray.util.state import list_actors, list_tasks
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = annotation.run_annotation(AnnotateConfig(**tiny, actors=2, cpus_per_actor=0.5))
     assert summary.ok == 8 and summary.error == 0
-    assert _raycv_groups()[f"raycv-annotate-{summary.run_id}"] == "REMOVED"
+    assert not [w for w in caught if "only received" in str(w.message)], [str(w.message) for w in caught]
+    name = f"raycv-annotate-{summary.run_id}"
+    assert _raycv_groups()[name] == "REMOVED"
+    group = next(pg_id for pg_id, g in placement_group_table().items() if g["name"] == name)
+    actors = [a.actor_id for a in list_actors(filters=[("placement_group_id", "=", group)], detail=True)]
+    assert len(actors) == 2
+    deadline = time.time() + 30  # the workers report task events about once a second
+    while True:
+        tasks = [t.name for a in actors for t in list_tasks(filters=[("actor_id", "=", a)], detail=True)]
+        if sum(t.endswith(".submit") for t in tasks) >= 4 or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert sum(t.endswith(".submit") for t in tasks) == 4, tasks
 
 
 def test_actors_that_cannot_fit_the_cluster_fail_fast_with_exit_2(
