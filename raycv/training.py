@@ -41,7 +41,7 @@ from raycv.data.transforms import (
 from raycv.errors import RaycvError
 from raycv.tasks import TaskOps, task_ops
 from raycv.tasks import classification as cls_task
-from raycv.training_common import GradientAccumulation, all_reduce_sum, batches_of, epoch_seed
+from raycv.training_common import GradientAccumulation, all_reduce_sum, batches_of, epoch_seed, say
 from raycv.training_data import plan_dataset
 from raycv.training_detection import (
     DETECTION_TASKS,
@@ -81,10 +81,9 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         )
         report = load_weights(model, state)
         if ray.train.get_context().get_world_rank() == 0:
-            print(
+            say(
                 f"[raycv] weights {cfg.model.weights}: {len(report.loaded)} tensors loaded, "
-                f"{len(report.skipped)} skipped (shape differs, e.g. the head)",
-                flush=True,
+                f"{len(report.skipped)} skipped (shape differs, e.g. the head)"
             )
     if cfg.model.freeze_backbone:
         freeze_backbone(model)
@@ -279,7 +278,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_loader = BatchLoader(train_samples, train_tf, **kw)
     val_loader = BatchLoader(val_samples, eval_tf, **kw)
     if start and rank == 0:
-        print(f"[raycv] resumed from the checkpoint of epoch {start}", flush=True)
+        say(f"[raycv] resumed from the checkpoint of epoch {start}")
 
     primary = "map" if is_det else ops.primary_metric  # type: ignore[union-attr]
     for epoch in range(start, cfg.train.epochs):
@@ -332,7 +331,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 **record,
             }
             shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "lr" and isinstance(v, float))
-            print(f"[raycv] epoch {epoch + 1}/{cfg.train.epochs} {shown}", flush=True)
+            say(f"[raycv] epoch {epoch + 1}/{cfg.train.epochs} {shown}")
         _report(metrics, state)
     train_loader.close()
     val_loader.close()

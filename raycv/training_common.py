@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+def say(message: str) -> None:
+    """Print a line from a Ray Train worker so that the driver shows it once.
+
+    Ray Train V2 patches ``print`` in its workers to also log each line through the root logger, whose console
+    handler writes to stderr: the driver showed every line twice (the worker's stdout and its stderr). Writing
+    to the process's own stdout stream bypasses the patch; Ray still streams it to the driver.
+    """
+    print(message, file=sys.__stdout__ or sys.stdout, flush=True)
 
 
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: Any) -> None:

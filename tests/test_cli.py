@@ -44,6 +44,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "=== raycv demo ===" in out
+    # each worker line once in what the user sees (Ray Train's print patch also wrote it to stderr)
+    epochs = re.findall(r"\[raycv\] epoch (\d+)/8 ", proc.stdout + proc.stderr)
+    assert epochs == [str(e) for e in range(1, 9)], epochs
     for name in ["truncated.jpg", "empty.png", "text.png", "bomb.png"]:
         assert f"error row: {name}" in out
     # the reason, not only the type: e.g. "... stage=decode  DecodeError: the file is empty (0 bytes)"
