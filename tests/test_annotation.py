@@ -281,10 +281,11 @@ def test_a_run_removes_its_placement_group_and_hands_its_actors_two_inputs_each(
     deadline = time.time() + 30  # the workers report task events about once a second
     while True:
         tasks = [t.name for a in actors for t in list_tasks(filters=[("actor_id", "=", a)], detail=True)]
-        if sum(t.endswith(".submit") for t in tasks) >= 4 or time.time() > deadline:
+        submits = sum(t.endswith(".submit") for t in tasks)
+        if submits >= 4 or time.time() > deadline:
             break
         time.sleep(0.5)
-    assert sum(t.endswith(".submit") for t in tasks) == 4, tasks
+    assert submits == 4, tasks
 
 
 def test_actors_that_cannot_fit_the_cluster_fail_fast_with_exit_2(
