@@ -189,13 +189,42 @@ def _actor_placement(cfg: AnnotateConfig, name: str) -> Iterator[PlacementGroupS
         ConfigError: when the cluster cannot place the bundles within :data:`PLACEMENT_TIMEOUT_S`.
     """
     bundle = {"CPU": cfg.cpus_per_actor, **({"GPU": cfg.gpus_per_actor} if cfg.gpus_per_actor > 0 else {})}
+    _check_read_room(cfg)  # before anything is reserved: nothing started on the cluster
     pg = placement_group([bundle] * cfg.actors, strategy="SPREAD", name=name)
     try:
         if not _wait_placed(pg, cfg.actors, bundle):
             raise ConfigError("actors", cfg.actors, _no_room_message(cfg, bundle))
+        _check_read_room(cfg)  # again: an autoscaling cluster may have grown while the group waited
         yield PlacementGroupSchedulingStrategy(pg)
     finally:
         remove_placement_group(pg)
+
+
+def _check_read_room(cfg: AnnotateConfig) -> None:
+    """Refuse model actors that fit the cluster but leave its read stage no CPU.
+
+    Ray Data starts a read task only where :data:`DECODE_CPUS` is free outside the actors' group: with
+    every CPU reserved for the actors, the reads stay "backpressured" and the run waits forever. Actors
+    that do not fit yet are left to :func:`_wait_placed` (an autoscaling cluster adds nodes for them).
+
+    Raises:
+        ConfigError: naming ``actors``/``cpus_per_actor``, the cluster's CPUs and a setting that fits.
+    """
+    total = ray.cluster_resources().get("CPU", 0.0)
+    asked = cfg.actors * cfg.cpus_per_actor
+    if not asked <= total < asked + DECODE_CPUS:
+        return
+    room = total - DECODE_CPUS
+    fits = [f"cpus_per_actor: {math.floor(room / cfg.actors * 4) / 4:g}"] if room / cfg.actors >= 0.25 else []
+    if room >= cfg.cpus_per_actor:
+        fits.append(f"actors: {math.floor(room / cfg.cpus_per_actor)}")
+    raise ConfigError(
+        "actors",
+        cfg.actors,
+        f"{cfg.actors} model actors x cpus_per_actor {cfg.cpus_per_actor:g} reserve {asked:g} of the "
+        f"cluster's {total:g} CPUs and leave less than the {DECODE_CPUS:g} CPU a read task needs, so no "
+        f"image would ever be read. Set {' or '.join(fits) or 'fewer actors'} (or add nodes).",
+    )
 
 
 def _wait_placed(pg: PlacementGroup, actors: int, bundle: dict[str, float]) -> bool:

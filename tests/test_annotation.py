@@ -310,3 +310,24 @@ def test_actors_that_cannot_fit_the_cluster_fail_fast_with_exit_2(
     while ray_local.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
         time.sleep(0.2)
     assert ray_local.available_resources().get("CPU", 0) == 2
+
+
+def test_default_actors_that_leave_no_cpu_for_reading_exit_2_at_once(tiny, tmp_path, ray_local, capsys):
+    """The defaults (2 actors x 1 CPU) on the 2-CPU Ray would reserve every CPU and the read stage would wait
+    forever: refused before anything is reserved, naming the setting, what the cluster has and what fits."""
+    defaults = AnnotateConfig(model="m", input="i", output="o")
+    assert (defaults.actors, defaults.cpus_per_actor) == (2, 1.0)
+    before = _raycv_groups()
+    cfg = write_yaml(tmp_path, "annotate.yaml", tiny)  # only model, input, output (and a batch size)
+    t0 = time.time()
+    assert main(["annotate", cfg]) == 2
+    assert time.time() - t0 < 60
+    err = capsys.readouterr().err
+    assert "raycv: invalid config: actors: got 2. 2 model actors x cpus_per_actor 1 reserve 2 of the " in err
+    assert "cluster's 2 CPUs and leave less than the 0.5 CPU a read task needs" in err
+    assert "Set cpus_per_actor: 0.75 or actors: 1 (or add nodes)." in err
+    assert _raycv_groups() == before  # no placement group was made
+    assert not os.path.exists(tiny["output"] + "/images")
+    # the suggested setting fits: the run goes to the end
+    summary = annotation.run_annotation(AnnotateConfig(**tiny, cpus_per_actor=0.75))
+    assert summary.ok == 8 and summary.error == 0
