@@ -26,22 +26,22 @@ def load_config(path: str, overrides: list[str] | None = None, *, kind: str = "t
 
 
 def train(cfg: Any, address: str | None = None) -> Any:
-    """Train on Ray and write the run directory (see :func:`raycv.training.run_training`)."""
-    from raycv.training import run_training
+    """Train on Ray and write the run directory (see :func:`raycv.training.loop.run_training`)."""
+    from raycv.training.loop import run_training
 
     return run_training(cfg, address)
 
 
 def annotate(cfg: Any, address: str | None = None) -> Any:
-    """Annotate an archive into Parquet (see :func:`raycv.annotation.run_annotation`)."""
-    from raycv.annotation import run_annotation
+    """Annotate an archive into Parquet (see :func:`raycv.annotation.pipeline.run_annotation`)."""
+    from raycv.annotation.pipeline import run_annotation
 
     return run_annotation(cfg, address)
 
 
 def evaluate(cfg: Any) -> dict[str, Any]:
-    """Metrics of a trained run on a labelled dataset (see :func:`raycv.evaluation.evaluate`)."""
-    from raycv.evaluation import evaluate as _evaluate
+    """Metrics of a trained run on a labelled dataset (see :func:`raycv.training.evaluate.evaluate`)."""
+    from raycv.training.evaluate import evaluate as _evaluate
 
     return _evaluate(cfg)
 

@@ -60,7 +60,9 @@ def _add_results_parsers(sub: Any) -> None:
     sub.add_parser("inspect", help="counts, classes, scores and errors of an annotation output").add_argument(
         "output", metavar="OUTPUT"
     )
-    where_help = 'filter, e.g. "score < 0.5" or "label_name == \'cat\' and score >= 0.9" (see raycv.results)'
+    where_help = (
+        'filter, e.g. "score < 0.5" or "label_name == \'cat\' and score >= 0.9" (see raycv.outputs.read)'
+    )
     render = sub.add_parser("render", help="draw masks/boxes/labels (and Grad-CAM) on the images, PNG")
     render.add_argument("output", metavar="OUTPUT")
     render.add_argument("--out", required=True, metavar="DIR", help="folder (or s3:// prefix) for the PNGs")
@@ -111,7 +113,7 @@ def _validated(args: argparse.Namespace, kind: str) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _validated(args, "train")  # before importing torch and Ray: a bad config answers at once
-    from raycv.training import run_training
+    from raycv.training.loop import run_training
 
     result = run_training(cfg, args.address)
     shown = ", ".join(f"{k}={v}" for k, v in result.best_metrics.items())
@@ -124,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_annotate(args: argparse.Namespace) -> int:
     cfg = _validated(args, "annotate")
-    from raycv.annotation import run_annotation
+    from raycv.annotation.pipeline import run_annotation
 
     s = run_annotation(cfg, args.address)
     print(
@@ -138,7 +140,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _validated(args, "train")
-    from raycv.evaluation import evaluate
+    from raycv.training.evaluate import evaluate
 
     print(json.dumps(evaluate(cfg, args.split), indent=2))
     return EXIT_OK
@@ -208,20 +210,20 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _where(text: str | None) -> Any:
-    from raycv.results import parse_where
+    from raycv.outputs.read import parse_where
 
     return None if text is None else parse_where(text)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from raycv.report import inspect_output
+    from raycv.outputs.report import inspect_output
 
     inspect_output(args.output)
     return EXIT_OK
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from raycv.render import render_output
+    from raycv.outputs.render import render_output
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit", args.limit, "Give a positive number of images, or leave it out for all.")
@@ -235,7 +237,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from raycv.export import export_output
+    from raycv.outputs.export import export_output
 
     s = export_output(
         args.output,
@@ -251,7 +253,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from raycv.report import report_run
+    from raycv.outputs.report import report_run
 
     report_run(args.run_dir)
     return EXIT_OK

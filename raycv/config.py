@@ -103,7 +103,7 @@ class TrainParams(_Strict):
     epochs: int = Field(default=10, gt=0)
     batch_size: int = Field(default=32, gt=0)
     # One optimiser step (and one DDP gradient all-reduce) every this many batches: the effective batch is
-    # batch_size x grad_accum_steps x num_workers (raycv.training_common.GradientAccumulation).
+    # batch_size x grad_accum_steps x num_workers (raycv.training.step.GradientAccumulation).
     grad_accum_steps: int = Field(default=1, ge=1)
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
     lr: float = Field(default=0.001, gt=0.0)
@@ -218,7 +218,7 @@ class AnnotateConfig(_Strict):
     compile: bool = False
     # Classification: where images are decoded and resized. "tasks": the CPU read tasks, which ship pixels
     # to the actors; "actor": the read tasks ship the encoded files and the model actor decodes them on its
-    # device (JPEGs with nvJPEG on a GPU, see raycv.annotators.decode). Segmentation and detection actors
+    # device (JPEGs with nvJPEG on a GPU, see raycv.annotation.decode). Segmentation and detection actors
     # always decode (at full resolution, on their CPU).
     decode: Literal["tasks", "actor"] = "tasks"
     tile: TileConfig | None = None
@@ -226,7 +226,7 @@ class AnnotateConfig(_Strict):
     iou_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     incremental: bool = True
     topk: int = Field(default=5, ge=1)
-    # Classification: also write each ok row's Grad-CAM heatmap (`gradcam_png`, see raycv.gradcam).
+    # Classification: also write each ok row's Grad-CAM heatmap (`gradcam_png`, see raycv.models.gradcam).
     explain: Literal["gradcam"] | None = None
     max_pixels: int = Field(default=178_956_970, gt=0)
     # Rows per output Parquet file (fewer when the rows are large, e.g. masks: files stay under 128 MB).

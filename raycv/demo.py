@@ -9,18 +9,19 @@ from __future__ import annotations
 import json
 import os
 
-from raycv import outputs, storage
+from raycv import storage
 from raycv.config import AnnotateConfig, TrainConfig
+from raycv.outputs import schema as outputs
 
 
 def run_demo(workdir: str) -> None:
     import pyarrow.parquet as pq
     import ray
 
-    from raycv.annotation import run_annotation
+    from raycv.annotation.pipeline import run_annotation
     from raycv.data.special_images import make_special_images
     from raycv.data.synthetic import write_flat_archive, write_imagefolder
-    from raycv.training import run_training
+    from raycv.training.loop import run_training
 
     root = os.path.abspath(workdir)
     dataset, archive = os.path.join(root, "dataset"), os.path.join(root, "archive")

@@ -7,6 +7,7 @@ process opens the filesystem, so the same calls work on the driver and inside Ra
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import uuid
@@ -271,3 +272,8 @@ def list_dirs(uri: str, endpoint_url: str | None = None) -> list[str]:
         raise _wrap(uri, exc) from exc
     names = [posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"]
     return sorted(n for n in names if not n.startswith((".", "_")))
+
+
+def write_json(uri: str, obj: Any, endpoint_url: str | None = None) -> None:
+    """Write ``obj`` as indented JSON (a card, a summary)."""
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), endpoint_url)

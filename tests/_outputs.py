@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raycv import outputs
 from raycv.data.images import encode_png
 from raycv.data.synthetic_scenes import CLASSES, render_scene
+from raycv.outputs import schema as outputs
 from raycv.tasks.detection import encode_rle
 
 

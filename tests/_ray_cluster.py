@@ -22,8 +22,9 @@ from pathlib import Path
 
 import requests
 
-from raycv import runs
+from raycv import storage
 from raycv.models import create_model
+from raycv.training import run_directory
 
 BIN = Path(sys.executable).parent  # the venv's ray and raycv scripts
 
@@ -188,7 +189,9 @@ def _pids_mentioning(text: str) -> list[int]:
 
 def write_run_dir(path: str) -> str:
     """A classification run directory (untrained test_classifier): what `raycv annotate` needs."""
-    runs.save_weights(f"{path}/model.pt", create_model("test_classifier", num_classes=3).state_dict())
+    run_directory.save_weights(
+        f"{path}/model.pt", create_model("test_classifier", num_classes=3).state_dict()
+    )
     card = {
         "task": "classification",
         "arch": "test_classifier",
@@ -197,5 +200,5 @@ def write_run_dir(path: str) -> str:
         "image_size": 32,
         "in_channels": 3,
     }
-    runs.write_json(f"{path}/model.json", card)
+    storage.write_json(f"{path}/model.json", card)
     return path

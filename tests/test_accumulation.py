@@ -15,7 +15,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from raycv import storage
 from raycv.cli import main
 from raycv.data.synthetic import write_imagefolder
-from raycv.training_common import GradientAccumulation, batches_of
+from raycv.training.step import GradientAccumulation, batches_of
 from tests._util import write_yaml
 
 

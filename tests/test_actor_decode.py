@@ -14,17 +14,19 @@ import torch
 import yaml
 from PIL import Image
 
-from raycv import outputs, runs, storage
-from raycv.annotation import _stages
-from raycv.annotators import Classifier
-from raycv.annotators.decode import decode_batch, device_decodable
+from raycv import storage
+from raycv.annotation.classifier import Classifier
+from raycv.annotation.decode import decode_batch, device_decodable
+from raycv.annotation.pipeline import _stages
+from raycv.annotation.read import read_bytes_batch, read_decode_batch
 from raycv.cli import main
 from raycv.config import AnnotateConfig, build_config
 from raycv.data import synthetic_scenes
 from raycv.data.special_images import make_special_images
 from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from raycv.models import create_model
-from raycv.reading import read_bytes_batch, read_decode_batch
+from raycv.models import create_model, saved
+from raycv.outputs import schema as outputs
+from raycv.training import run_directory
 from tests._util import write_yaml
 
 SIZE = 64
@@ -132,7 +134,7 @@ def test_a_batch_without_jpegs_decodes_on_the_cpu_path(files):
 def _run(path) -> str:
     torch.manual_seed(0)
     model = create_model("test_classifier", num_classes=3, image_size=SIZE)
-    runs.save_weights(str(path / "model.pt"), model.state_dict())
+    run_directory.save_weights(str(path / "model.pt"), model.state_dict())
     card = {
         "task": "classification",
         "arch": "test_classifier",
@@ -142,7 +144,7 @@ def _run(path) -> str:
         "in_channels": 3,
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
     }
-    runs.write_json(str(path / "model.json"), card)
+    storage.write_json(str(path / "model.json"), card)
     return str(path)
 
 
@@ -175,7 +177,7 @@ def test_annotate_with_decode_actor_gives_the_rows_of_decode_tasks(files, tmp_pa
     assert len(score_diffs) == len(uris) - len(BAD) and max(score_diffs) < 0.01
     # The read tasks shipped the files' bytes, not pixels.
     config = build_config(AnnotateConfig, yaml.safe_load(storage.read_bytes(cfg)))
-    read, _, _, actor_kw = _stages(config, runs.read_card(run), "r")
+    read, _, _, actor_kw = _stages(config, saved.read_card(run), "r")
     assert read is read_bytes_batch and actor_kw["max_pixels"] == 178_956_970
 
 

@@ -16,15 +16,17 @@ import pytest
 from nibabel.testing import data_path as NIBABEL_DATA
 from pydicom.data import get_testdata_file
 
-from raycv import annotation, outputs, storage
+from raycv import storage
+from raycv.annotation import pipeline as annotation
+from raycv.annotation.plan import PLAN_SCHEMA, plan_inputs
+from raycv.annotation.read import read_bytes_batch, read_decode_batch
+from raycv.annotation.write import write_blocks
 from raycv.cli import main
 from raycv.config import AnnotateConfig
 from raycv.data.images import decode_image, encode_png
 from raycv.data.synthetic import write_flat_archive
 from raycv.errors import ConfigError
-from raycv.planning import PLAN_SCHEMA, plan_inputs
-from raycv.reading import read_bytes_batch, read_decode_batch
-from raycv.writing import write_blocks
+from raycv.outputs import schema as outputs
 from tests._ray_cluster import write_run_dir
 from tests._util import write_yaml
 
@@ -215,7 +217,7 @@ def test_blocks_are_grouped_into_files_by_rows_and_by_bytes(tmp_path, ray_local,
     row written once, in order."""
     import ray
 
-    from raycv import writing
+    from raycv.annotation import write as writing
 
     def blocks(n: int, size: int):
         for i in range(n):

@@ -10,14 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from raycv import outputs, runs
-from raycv.annotators import Classifier, Segmenter
+from raycv import storage
+from raycv.annotation.classifier import Classifier
+from raycv.annotation.segmenter import Segmenter
 from raycv.config import AnnotateConfig, build_config
 from raycv.data import synthetic
 from raycv.data.images import decode_png_mask, encode_png
 from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from raycv.errors import ConfigError
-from raycv.models import create_model
+from raycv.models import create_model, saved
+from raycv.outputs import schema as outputs
+from raycv.training import run_directory
 
 SIZE = 64
 
@@ -25,7 +28,7 @@ SIZE = 64
 def _run(path, arch: str, task: str, num_classes: int) -> str:
     torch.manual_seed(0)
     model = create_model(arch, num_classes=num_classes, image_size=SIZE)
-    runs.save_weights(str(path / "model.pt"), model.state_dict())
+    run_directory.save_weights(str(path / "model.pt"), model.state_dict())
     card = {
         "task": task,
         "arch": arch,
@@ -35,7 +38,7 @@ def _run(path, arch: str, task: str, num_classes: int) -> str:
         "in_channels": 3,
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
     }
-    runs.write_json(str(path / "model.json"), card)
+    storage.write_json(str(path / "model.json"), card)
     return str(path)
 
 
@@ -68,7 +71,7 @@ def _standardise_head(run: str, head: str, pixels: np.ndarray) -> None:
     Untouched, a random-weight model gives every image (pixel) the same class and any precision would
     'agree'; this way every class comes out, some near a tie, which is where reduced precision flips labels.
     """
-    model = runs.load_run(run).model
+    model = saved.load_run(run).model
     layer = getattr(model, head)
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255.0)
     with torch.no_grad():
@@ -76,7 +79,7 @@ def _standardise_head(run: str, head: str, pixels: np.ndarray) -> None:
         mean, std = logits.mean(1), logits.std(1)
         layer.weight.div_(std.view(-1, *[1] * (layer.weight.dim() - 1)))
         layer.bias.copy_((layer.bias - mean) / std)
-    runs.save_weights(f"{run}/model.pt", model.state_dict())
+    run_directory.save_weights(f"{run}/model.pt", model.state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +163,7 @@ def test_compile_failure_warns_and_runs_eagerly(classifier_run, shapes, monkeypa
     monkeypatch.setattr(torch, "compile", lambda model, **kw: broken)
     small = {k: v[:4] for k, v in shapes.items()}
     labels, _ = _labels_scores(Classifier(classifier_run, None, "r", 1, False)(small))
-    with caplog.at_level(logging.WARNING, logger="raycv.annotators.base"):
+    with caplog.at_level(logging.WARNING, logger="raycv.annotation.actor"):
         got, _ = _labels_scores(Classifier(classifier_run, None, "r", 1, False, compile=True)(small))
     assert (labels == got).all()
     assert "torch.compile failed (RuntimeError: no compiler here); running the model eagerly" in caplog.text
@@ -180,7 +183,7 @@ def test_fp16_is_refused_on_cpu(classifier_run):
 
 
 def test_bf16_detector_runs_the_backbone_reduced_and_boxes_in_fp32(tmp_path):
-    from raycv.annotators import Detector
+    from raycv.annotation.detector import Detector
 
     run = _run(tmp_path, "test_instance_segmenter", "instance_segmentation", 3)
     scenes = [synthetic.render_scene(np.random.default_rng(i), size=SIZE, n_objects=2) for i in range(4)]

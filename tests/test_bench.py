@@ -131,9 +131,9 @@ def test_fixed_cost_model_sleeps_per_image(tmp_path, registry_restored):
     common.make_run(
         str(tmp_path), arch=common.FIXED_COST_ARCH, image_size=8, options={"seconds_per_image": 0.02}
     )
-    from raycv import runs
+    from raycv.models import saved
 
-    run = runs.load_run(str(tmp_path))
+    run = saved.load_run(str(tmp_path))
     t0 = time.perf_counter()
     logits = run.model(torch.zeros(5, 3, 8, 8))
     assert time.perf_counter() - t0 >= 0.1 and logits.shape == (5, 3)

@@ -8,9 +8,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raycv import outputs, storage
+from raycv import storage
 from raycv.cli import main
 from raycv.data.synthetic import write_detection_dataset
+from raycv.outputs import schema as outputs
 from tests._util import create_bucket, write_yaml
 
 

@@ -9,16 +9,18 @@ import os
 import numpy as np
 import pytest
 
-from raycv import outputs, runs
+from raycv import storage
 from raycv.cli import main
 from raycv.data.geotiff import raster_info
 from raycv.data.images import decode_png_mask, encode_png
 from raycv.data.synthetic_geo import make_test_geotiff
 from raycv.data.synthetic_scenes import CLASSES
-from raycv.export import export_output
 from raycv.models import create_model
-from raycv.results import parse_where
+from raycv.outputs import schema as outputs
+from raycv.outputs.export import export_output
+from raycv.outputs.read import parse_where
 from raycv.tasks.segmentation import class_pixels
+from raycv.training import run_directory
 from tests._outputs import common, detection_output, write_images
 
 SEG_NAMES = ["background", *CLASSES]
@@ -99,13 +101,15 @@ def _polygon_area(geom) -> float:
 def geo(tmp_path_factory):
     """A 300x200 UTM GeoTIFF labelled by the Segmenter actor class (untrained test_segmenter, in-process),
     its label map then replaced by the scene's ground truth so that the polygons are known."""
-    from raycv.annotators import Segmenter
+    from raycv.annotation.segmenter import Segmenter
 
     tmp = tmp_path_factory.mktemp("geo")
     scene, truth = str(tmp / "scene.tif"), str(tmp / "truth.png")
     make_test_geotiff(scene, width=300, height=200, count=3, dtype="uint8", mask_path=truth)
     run = tmp / "run"
-    runs.save_weights(str(run / "model.pt"), create_model("test_segmenter", num_classes=4).state_dict())
+    run_directory.save_weights(
+        str(run / "model.pt"), create_model("test_segmenter", num_classes=4).state_dict()
+    )
     card = {
         "task": "semantic_segmentation",
         "arch": "test_segmenter",
@@ -114,7 +118,7 @@ def geo(tmp_path_factory):
         "image_size": 32,
         "in_channels": 3,
     }
-    runs.write_json(str(run / "model.json"), card)
+    storage.write_json(str(run / "model.json"), card)
     out = str(tmp / "out")
     seg = Segmenter(str(run), None, "r1", 1, False, output=out, geo={"bands": [1, 2, 3]})
     blank = np.array([""], dtype=object)

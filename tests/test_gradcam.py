@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from raycv import runs
-from raycv.annotators import Classifier
+from raycv import storage
+from raycv.annotation.classifier import Classifier
 from raycv.cli import main
 from raycv.data.images import encode_png
 from raycv.data.synthetic_scenes import CLASSES, render_scene
 from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
-from raycv.gradcam import decode_heatmap, find_target_layer, gradcam
 from raycv.models import create_model
+from raycv.models.gradcam import decode_heatmap, find_target_layer, gradcam
+from raycv.training import run_directory
 from tests._outputs import write_images
 from tests._util import write_yaml
 
@@ -54,7 +55,7 @@ def trained(tmp_path_factory):
         opt.step()
     model.eval()
     run = tmp_path_factory.mktemp("gradcam") / "run"
-    runs.save_weights(str(run / "model.pt"), model.state_dict())
+    run_directory.save_weights(str(run / "model.pt"), model.state_dict())
     card = {
         "task": "classification",
         "arch": "test_classifier",
@@ -64,7 +65,7 @@ def trained(tmp_path_factory):
         "in_channels": 3,
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
     }
-    runs.write_json(str(run / "model.json"), card)
+    storage.write_json(str(run / "model.json"), card)
     yield {"model": model, "run": str(run)}
     torch.set_num_threads(previous)
 

@@ -5,7 +5,9 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raycv import outputs, outputs_commit, storage
+from raycv import storage
+from raycv.annotation import commit as outputs_commit
+from raycv.outputs import schema as outputs
 
 
 def _rows(

@@ -16,10 +16,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raycv import outputs, runs, storage
+from raycv import storage
 from raycv.cli import main
 from raycv.data.images import encode_png
-from raycv.models import create_model
+from raycv.models import create_model, saved
+from raycv.outputs import schema as outputs
+from raycv.training import run_directory
 from tests._util import write_yaml
 
 N_IMAGES = 240
@@ -28,7 +30,7 @@ N_IMAGES = 240
 def _make_run(run_dir: str, arch: str = "resnet18", size: int = 64) -> None:
     """A raycv run of an untrained (random-weight) model: these tests are about rows, not accuracy."""
     torch_model = create_model(arch, num_classes=3)
-    runs.save_weights(storage.join(run_dir, runs.WEIGHTS), torch_model.state_dict())
+    run_directory.save_weights(storage.join(run_dir, saved.WEIGHTS), torch_model.state_dict())
     card = {
         "task": "classification",
         "arch": arch,
@@ -37,7 +39,7 @@ def _make_run(run_dir: str, arch: str = "resnet18", size: int = 64) -> None:
         "image_size": size,
         "in_channels": 3,
     }
-    runs.write_json(storage.join(run_dir, runs.MODEL_CARD), card)
+    storage.write_json(storage.join(run_dir, saved.MODEL_CARD), card)
 
 
 def _write_archive(root: str, n: int, size: int = 96) -> list[str]:
@@ -125,7 +127,7 @@ def test_a_killed_model_actor_is_replaced_and_the_run_completes(archive):
     import ray
     from ray.util.state import list_actors
 
-    from raycv.annotation import run_annotation
+    from raycv.annotation.pipeline import run_annotation
     from raycv.config import AnnotateConfig
 
     address = ray.get_runtime_context().gcs_address  # explicit: other Ray instances may run on this machine

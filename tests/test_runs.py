@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 
-from raycv import runs, storage
+from raycv import storage
 from raycv.errors import ConfigError
-from raycv.models import create_model
+from raycv.models import create_model, saved
+from raycv.training import run_directory
 
 
 class NotWeights:
@@ -15,7 +16,7 @@ class NotWeights:
 
 def _run_dir(tmp_path, arch="test_classifier"):
     model = create_model(arch, num_classes=3)
-    mid = runs.save_weights(str(tmp_path / "model.pt"), model.state_dict())
+    mid = run_directory.save_weights(str(tmp_path / "model.pt"), model.state_dict())
     card = {
         "task": "classification",
         "arch": arch,
@@ -24,14 +25,14 @@ def _run_dir(tmp_path, arch="test_classifier"):
         "image_size": 32,
         "in_channels": 3,
     }
-    runs.write_json(str(tmp_path / "model.json"), card)
+    storage.write_json(str(tmp_path / "model.json"), card)
     return model, mid
 
 
 def test_saved_run_loads_back_identically(tmp_path):
     model, mid = _run_dir(tmp_path)
-    loaded = runs.load_run(str(tmp_path))
-    assert loaded.model_id == mid == runs.model_id_of(storage.read_bytes(str(tmp_path / "model.pt")))
+    loaded = saved.load_run(str(tmp_path))
+    assert loaded.model_id == mid == saved.model_id_of(storage.read_bytes(str(tmp_path / "model.pt")))
     assert loaded.class_names == ["a", "b", "c"] and loaded.size_hw == (32, 32)
     x = torch.rand(2, 3, 32, 32)
     model.eval()
@@ -42,25 +43,25 @@ def test_state_dict_forms_and_refusal_of_pickled_code(tmp_path):
     sd = {"w": torch.ones(2)}
     buf = io.BytesIO()
     torch.save({"model": sd, "epoch": 3}, buf)
-    assert torch.equal(runs.load_state_dict(buf.getvalue())["w"], torch.ones(2))
+    assert torch.equal(saved.load_state_dict(buf.getvalue())["w"], torch.ones(2))
 
     bad = io.BytesIO()
     torch.save({"x": NotWeights()}, bad)
     with pytest.raises(ValueError, match="weights_only=True"):
-        runs.load_state_dict(bad.getvalue(), "evil.pt")
+        saved.load_state_dict(bad.getvalue(), "evil.pt")
     lst = io.BytesIO()
     torch.save([torch.ones(1)], lst)
     with pytest.raises(ValueError, match="holds a list, not a state_dict"):
-        runs.load_state_dict(lst.getvalue())
+        saved.load_state_dict(lst.getvalue())
 
 
 def test_a_folder_without_a_card_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"model: got .* No model.json there"):
-        runs.read_card(str(tmp_path))
+        saved.read_card(str(tmp_path))
 
 
 def test_metrics_file_is_rewritten_whole(tmp_path):
-    runs.write_metrics(str(tmp_path), [{"epoch": 1}, {"epoch": 2}])
-    runs.write_metrics(str(tmp_path), [{"epoch": 1}])
+    run_directory.write_metrics(str(tmp_path), [{"epoch": 1}, {"epoch": 2}])
+    run_directory.write_metrics(str(tmp_path), [{"epoch": 1}])
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1]

@@ -14,11 +14,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raycv import outputs, storage
+from raycv import storage
 from raycv.cli import main
 from raycv.data.images import decode_png_mask
 from raycv.data.synthetic import write_masks_dataset
 from raycv.data.synthetic_geo import make_test_geotiff
+from raycv.outputs import schema as outputs
 from tests._util import create_bucket, write_yaml
 
 SHAPES = ("circle", "square")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from raycv.tiling import blend_weights, predict_tiled, tile_grid
+from raycv.annotation.tiling import blend_weights, predict_tiled, tile_grid
 
 
 def _coverage(height: int, width: int, grid: list[tuple[int, int, int, int]]) -> np.ndarray:

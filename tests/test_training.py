@@ -14,7 +14,7 @@ import pytest
 
 from raycv.config import TrainConfig
 from raycv.data.synthetic import write_imagefolder
-from raycv.training import run_training
+from raycv.training.loop import run_training
 
 
 def _registered_checkpoint_epoch(run_dir: str) -> int:
@@ -73,7 +73,7 @@ def test_transfer_learning_with_a_frozen_backbone_and_every_augmentation(tmp_pat
     import torch
 
     from raycv.models import create_model
-    from raycv.runs import load_state_dict
+    from raycv.models.saved import load_state_dict
 
     pretrained = create_model("test_classifier", num_classes=5)  # another head size: it must be replaced
     torch.save(pretrained.state_dict(), tmp_path / "pretrained.pt")

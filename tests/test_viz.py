@@ -10,14 +10,16 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from raycv import runs, viz
+from raycv import storage
 from raycv.cli import main
 from raycv.config import TrainConfig
+from raycv.data import draw as viz
 from raycv.data.images import encode_png
 from raycv.data.synthetic_scenes import CLASSES, render_scene
 from raycv.errors import ConfigError
-from raycv.results import filter_table, parse_where
+from raycv.outputs.read import filter_table, parse_where
 from raycv.tasks.segmentation import class_pixels
+from raycv.training import run_directory
 from tests._outputs import common, detection_output, write_images
 
 SEG_NAMES = ["background", *CLASSES]
@@ -192,7 +194,7 @@ def _history(epochs: int) -> list[dict]:
 
 
 def test_training_writes_curves_and_the_best_confusion_matrix(tmp_path):
-    from raycv.runs import write_run_dir
+    from raycv.training.run_directory import write_run_dir
 
     cfg = TrainConfig.model_validate(
         {
@@ -222,8 +224,8 @@ def test_report_prints_the_card_and_best_metrics_and_refreshes_curves(tmp_path, 
         "best_epoch": 4,
         "best_metrics": {"accuracy": 0.9375, "f1": 0.91},
     }
-    runs.write_json(str(run / "model.json"), card)
-    runs.write_metrics(str(run), _history(4))
+    storage.write_json(str(run / "model.json"), card)
+    run_directory.write_metrics(str(run), _history(4))
     assert main(["report", str(run)]) == 0
     text = capsys.readouterr().out
     assert "simple_cnn" in text and "best metrics (epoch 4)" in text and "0.9375" in text

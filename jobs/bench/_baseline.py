@@ -97,11 +97,11 @@ def _forward_batch(
 ) -> None:
     """The model actor's inference on one batch: uint8 -> normalised float -> model -> softmax on the CPU.
 
-    ``speed`` holds the actors' ``precision`` and ``channels_last`` (:class:`raycv.annotators.base._Annotator`).
+    ``speed`` holds the actors' ``precision`` and ``channels_last`` (:class:`raycv.annotation.actor._Annotator`).
     """
     import torch
 
-    from raycv.annotators.base import autocast
+    from raycv.annotation.actor import autocast
     from raycv.data.transforms import normalize
 
     speed = speed or {}
@@ -130,12 +130,12 @@ def _bare_worker(
 ) -> None:
     import torch
 
-    from raycv import runs
-    from raycv.annotators.base import to_channels_last
+    from raycv.annotation.actor import to_channels_last
+    from raycv.models import saved
 
     set_niceness(niceness)
     torch.set_num_threads(max(1, threads))
-    run = runs.load_run(run_dir, device=device)
+    run = saved.load_run(run_dir, device=device)
     model: Any = to_channels_last(run.model) if speed.get("channels_last") else run.model
     model = torch.compile(model) if speed.get("compile") else model
     norm = run.card.get("normalization", {})

@@ -64,7 +64,7 @@ def make_archive(
 
 def inputs(args: argparse.Namespace, wd: str) -> tuple[list[str], str]:
     """(the image URIs, the source the pipeline plans from): ``--input``, else a generated archive."""
-    from raycv.annotation import plan_inputs
+    from raycv.annotation.pipeline import plan_inputs
 
     if args.input:
         return [u for u, _ in plan_inputs(args.input, args.endpoint_url)], args.input
@@ -89,14 +89,17 @@ def make_run(
     """
     import torch
 
-    from raycv import runs, storage
+    from raycv import storage
     from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from raycv.models import create_model, get_model_info
+    from raycv.models import create_model, get_model_info, saved
+    from raycv.training import run_directory
 
     task = get_model_info(arch).task
     torch.manual_seed(seed)
     model = create_model(arch, num_classes=num_classes, image_size=image_size, **(options or {}))
-    model_id = runs.save_weights(storage.join(run_dir, runs.WEIGHTS), model.state_dict(), endpoint_url)
+    model_id = run_directory.save_weights(
+        storage.join(run_dir, saved.WEIGHTS), model.state_dict(), endpoint_url
+    )
     detection = task in ("detection", "instance_segmentation")
     names = [f"class_{i}" for i in range(num_classes)]
     card = {
@@ -112,7 +115,7 @@ def make_run(
         else {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "note": "random weights written by jobs/bench (a benchmark model, not a trained one)",
     }
-    runs.write_json(storage.join(run_dir, runs.MODEL_CARD), card, endpoint_url)
+    storage.write_json(storage.join(run_dir, saved.MODEL_CARD), card, endpoint_url)
     return model_id
 
 
@@ -153,8 +156,8 @@ def register_bench_models() -> None:
 
 def decoded_pixels(uris: Sequence[str], size: int, endpoint_url: str | None = None) -> np.ndarray:
     """[N, size, size, 3] uint8: exactly what the annotation pipeline's read stage hands the model actors."""
-    from raycv import outputs
-    from raycv.annotation import read_decode_batch
+    from raycv.annotation.pipeline import read_decode_batch
+    from raycv.outputs import schema as outputs
 
     out = []
     for i in range(0, len(uris), 64):

@@ -50,14 +50,14 @@ def annotate(
     address: str | None = None,
     speed: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the real ``raycv annotate`` pipeline (:func:`raycv.annotation.run_annotation`) once.
+    """Run the real ``raycv annotate`` pipeline (:func:`raycv.annotation.pipeline.run_annotation`) once.
 
     ``speed``: the config's ``precision``, ``channels_last`` and ``compile``, if given.
     Returns its summary plus ``steady_images_per_s`` (see :func:`steady_rate`).
     """
     from dataclasses import asdict
 
-    from raycv.annotation import run_annotation
+    from raycv.annotation.pipeline import run_annotation
     from raycv.config import AnnotateConfig
 
     cfg = AnnotateConfig(

@@ -1,6 +1,6 @@
 """How close `raycv annotate` comes to its model: pipeline img/s / bare-model img/s, measured in one run.
 
-The pipeline is the real :func:`raycv.annotation.run_annotation` (plan -> read + decode tasks -> model
+The pipeline is the real :func:`raycv.annotation.pipeline.run_annotation` (plan -> read + decode tasks -> model
 actors -> Parquet -> commit) over an archive (generated, or ``--input`` on local disk or object storage).
 The bare model is the same run directory's model on the same decoded pixels (what the read stage hands the
 actors), same batch size, in the same layout of torch threads: one process per actor with
@@ -53,18 +53,18 @@ def parse_args(argv: list[str] | None = None) -> C.argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from raycv import runs
+    from raycv.models import saved
 
     args = parse_args(argv)
     gpus = args.gpus_per_actor if args.gpus_per_actor is not None else (1.0 if args.device == "cuda" else 0.0)
-    threads = max(1, int(args.cpus_per_actor))  # what the actors give torch (raycv.annotators)
+    threads = max(1, int(args.cpus_per_actor))  # what the actors give torch (raycv.annotation)
     ep = args.endpoint_url
     with C.workdir(args.workdir) as wd:
         uris, source = C.inputs(args, wd)
         run_dir = args.model or os.path.join(wd, "run")
         if not args.model:
             C.make_run(run_dir, arch=args.arch, image_size=args.image_size)
-        size = runs.read_card(run_dir, ep)["image_size"]
+        size = saved.read_card(run_dir, ep)["image_size"]
         pixels = C.decoded_pixels(uris, int(size), ep)
         speed = {"precision": args.precision, "channels_last": args.channels_last, "compile": args.compile}
         bare_kw = {

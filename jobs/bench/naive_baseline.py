@@ -6,7 +6,7 @@ reads, decodes each image in full and resizes it (raycv's ``decode_image`` and `
 NCHW tensors and the softmax, appends the top-k rows to a list, and at the end writes one Parquet file.
 It overlaps nothing. With ``--naive-like-raycv`` it also does what raycv does for each image (JPEGs
 decoded at reduced DCT scale with ``decode_reduced``, NHWC weights and inputs), which leaves only the
-pipelining in the ratio. The pipeline is the real :func:`raycv.annotation.run_annotation` with its actors and
+pipelining in the ratio. The pipeline is the real :func:`raycv.annotation.pipeline.run_annotation` with its actors and
 read tasks on the same cores. Speed-up = pipeline img/s / naive img/s, both end to end: start-up
 included (the naive script's imports and model load; the pipeline's operators and actors starting,
 importing and loading the model), and both in steady state: the naive script from its first batch on, the
@@ -77,12 +77,13 @@ def naive_annotate(
     if threads:
         torch.set_num_threads(threads)
 
-    from raycv import runs, storage
+    from raycv import storage
     from raycv.data.images import decode_image, decode_reduced, resize_rgb
     from raycv.data.transforms import normalize
+    from raycv.models import saved
     from raycv.tasks.classification import topk_rows
 
-    run = runs.load_run(run_dir, device=device)
+    run = saved.load_run(run_dir, device=device)
     if like_raycv:
         run.model.to(memory_format=torch.channels_last)
     fmt = torch.channels_last if like_raycv else torch.contiguous_format

@@ -1,9 +1,9 @@
 """Ray Train DDP img/s of `raycv train` against a plain single-process torch loop, per worker-core.
 
 Both sides train the same model (same registry builder, seed, optimizer, batch size, transforms and
-augmentation of :func:`raycv.training.make_transforms`) on the same train/val split of the same generated
+augmentation of :func:`raycv.training.loop.make_transforms`) on the same train/val split of the same generated
 imagefolder, and both time an epoch the same way: the training pass plus the validation pass. The Ray side
-is the real :func:`raycv.training.run_training` (its ``metrics.jsonl`` ``epoch_s``); the plain side is a
+is the real :func:`raycv.training.loop.run_training` (its ``metrics.jsonl`` ``epoch_s``); the plain side is a
 ``torch.utils.data.DataLoader`` (no workers) over the same files held in memory, one process with
 ``cpus_per_worker`` torch threads. Epoch 1 is reported but left out of the steady figures (it reads the
 files and warms up). The plain loop runs in its own process at the niceness of Ray's workers (read from
@@ -104,9 +104,9 @@ def plain_loop(
     from raycv.data.images import decode_image
     from raycv.models import create_model
     from raycv.tasks import task_ops
-    from raycv.training import make_transforms
-    from raycv.training_common import GradientAccumulation
-    from raycv.training_data import plan_dataset
+    from raycv.training.dataset import plan_dataset
+    from raycv.training.loop import make_transforms
+    from raycv.training.step import GradientAccumulation
 
     torch.set_num_threads(threads)
     plan = plan_dataset(cfg)  # type: ignore[arg-type]
@@ -173,9 +173,10 @@ def _steady(values: list[float]) -> float:
 def main(argv: list[str] | None = None) -> dict:
     import json
 
-    from raycv import runs, storage
+    from raycv import storage
     from raycv.data import synthetic
-    from raycv.training import run_training
+    from raycv.models import saved
+    from raycv.training.loop import run_training
 
     args = parse_args(argv)
     threads = max(1, int(args.cpus_per_worker))
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
                     )
                 ]
             result = run_training(train_config(args, data, out), args.address)  # type: ignore[arg-type]
-        text = storage.read_bytes(storage.join(out, runs.METRICS), args.endpoint_url).decode()
+        text = storage.read_bytes(storage.join(out, saved.METRICS), args.endpoint_url).decode()
         history = [json.loads(line) for line in text.splitlines() if line.strip()]
         ray_s = [float(r["epoch_s"]) for r in history]
         ray_cpu = [float(r["epoch_cpu_s"]) for r in history]  # rank 0's process

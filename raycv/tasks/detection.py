@@ -21,7 +21,7 @@ from torchvision.ops import batched_nms
 from torchvision.transforms.v2 import functional as TF
 
 IouType = Literal["bbox", "segm"]
-Window = tuple[int, int, int, int]  # (y0, x0, h, w), as raycv.tiling.tile_grid returns
+Window = tuple[int, int, int, int]  # (y0, x0, h, w), as raycv.annotation.tiling.tile_grid returns
 
 # -- RLE -------------------------------------------------------------------------------------------------------
 
@@ -217,7 +217,7 @@ def merge_tile_detections(
         scores: [N].
         labels: [N] classes; boxes of different classes never suppress each other.
         iou_threshold: NMS IoU above which the lower-scored box is dropped.
-        windows: The tiles, ``(y0, x0, h, w)`` in image pixels as :func:`raycv.tiling.tile_grid` gives them.
+        windows: The tiles, ``(y0, x0, h, w)`` in image pixels as :func:`raycv.annotation.tiling.tile_grid` gives them.
         tile_ids: [N] index into ``windows`` of the tile each box was predicted on.
         edge_margin: Distance in px from an interior tile edge within which a box counts as cut.
         ios_threshold: Intersection over the smaller box above which step 3 drops the lower-scored box.

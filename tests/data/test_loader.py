@@ -44,9 +44,9 @@ def test_decode_size_gives_the_annotation_read_tasks_pixels(tmp_path):
 
     from PIL import Image
 
+    from raycv.annotation.read import read_decode_batch
     from raycv.data import synthetic
     from raycv.data.transforms import to_tensor_resized
-    from raycv.reading import read_decode_batch
 
     samples = []
     for i, size in enumerate([96, 300, 700]):

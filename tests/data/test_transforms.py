@@ -82,7 +82,7 @@ def test_the_annotation_read_and_write_tasks_do_not_import_torch():
     import sys
 
     code = (
-        "import sys, raycv.reading, raycv.writing, ray.data.block; "
+        "import sys, raycv.annotation.read, raycv.annotation.write, ray.data.block; "
         "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -7,6 +7,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
+from raycv.annotation.tiling import tile_grid
 from raycv.data.synthetic_scenes import render_scene
 from raycv.tasks.detection import (
     augment_detection,
@@ -16,7 +17,6 @@ from raycv.tasks.detection import (
     merge_tile_detections,
     tile_offsets_to_image,
 )
-from raycv.tiling import tile_grid
 
 BOXES = torch.tensor([[10.0, 10.0, 50.0, 50.0], [60.0, 20.0, 90.0, 80.0], [5.0, 60.0, 40.0, 95.0]])
 LABELS = torch.tensor([1, 2, 1])

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raycv.annotators.base import _Annotator, _incoming_errors, autocast
+from raycv.annotation.actor import _Annotator, _incoming_errors, autocast
 from raycv.data.images import decode_image
 from raycv.data.transforms import normalize
 from raycv.errors import error_fields
@@ -94,8 +94,8 @@ class Detector(_Annotator):
 
     def _objects_tiled(self, image: np.ndarray) -> list[dict[str, Any]]:
         """Detect tile by tile, move boxes to image pixels, merge across tiles; masks pasted back whole."""
+        from raycv.annotation.tiling import tile_grid
         from raycv.tasks.detection import merge_tile_detections, tile_offsets_to_image
-        from raycv.tiling import tile_grid
 
         assert self.tile is not None
         h, w = image.shape[:2]

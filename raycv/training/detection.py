@@ -18,7 +18,7 @@ from torch import nn
 from raycv.config import TrainConfig
 from raycv.data.formats import DetectionSample
 from raycv.data.loader import BatchLoader
-from raycv.training_common import GradientAccumulation, all_reduce_sum, batches_of
+from raycv.training.step import GradientAccumulation, all_reduce_sum, batches_of
 
 DETECTION_TASKS = ("detection", "instance_segmentation")
 

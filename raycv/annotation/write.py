@@ -1,6 +1,6 @@
 """The write side of an annotation run: one small Ray task per result block, and the tally of their statuses.
 
-Kept apart from :mod:`raycv.annotation` (which imports the model code) so that the write tasks' Ray
+Kept apart from :mod:`raycv.annotation.pipeline` (which imports the model code) so that the write tasks' Ray
 workers import pyarrow and raycv's storage only, not torch: a worker importing torch and torchvision costs
 ~4 CPU-seconds to start and ~300 MB more resident memory, for every write worker alive at once.
 """
@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from raycv import outputs, storage
+from raycv import storage
+from raycv.outputs import schema as outputs
 
 log = logging.getLogger(__name__)
 WRITE_CPUS = 0.25

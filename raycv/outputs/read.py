@@ -27,8 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raycv import outputs, storage
+from raycv import storage
 from raycv.errors import ConfigError
+from raycv.outputs import schema as outputs
 
 DETECTION_TASKS = ("detection", "instance_segmentation")
 

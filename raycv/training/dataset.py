@@ -17,7 +17,7 @@ from raycv.data.formats import (
     split_train_val,
 )
 from raycv.errors import ConfigError, DatasetError
-from raycv.training_detection import (
+from raycv.training.detection import (
     DETECTION_TASKS,
 )
 

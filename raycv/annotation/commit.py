@@ -5,7 +5,7 @@ A run writes its Parquet files to ``OUTPUT/_staging/<run_id>/`` (invisible to re
 moves the new files into ``OUTPUT/images/`` and rewrites the older files that held rows of the
 re-annotated input files without those rows. A journal left by a crash is finished by the next run
 (:func:`recover`), and every step is idempotent. The schemas, the layout of ``OUTPUT`` and the index of
-committed rows are in :mod:`raycv.outputs`.
+committed rows are in :mod:`raycv.outputs.schema`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raycv import storage
-from raycv.outputs import (
+from raycv.outputs.schema import (
     IMAGES_DIR,
     JOURNAL_DIR,
     OBJECTS_DIR,

@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from raycv import runs
 from raycv.config import TrainConfig
 from raycv.data.formats import Sample
 from raycv.data.loader import BatchLoader
+from raycv.models import saved
 from raycv.tasks import task_ops
 
 
@@ -22,10 +22,10 @@ def evaluate(cfg: TrainConfig, split: str = "val") -> dict[str, Any]:
     Returns:
         ``{"split", "images", <the task's metrics>, "confusion_matrix"}``.
     """
-    from raycv.training import evaluate_confusion, make_transforms
-    from raycv.training_data import plan_dataset
+    from raycv.training.dataset import plan_dataset
+    from raycv.training.loop import evaluate_confusion, make_transforms
 
-    run = runs.load_run(cfg.output.dir, cfg.storage.endpoint_url)
+    run = saved.load_run(cfg.output.dir, cfg.storage.endpoint_url)
     plan = plan_dataset(cfg)
     names = run.class_names
     if plan["class_names"][: len(names)] != names[: len(plan["class_names"])]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from raycv import storage
-from raycv.annotators.base import _Annotator, _incoming_errors, _window_reader
+from raycv.annotation.actor import _Annotator, _incoming_errors, _window_reader
 from raycv.data import cog, geotiff
 from raycv.data.images import decode_image, encode_png, resize_rgb
 from raycv.errors import error_fields
@@ -58,7 +58,7 @@ class Segmenter(_Annotator):
         return self.tile is not None and max(h, w) > self.tile["size"]
 
     def _tiled(self, read: Any, h: int, w: int) -> np.ndarray:
-        from raycv.tiling import predict_tiled
+        from raycv.annotation.tiling import predict_tiled
 
         assert self.tile is not None
         return predict_tiled(

@@ -6,7 +6,7 @@ each write's status counts, never the rows, so its memory does not grow with the
 the run early when too many images fail (``max_error_fraction``). Every failure of one image (read,
 decode, model, write) becomes an error row instead of failing the run. A multi-frame DICOM or a NIfTI
 volume is expanded in the read stage into one row per frame or slice (``image_uri`` = ``<file>#frame=<k>``).
-See :mod:`raycv.outputs_commit` for how a run is committed.
+See :mod:`raycv.annotation.commit` for how a run is committed.
 """
 
 from __future__ import annotations
@@ -28,13 +28,19 @@ from ray.util.annotations import RayDeprecationWarning
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raycv import outputs, outputs_commit, runs, storage
-from raycv.annotators import Classifier, Detector, Segmenter
+from raycv import storage
+from raycv.annotation import commit as outputs_commit
+from raycv.annotation.classifier import Classifier
+from raycv.annotation.detector import Detector
+from raycv.annotation.plan import Plan, plan_inputs, skip_current
+from raycv.annotation.read import read_bytes_batch, read_decode_batch, read_stage
+from raycv.annotation.segmenter import Segmenter
+from raycv.annotation.write import Tally, write_blocks
 from raycv.config import AnnotateConfig
 from raycv.errors import ConfigError, TooManyErrorsError
-from raycv.planning import Plan, plan_inputs, skip_current
-from raycv.reading import read_bytes_batch, read_decode_batch, read_stage
-from raycv.writing import Tally, write_blocks
+from raycv.models import saved
+from raycv.outputs import schema as outputs
+from raycv.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
 DECODE_CPUS = 0.5
@@ -281,18 +287,16 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
         TooManyErrorsError: after committing, when more than ``max_error_fraction`` of at least
             :data:`MIN_IMAGES_FOR_ERROR_CHECK` images failed; a re-run resumes (``incremental``).
     """
-    from raycv.training import ensure_ray
-
     t0 = time.time()
     ep = cfg.storage.endpoint_url
-    card = runs.read_card(cfg.model, ep)
+    card = saved.read_card(cfg.model, ep)
     if cfg.explain and card["task"] != "classification":  # checked before anything starts (exit 2)
         raise ConfigError(
             "explain",
             cfg.explain,
             f"Grad-CAM explains classifiers only, this run is {card['task']}: remove it.",
         )
-    model_id = runs.model_id_of(storage.read_bytes(storage.join(cfg.model, runs.WEIGHTS), ep))
+    model_id = saved.model_id_of(storage.read_bytes(storage.join(cfg.model, saved.WEIGHTS), ep))
     recovered = outputs_commit.recover(cfg.output, ep)
     todo = plan_inputs(cfg.input, ep)
     files = len(todo)
@@ -322,7 +326,7 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
         files=files,
         stopped=stopped,
     )
-    runs.write_json(storage.join(cfg.output, outputs.SUMMARY), asdict(summary), ep)
+    storage.write_json(storage.join(cfg.output, outputs.SUMMARY), asdict(summary), ep)
     if tally.exceeds(cfg.max_error_fraction):
         raise TooManyErrorsError(_stop_message(cfg, tally, stopped))
     return summary

@@ -3,7 +3,7 @@
 ``OUTPUT/images/`` holds one row per image (:func:`images_schema`), ``OUTPUT/objects/`` one row per
 detected object (:func:`objects_schema`), and :func:`read_index` lists what is committed. How a run's
 staged files are committed exactly once (``_staging``, ``_journal``, ``commit``, ``recover``) is
-:mod:`raycv.outputs_commit`.
+:mod:`raycv.annotation.commit`.
 
 Rows are superseded by input file, not by ``image_id``: a multi-frame DICOM or NIfTI volume has one row
 per frame (``image_uri`` = ``<file>#frame=<k>``, ``frame`` = k, ``frame_count`` = frames), and a re-run

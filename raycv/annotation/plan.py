@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raycv import outputs, storage
+from raycv import storage
 from raycv.data import medical
 from raycv.data.formats import IMAGE_EXTENSIONS
 from raycv.errors import ConfigError
+from raycv.outputs import schema as outputs
 
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
 INPUT_EXTENSIONS = tuple(

@@ -13,8 +13,10 @@ import pyarrow.compute as pc
 from rich.console import Console
 from rich.table import Table
 
-from raycv import runs, storage, viz
-from raycv.results import DETECTION_TASKS, read_images, read_objects, read_summary, task_of
+from raycv import storage
+from raycv.data import draw as viz
+from raycv.models import saved
+from raycv.outputs.read import DETECTION_TASKS, read_images, read_objects, read_summary, task_of
 
 CURVES = "curves.png"
 CONFUSION = "confusion.png"
@@ -146,7 +148,7 @@ def inspect_output(
 
 def read_history(run_dir: str, endpoint_url: str | None = None) -> list[dict[str, Any]]:
     try:
-        text = storage.read_bytes(storage.join(run_dir, runs.METRICS), endpoint_url).decode()
+        text = storage.read_bytes(storage.join(run_dir, saved.METRICS), endpoint_url).decode()
     except FileNotFoundError:
         return []
     return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -183,7 +185,7 @@ def report_run(
 ) -> dict[str, Any]:
     """Print a run's model card and best metrics, refresh its plots; returns the card."""
     console = console or Console()
-    card = runs.read_card(run_dir, endpoint_url)
+    card = saved.read_card(run_dir, endpoint_url)
     history = read_history(run_dir, endpoint_url)
     console.rule(f"[bold]{run_dir}[/bold]")
     model = Table(title="model card", show_header=False, show_edge=False)

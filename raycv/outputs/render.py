@@ -19,9 +19,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from raycv import outputs, storage, viz
+from raycv import storage
+from raycv.data import draw as viz
 from raycv.data.images import DEFAULT_MAX_PIXELS, decode_png_mask
-from raycv.results import (
+from raycv.outputs import schema as outputs
+from raycv.outputs.read import (
     DETECTION_TASKS,
     Where,
     applies_to_objects,
@@ -58,7 +60,7 @@ def load_source(row: dict[str, Any], task: str, max_side: int, endpoint_url: str
     source = uri if row.get("frame") is None else uri.rsplit(outputs.FRAME_SUFFIX, 1)[0]
     if task == "semantic_segmentation" and geotiff.is_geotiff(source):
         return _read_raster(source, max_side, endpoint_url)
-    from raycv.reading import decode_file
+    from raycv.annotation.read import decode_file
 
     frames = decode_file(storage.read_bytes(source, endpoint_url), source, max_pixels=4 * DEFAULT_MAX_PIXELS)
     return viz.fit(frames[int(row.get("frame") or 0)], max_side)
@@ -92,7 +94,7 @@ def draw_row(
     if task in DETECTION_TASKS:
         return _draw_detections(image, row, objects or [])
     if row.get("gradcam_png"):
-        from raycv.gradcam import decode_heatmap
+        from raycv.models.gradcam import decode_heatmap
 
         image = viz.blend_heatmap(image, decode_heatmap(row["gradcam_png"]))
     im = Image.fromarray(image)

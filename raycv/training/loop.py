@@ -22,7 +22,7 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from raycv import runs, storage
+from raycv import storage
 from raycv.config import TrainConfig, config_to_dict
 from raycv.data.formats import (
     DetectionSample,
@@ -39,16 +39,19 @@ from raycv.data.transforms import (
     to_tensor_resized,
 )
 from raycv.errors import RaycvError
+from raycv.models import saved
+from raycv.runtime import ensure_ray
 from raycv.tasks import TaskOps, task_ops
 from raycv.tasks import classification as cls_task
-from raycv.training_common import GradientAccumulation, all_reduce_sum, batches_of, epoch_seed, say
-from raycv.training_data import plan_dataset
-from raycv.training_detection import (
+from raycv.training import run_directory
+from raycv.training.dataset import plan_dataset
+from raycv.training.detection import (
     DETECTION_TASKS,
     evaluate_detection,
     make_detection_transforms,
     train_epoch_detection,
 )
+from raycv.training.step import GradientAccumulation, all_reduce_sum, batches_of, epoch_seed, say
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "state.pt"
@@ -76,7 +79,7 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     h, _ = cfg.data.size_hw
     model = create_model(cfg.model.arch, num_classes=num_classes, image_size=h, **cfg.model.options)
     if cfg.model.weights:
-        state = runs.load_state_dict(
+        state = saved.load_state_dict(
             storage.read_bytes(cfg.model.weights, cfg.storage.endpoint_url), cfg.model.weights
         )
         report = load_weights(model, state)
@@ -319,10 +322,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if cfg.task == "classification":
                 record["best"]["confusion"] = cm.tolist()
             if rank == 0:
-                runs.save_weights(storage.join(cfg.output.dir, runs.WEIGHTS), model.state_dict(), ep)
+                run_directory.save_weights(
+                    storage.join(cfg.output.dir, saved.WEIGHTS), model.state_dict(), ep
+                )
         state: dict[str, Any] | None = None
         if rank == 0:
-            runs.write_run_dir(cfg, info, record)
+            run_directory.write_run_dir(cfg, info, record)
             state = {
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
@@ -338,13 +343,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------- driver side
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray, unless already connected."""
-    if ray.is_initialized():
-        return
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
 
 
 def run_training(cfg: TrainConfig, address: str | None = None) -> TrainResult:
@@ -393,5 +391,5 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainResult:
 def _read_history(cfg: TrainConfig) -> list[dict[str, Any]]:
     import json
 
-    text = storage.read_bytes(storage.join(cfg.output.dir, runs.METRICS), cfg.storage.endpoint_url).decode()
+    text = storage.read_bytes(storage.join(cfg.output.dir, saved.METRICS), cfg.storage.endpoint_url).decode()
     return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from raycv import outputs, runs
 from raycv.data.transforms import normalize
 from raycv.errors import ConfigError
+from raycv.models import saved
+from raycv.outputs import schema as outputs
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class _Annotator:
         check_precision(precision, self.device)
         self.precision, self.channels_last = precision, channels_last
         self.endpoint_url = endpoint_url
-        self.run = runs.load_run(run_dir, endpoint_url, self.device)
+        self.run = saved.load_run(run_dir, endpoint_url, self.device)
         if channels_last:
             to_channels_last(self.run.model)
         # What the batches go through; self.run.model stays the eager module (Grad-CAM needs its hooks).

@@ -30,10 +30,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raycv import storage, viz
+from raycv import storage
+from raycv.data import draw as viz
 from raycv.data.images import decode_png_mask
 from raycv.errors import ConfigError
-from raycv.results import (
+from raycv.outputs.read import (
     DETECTION_TASKS,
     Where,
     applies_to_objects,

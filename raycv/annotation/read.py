@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from raycv import outputs, storage
+from raycv import storage
 from raycv.data import geotiff, medical
 from raycv.data.images import decode_image, decode_reduced, encode_png, resize_rgb
 from raycv.errors import DecodeError, error_fields
+from raycv.outputs import schema as outputs
 
 FILES_PER_READ = 8  # files fetched and decoded together: bounds a read task's memory when files are volumes
 

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raycv.annotators.base import _Annotator, _incoming_errors
-from raycv.annotators.decode import decode_batch
+from raycv.annotation.actor import _Annotator, _incoming_errors
+from raycv.annotation.decode import decode_batch
 from raycv.data.images import DEFAULT_MAX_PIXELS
 from raycv.data.transforms import normalize
 from raycv.errors import error_fields
@@ -24,7 +24,7 @@ class Classifier(_Annotator):
     GPU), filling ``width``/``height`` and giving undecodable files their decode error rows.
 
     With ``explain="gradcam"`` each ok row also gets ``gradcam_png``: the Grad-CAM heatmap of the top class
-    (:mod:`raycv.gradcam`) as a uint8 PNG at the model's input size (stretch it to the image, as the input
+    (:mod:`raycv.models.gradcam`) as a uint8 PNG at the model's input size (stretch it to the image, as the input
     was). The column is added to the schema only then.
     """
 
@@ -43,14 +43,14 @@ class Classifier(_Annotator):
         super().__init__(run_dir, endpoint_url, run_id, threads, use_gpu, **speed)
         self.topk, self.explain, self.max_pixels = topk, explain, max_pixels
         if explain == "gradcam":
-            from raycv.gradcam import find_target_layer
+            from raycv.models.gradcam import find_target_layer
 
             self.cam_layer = find_target_layer(self.run.model)
             self.schema = self.schema.append(pa.field("gradcam_png", pa.binary()))
 
     def _explained(self, x: torch.Tensor) -> tuple[torch.Tensor, list[bytes]]:
         """Logits and Grad-CAM PNGs of a [B, 3, H, W] batch in 0..1 (one forward and one backward pass)."""
-        from raycv.gradcam import gradcam, heatmap_png
+        from raycv.models.gradcam import gradcam, heatmap_png
 
         logits, cams = gradcam(self.run.model, normalize(x, self.mean, self.std), target_layer=self.cam_layer)
         return logits.cpu(), [heatmap_png(c.numpy()) for c in cams]

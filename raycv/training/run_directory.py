@@ -1,0 +1,80 @@
+"""The run directory a training run writes (SPEC §5): ``metrics.jsonl``, ``model.json``, ``model.pt`` and
+the plots, refreshed by rank 0 after every epoch."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from raycv import storage
+from raycv.models.saved import METRICS, MODEL_CARD, model_id_of
+
+if TYPE_CHECKING:
+    from raycv.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def save_weights(uri: str, state_dict: dict[str, torch.Tensor], endpoint_url: str | None = None) -> str:
+    """Write a state_dict (plain tensors, loadable with ``weights_only=True``); returns its model_id."""
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
+    data = buf.getvalue()
+    storage.write_bytes(uri, data, endpoint_url)
+    return model_id_of(data)
+
+
+def write_metrics(run_dir: str, history: list[dict[str, Any]], endpoint_url: str | None = None) -> None:
+    """Rewrite ``metrics.jsonl`` from the full history: a resumed run never repeats an epoch line."""
+    text = "".join(json.dumps(row) + "\n" for row in history)
+    storage.write_bytes(storage.join(run_dir, METRICS), text.encode(), endpoint_url)
+
+
+def write_run_dir(cfg: TrainConfig, info: dict[str, Any], record: dict[str, Any]) -> None:
+    """What rank 0 writes after every epoch (SPEC §5): metrics.jsonl, model.json, curves.png (+ confusion.png).
+
+    ``info`` is the planned dataset (class names, image counts); ``record`` holds ``history``, ``best``
+    (epoch, metrics, confusion) and ``resumed_at_epochs``. The weights are written by the loop itself.
+    """
+    import raycv
+    from raycv.config import config_to_dict
+    from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from raycv.training.detection import DETECTION_TASKS
+
+    run_dir, ep = cfg.output.dir, cfg.storage.endpoint_url
+    write_metrics(run_dir, record["history"], ep)
+    best = record["best"]
+    card = {
+        "task": cfg.task,
+        "arch": cfg.model.arch,
+        "options": cfg.model.options,
+        "num_classes": info["num_classes"],
+        "class_names": info["class_names"],
+        "image_size": cfg.data.image_size,
+        "in_channels": 3,
+        # Detectors take 0..1 pixels (torchvision's normalise inside); the others ImageNet-normalised ones.
+        "normalization": {"mean": [0.0] * 3, "std": [1.0] * 3}
+        if cfg.task in DETECTION_TASKS
+        else {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "raycv_version": raycv.__version__,
+        "torch_version": torch.__version__,
+        "best_epoch": best["epoch"],
+        "best_metrics": best["metrics"],
+        # classification: the best epoch's validation confusion matrix, rows = true class (confusion.png)
+        **({"best_confusion": best["confusion"]} if "confusion" in best else {}),
+        "train_images": info["n_train"],
+        "val_images": info["n_val"],
+        "resumed_at_epochs": record["resumed_at_epochs"],
+        "config": config_to_dict(cfg),
+    }
+    storage.write_json(storage.join(run_dir, MODEL_CARD), card, ep)
+    try:  # curves.png (and confusion.png), refreshed every epoch; a drawing problem never stops training
+        from raycv.outputs.report import write_plots
+
+        write_plots(run_dir, card, record["history"], ep)
+    except Exception as exc:
+        log.warning("could not draw the training curves: %s", exc)
