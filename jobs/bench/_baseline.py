@@ -97,7 +97,7 @@ def _forward_batch(
 ) -> None:
     """The model actor's inference on one batch: uint8 -> normalised float -> model -> softmax on the CPU.
 
-    ``speed`` holds the actors' ``precision`` and ``channels_last`` (:class:`raycv.annotation.actor._Annotator`).
+    ``speed`` holds the actors' ``precision`` and ``channels_last`` (:class:`raycv.annotation.actor.Annotator`).
     """
     import torch
 

@@ -72,7 +72,7 @@ class _CompiledOrEager:
         return self.eager(x)
 
 
-class _Annotator:
+class Annotator:
     """Shared set-up: the model on its device, its card, its normalisation, the output schema.
 
     GPU speed options (also valid on CPU, except fp16): ``precision`` bf16/fp16 runs the forward pass
@@ -160,12 +160,12 @@ def _optional_ints(values: np.ndarray | None, n: int) -> list[int | None]:
     return [None] * n if values is None else [int(v) if v >= 0 else None for v in values]
 
 
-def _window_reader(image: np.ndarray) -> Any:
+def window_reader(image: np.ndarray) -> Any:
     """``read(y0, x0, h, w)`` over an image already in memory (formats without windowed reads)."""
     return lambda y0, x0, h, w: image[y0 : y0 + h, x0 : x0 + w]
 
 
-def _incoming_errors(batch: dict[str, np.ndarray]) -> list[tuple[str, str, str] | None]:
+def incoming_errors(batch: dict[str, np.ndarray]) -> list[tuple[str, str, str] | None]:
     return [
         (str(s), str(t), str(m)) if s else None
         for s, t, m in zip(batch["error_stage"], batch["error_type"], batch["error_message"], strict=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raycv.annotation.actor import _Annotator, _incoming_errors
+from raycv.annotation.actor import Annotator, incoming_errors
 from raycv.annotation.decode import decode_batch
 from raycv.data.images import DEFAULT_MAX_PIXELS
 from raycv.data.transforms import normalize
@@ -16,7 +16,7 @@ from raycv.errors import error_fields
 from raycv.tasks.classification import topk_rows
 
 
-class Classifier(_Annotator):
+class Classifier(Annotator):
     """Labels batches of decoded, resized images: top class, score and the top-k.
 
     A batch holds the read tasks' ``pixels`` (``decode: tasks``), or the files' encoded ``data``
@@ -88,7 +88,7 @@ class Classifier(_Annotator):
         return (torch.stack(tensors) if tensors else None), good
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        errors = _incoming_errors(batch)
+        errors = incoming_errors(batch)
         n = len(errors)
         x, good = self._decoded(batch, errors)
         rows: list[Any] = [None] * n

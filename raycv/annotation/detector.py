@@ -8,13 +8,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raycv.annotation.actor import _Annotator, _incoming_errors, autocast
+from raycv.annotation.actor import Annotator, autocast, incoming_errors
 from raycv.data.images import decode_image
 from raycv.data.transforms import normalize
 from raycv.errors import error_fields
 
 
-class Detector(_Annotator):
+class Detector(Annotator):
     """Boxes (and instance masks as COCO RLE) per image, in original-image pixels, 0-based labels.
 
     Detectors resize internally, so each image goes in at its own size; ``score_threshold`` and
@@ -155,7 +155,7 @@ class Detector(_Annotator):
         return rows
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        errors = _incoming_errors(batch)
+        errors = incoming_errors(batch)
         n = len(errors)
         images: dict[int, np.ndarray] = {}
         for i in range(n):

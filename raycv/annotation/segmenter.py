@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from raycv import storage
-from raycv.annotation.actor import _Annotator, _incoming_errors, _window_reader
+from raycv.annotation.actor import Annotator, incoming_errors, window_reader
 from raycv.data import cog, geotiff
 from raycv.data.images import decode_image, encode_png, resize_rgb
 from raycv.errors import error_fields
@@ -20,7 +20,7 @@ from raycv.errors import error_fields
 MAX_UPSAMPLED_LOGITS = 64 * 1024 * 1024
 
 
-class Segmenter(_Annotator):
+class Segmenter(Annotator):
     """Label maps at the original resolution; large images are tiled, blended and stitched.
 
     Small images are batched at the model's training size and their class scores resized back; an image
@@ -106,7 +106,7 @@ class Segmenter(_Annotator):
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         from raycv.tasks.segmentation import class_pixels
 
-        errors = _incoming_errors(batch)
+        errors = incoming_errors(batch)
         n = len(errors)
         maps: list[np.ndarray | None] = [None] * n
         geo: list[geotiff.RasterInfo | None] = [None] * n
@@ -125,7 +125,7 @@ class Segmenter(_Annotator):
                 continue
             try:
                 if self._needs_tiling(*image.shape[:2]):
-                    maps[i] = self._tiled(_window_reader(image), *image.shape[:2])
+                    maps[i] = self._tiled(window_reader(image), *image.shape[:2])
                 else:
                     small.append((i, image))
             except Exception as exc:

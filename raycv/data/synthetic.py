@@ -21,7 +21,7 @@ from raycv import storage
 from raycv.data.images import IMAGE_EXTENSIONS
 from raycv.data.synthetic_scenes import CLASSES as CLASSES
 from raycv.data.synthetic_scenes import Scene as Scene
-from raycv.data.synthetic_scenes import _check_classes, _classification_image
+from raycv.data.synthetic_scenes import check_classes, classification_image
 from raycv.data.synthetic_scenes import render_classification_sample as render_classification_sample
 from raycv.data.synthetic_scenes import render_scene as render_scene
 
@@ -58,7 +58,7 @@ def write_imagefolder(
     Returns:
         Images written per class name.
     """
-    _check_classes(classes)
+    check_classes(classes)
     fmt = _format_for(ext)
     if n_per_class < 0:
         raise ValueError(f"n_per_class must be >= 0, got {n_per_class}.")
@@ -66,7 +66,7 @@ def write_imagefolder(
     def write_one(job: tuple[int, int]) -> None:
         k, i = job
         rng = _rng(seed, _IMAGEFOLDER_STREAM, k, i)
-        image = _classification_image(rng, classes[k], size)
+        image = classification_image(rng, classes[k], size)
         uri = storage.join(root, classes[k], f"{classes[k]}_{i:05d}{ext}")
         storage.write_bytes(uri, _encode(image, fmt), endpoint_url=endpoint_url)
 
@@ -94,7 +94,7 @@ def write_flat_archive(
 
     def write_one(i: int) -> None:
         rng = _rng(seed, _FLAT_STREAM, i)
-        image = _classification_image(rng, CLASSES[labels[i]], size)
+        image = classification_image(rng, CLASSES[labels[i]], size)
         storage.write_bytes(uris[i], _encode(image, "PNG"), endpoint_url=endpoint_url)
 
     _run_parallel(write_one, list(range(n)))
@@ -122,7 +122,7 @@ def write_masks_dataset(
     Returns:
         The class names, in label order.
     """
-    _check_classes(classes)
+    check_classes(classes)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}.")
     names = ["background", *classes]
@@ -169,7 +169,7 @@ def write_detection_dataset(
     Returns:
         The class names, in label order.
     """
-    _check_classes(classes)
+    check_classes(classes)
     if fmt not in ("coco", "yolo"):
         raise ValueError(f"fmt must be 'coco' or 'yolo', got {fmt!r}.")
     ids = list(category_ids or range(1, len(classes) + 1))

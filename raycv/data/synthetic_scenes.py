@@ -69,7 +69,7 @@ def render_scene(
             that small models learn in a few hundred steps).
     """
     height, width = _height_width(size)
-    _check_classes(classes)
+    check_classes(classes)
     if n_objects < 0:
         raise ValueError(f"n_objects must be >= 0, got {n_objects}.")
     if not 0 < min_scale <= max_scale:
@@ -103,10 +103,10 @@ def render_classification_sample(rng: np.random.Generator, label: int, *, size: 
     """
     if not 0 <= label < len(CLASSES):
         raise ValueError(f"label must be in 0..{len(CLASSES) - 1} (one of {CLASSES}), got {label}.")
-    return _classification_image(rng, CLASSES[label], size)
+    return classification_image(rng, CLASSES[label], size)
 
 
-def _classification_image(rng: np.random.Generator, name: str, size: int) -> np.ndarray:
+def classification_image(rng: np.random.Generator, name: str, size: int) -> np.ndarray:
     height, width = _height_width(size)
     image = _background(rng, height, width)
     shape = _place_shape(rng, name, height, width, rng.uniform(0.3, 0.7) * size, angle=_UPRIGHT[name])
@@ -121,7 +121,7 @@ def _height_width(size: int | tuple[int, int]) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def _check_classes(classes: Sequence[str]) -> None:
+def check_classes(classes: Sequence[str]) -> None:
     unknown = [c for c in classes if c not in _SHAPES]
     if not classes or unknown:
         raise ValueError(

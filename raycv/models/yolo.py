@@ -26,24 +26,24 @@ from torchvision import ops
 from raycv.models.registry import register_model
 
 _TASK = "detection"
-_MAX_STRIDE = 32
+MAX_STRIDE = 32
 _PRE_NMS_TOP_K = 1000
 
 
 # -- The shared interface ------------------------------------------------------------------------------------
 
 
-class _YoloDetector(nn.Module):
+class YoloDetector(nn.Module):
     """Letterboxing, target checks and postprocessing shared by the YOLO models."""
 
     head_modules: tuple[str, ...] = ("head",)  # read by raycv.models.transfer.head_module_names
 
     def __init__(self, *, num_classes: int, in_channels: int, image_size: int) -> None:
         super().__init__()
-        if image_size % _MAX_STRIDE:
+        if image_size % MAX_STRIDE:
             raise ValueError(
-                f"image_size must be a multiple of {_MAX_STRIDE}, got {image_size}. "
-                f"Use {max(_MAX_STRIDE, round(image_size / _MAX_STRIDE) * _MAX_STRIDE)}."
+                f"image_size must be a multiple of {MAX_STRIDE}, got {image_size}. "
+                f"Use {max(MAX_STRIDE, round(image_size / MAX_STRIDE) * MAX_STRIDE)}."
             )
         self.num_classes = num_classes
         self.in_channels = in_channels
@@ -150,7 +150,7 @@ def letterbox(images: list[Tensor], size: int) -> tuple[Tensor, Tensor]:
     return batch, torch.tensor(scales, dtype=batch.dtype, device=batch.device)
 
 
-def _conv(
+def conv(
     c_in: int, c_out: int, kernel: int = 3, stride: int = 1, act: type[nn.Module] = nn.SiLU
 ) -> nn.Sequential:
     return nn.Sequential(
@@ -164,7 +164,7 @@ def _conv(
 class _Bottleneck(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.block = nn.Sequential(_conv(channels, channels), _conv(channels, channels))
+        self.block = nn.Sequential(conv(channels, channels), conv(channels, channels))
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.block(x)
@@ -176,9 +176,9 @@ class _CSPBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, depth: int) -> None:
         super().__init__()
         hidden = c_out // 2
-        self.split = _conv(c_in, 2 * hidden, 1)
+        self.split = conv(c_in, 2 * hidden, 1)
         self.blocks = nn.ModuleList(_Bottleneck(hidden) for _ in range(depth))
-        self.merge = _conv((2 + depth) * hidden, c_out, 1)
+        self.merge = conv((2 + depth) * hidden, c_out, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         outputs = list(self.split(x).chunk(2, dim=1))
@@ -192,13 +192,13 @@ class _PANNeck(nn.Module):
 
     def __init__(self, c3: int, c4: int, c5: int, depth: int) -> None:
         super().__init__()
-        self.reduce5 = _conv(c5, c4, 1)
+        self.reduce5 = conv(c5, c4, 1)
         self.top_down4 = _CSPBlock(2 * c4, c4, depth)
-        self.reduce4 = _conv(c4, c3, 1)
+        self.reduce4 = conv(c4, c3, 1)
         self.top_down3 = _CSPBlock(2 * c3, c3, depth)
-        self.down3 = _conv(c3, c3, 3, 2)
+        self.down3 = conv(c3, c3, 3, 2)
         self.bottom_up4 = _CSPBlock(2 * c3, c4, depth)
-        self.down4 = _conv(c4, c4, 3, 2)
+        self.down4 = conv(c4, c4, 3, 2)
         self.bottom_up5 = _CSPBlock(2 * c4, c5, depth)
 
     def forward(self, p3: Tensor, p4: Tensor, p5: Tensor) -> list[Tensor]:
@@ -215,8 +215,8 @@ class _DecoupledHead(nn.Module):
 
     def __init__(self, channels: list[int], num_classes: int) -> None:
         super().__init__()
-        self.cls = nn.ModuleList(nn.Sequential(_conv(c, c), nn.Conv2d(c, num_classes, 1)) for c in channels)
-        self.box = nn.ModuleList(nn.Sequential(_conv(c, c), nn.Conv2d(c, 5, 1)) for c in channels)
+        self.cls = nn.ModuleList(nn.Sequential(conv(c, c), nn.Conv2d(c, num_classes, 1)) for c in channels)
+        self.box = nn.ModuleList(nn.Sequential(conv(c, c), nn.Conv2d(c, 5, 1)) for c in channels)
         # Start near p = 0.01 so that the many negatives do not swamp the loss in the first steps.
         prior = -math.log((1 - 0.01) / 0.01)
         with torch.no_grad():
@@ -235,7 +235,7 @@ class _DecoupledHead(nn.Module):
         return torch.cat(cls, 1), torch.cat(box, 1)
 
 
-class YoloAnchorFree(_YoloDetector):
+class YoloAnchorFree(YoloDetector):
     """Anchor-free YOLO in the manner of YOLOX/YOLOv8, small enough to train from scratch on a CPU.
 
     Backbone: a stride-2 stem and four stride-2 stages of C2f-style CSP blocks (widths ``widths``), giving
@@ -268,9 +268,9 @@ class YoloAnchorFree(_YoloDetector):
         super().__init__(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
         self.center_radius, self.box_weight = center_radius, box_weight
         stem, c2, c3, c4, c5 = widths
-        self.stem = _conv(in_channels, stem, 3, 2)
+        self.stem = conv(in_channels, stem, 3, 2)
         self.stages = nn.ModuleList(
-            nn.Sequential(_conv(c_in, c_out, 3, 2), _CSPBlock(c_out, c_out, depth))
+            nn.Sequential(conv(c_in, c_out, 3, 2), _CSPBlock(c_out, c_out, depth))
             for c_in, c_out in [(stem, c2), (c2, c3), (c3, c4), (c4, c5)]
         )
         self.neck = _PANNeck(c3, c4, c5, depth)
@@ -360,7 +360,7 @@ def _points(sizes: list[torch.Size], strides: tuple[int, ...], like: Tensor) -> 
 # -- Builders ------------------------------------------------------------------------------------------------
 
 
-@register_model("yolo_n", task=_TASK, min_input_size=_MAX_STRIDE, source="raycv")
+@register_model("yolo_n", task=_TASK, min_input_size=MAX_STRIDE, source="raycv")
 def yolo_n(*, num_classes: int, in_channels: int = 3, image_size: int | None = None) -> YoloAnchorFree:
     """Anchor-free YOLO, nano: strides 8/16/32, PAN neck, centre sampling, CIoU + BCE; trains on a CPU."""
     return YoloAnchorFree(
@@ -372,7 +372,7 @@ def yolo_n(*, num_classes: int, in_channels: int = 3, image_size: int | None = N
     )
 
 
-@register_model("yolo_s", task=_TASK, min_input_size=_MAX_STRIDE, source="raycv")
+@register_model("yolo_s", task=_TASK, min_input_size=MAX_STRIDE, source="raycv")
 def yolo_s(*, num_classes: int, in_channels: int = 3, image_size: int | None = None) -> YoloAnchorFree:
     """Anchor-free YOLO, small: strides 8/16/32, PAN neck, centre sampling, CIoU + BCE."""
     return YoloAnchorFree(

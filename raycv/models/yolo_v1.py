@@ -7,12 +7,12 @@ from torch import Tensor, nn
 from torchvision import ops
 
 from raycv.models.registry import register_model
-from raycv.models.yolo import _MAX_STRIDE, _TASK, _conv, _YoloDetector
+from raycv.models.yolo import MAX_STRIDE, YoloDetector, conv
 
 # -- YOLOv1 --------------------------------------------------------------------------------------------------
 
 
-class YoloV1(_YoloDetector):
+class YoloV1(YoloDetector):
     """YOLOv1 (Redmon et al., 2016): one S x S grid, B boxes and one class distribution per cell.
 
     A Darknet-like conv backbone (stride 32, LeakyReLU) is pooled to S x S and two fully connected layers
@@ -39,12 +39,12 @@ class YoloV1(_YoloDetector):
         widths = [width * 2**i for i in range(5)]
         leaky = _LeakyReLU
         pairs = zip([in_channels, *widths[:-1]], widths, strict=True)
-        layers = [_conv(c_in, c_out, 3, 2, leaky) for c_in, c_out in pairs]
-        self.backbone = nn.Sequential(*layers, _conv(widths[-1], widths[-1], 3, 1, leaky))
+        layers = [conv(c_in, c_out, 3, 2, leaky) for c_in, c_out in pairs]
+        self.backbone = nn.Sequential(*layers, conv(widths[-1], widths[-1], 3, 1, leaky))
         outputs = 5 * boxes_per_cell + num_classes
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(grid_size),
-            _conv(widths[-1], 2 * width, 1, 1, leaky),  # fewer inputs to the fully connected layer
+            conv(widths[-1], 2 * width, 1, 1, leaky),  # fewer inputs to the fully connected layer
             nn.Flatten(),
             nn.Linear(2 * width * grid_size**2, 512),
             nn.LeakyReLU(0.1),
@@ -168,7 +168,7 @@ def yolo_v1_loss(
     }
 
 
-@register_model("yolo_v1", task=_TASK, min_input_size=_MAX_STRIDE, source="raycv")
+@register_model("yolo_v1", task="detection", min_input_size=MAX_STRIDE, source="raycv")
 def yolo_v1(
     *,
     num_classes: int,
