@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
+
+from raycv.tasks.registry import Task, register_task
 
 
 def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -85,3 +88,23 @@ def topk_rows(probs: np.ndarray, class_names: list[str], k: int) -> list[list[di
         [{"label": int(c), "label_name": class_names[c], "score": float(p[c])} for c in row]
         for p, row in zip(probs, order, strict=True)
     ]
+
+
+TOPK_TYPE = pa.list_(pa.struct([("label", pa.int32()), ("label_name", pa.string()), ("score", pa.float32())]))
+
+CLASSIFICATION = register_task(
+    Task(
+        name="classification",
+        formats=("imagefolder",),
+        primary_metric="accuracy",
+        metrics=("accuracy", "precision", "recall", "f1"),
+        image_fields=(
+            pa.field("label", pa.int32()),
+            pa.field("label_name", pa.string()),
+            pa.field("score", pa.float32()),
+            pa.field("topk", TOPK_TYPE),
+        ),
+        image_labels=True,
+        export_formats=(),  # no boxes, masks or shapes: OUTPUT/images is the export
+    )
+)

@@ -13,12 +13,15 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch import Tensor
 from torchvision.ops import batched_nms
 from torchvision.transforms.v2 import functional as TF
+
+from raycv.tasks.registry import Task, register_task
 
 IouType = Literal["bbox", "segm"]
 Window = tuple[int, int, int, int]  # (y0, x0, h, w), as raycv.annotation.tiling.tile_grid returns
@@ -362,3 +365,41 @@ def _color_jitter(image: Tensor, rng: np.random.Generator, strength: float) -> T
     image = TF.adjust_brightness(image, float(rng.uniform(low, high)))
     image = TF.adjust_contrast(image, float(rng.uniform(low, high)))
     return TF.adjust_saturation(image, float(rng.uniform(low, high))).clamp(0, 1)
+
+
+OBJECT_FIELDS = (
+    pa.field("label", pa.int32()),
+    pa.field("label_name", pa.string()),
+    pa.field("score", pa.float32()),
+    pa.field("box", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2 in original-image pixels
+    pa.field("mask_rle_size", pa.list_(pa.int32())),  # [h, w]; null for plain detection
+    pa.field("mask_rle_counts", pa.string()),  # COCO compressed RLE; null for plain detection
+)
+OBJECTS_TYPE = pa.list_(pa.struct(list(OBJECT_FIELDS)))
+_STAGED_OBJECTS = (pa.field("objects", OBJECTS_TYPE),)  # staged only: split into OUTPUT/objects
+
+DETECTION = register_task(
+    Task(
+        name="detection",
+        formats=("coco", "yolo"),
+        primary_metric="map",
+        metrics=("map", "map_50"),
+        image_fields=_STAGED_OBJECTS,
+        objects=True,
+        unit_pixels=True,
+        export_formats=("coco", "yolo", "geojson"),
+    )
+)
+INSTANCE_SEGMENTATION = register_task(
+    Task(
+        name="instance_segmentation",
+        formats=("coco",),
+        primary_metric="map",
+        metrics=("map", "map_50", "mask_map"),
+        image_fields=_STAGED_OBJECTS,
+        objects=True,
+        instance_masks=True,
+        unit_pixels=True,
+        export_formats=("coco", "yolo", "geojson"),
+    )
+)

@@ -9,8 +9,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
+
+from raycv.tasks.registry import Task, register_task
 
 IGNORE_INDEX = 255
 
@@ -175,3 +178,22 @@ def class_pixels(label_map: np.ndarray, class_names: list[str]) -> list[dict[str
         {"label": int(c), "label_name": class_names[c], "pixels": int(counts[c])}
         for c in np.flatnonzero(counts)
     ]
+
+
+CLASS_PIXELS_TYPE = pa.list_(
+    pa.struct([("label", pa.int32()), ("label_name", pa.string()), ("pixels", pa.int64())])
+)
+
+SEMANTIC_SEGMENTATION = register_task(
+    Task(
+        name="semantic_segmentation",
+        formats=("masks",),
+        primary_metric="miou",
+        metrics=("miou", "dice", "pixel_accuracy"),
+        image_fields=(
+            pa.field("mask_png", pa.binary()),  # PNG of the uint8 label map at the original resolution
+            pa.field("class_pixels", CLASS_PIXELS_TYPE),
+        ),
+        label_maps=True,
+    )
+)
