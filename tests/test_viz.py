@@ -156,6 +156,62 @@ def test_where_filters(text, rows):
 
 
 @pytest.mark.parametrize(
+    ("text", "rows"),
+    [
+        # in / not in on a null cell are unknown, and not keeps them unknown: row 2 (null label) is dropped
+        ("not label_name in ('cat', 'dog')", []),
+        ("not label_name in ('dog')", [0, 3]),
+        ("not (label_name not in ('cat'))", [0, 3]),
+        ("label_name not in ('dog')", [0, 3]),
+        ("not width > 5", []),
+        ("not score < 0.5", [1, 3]),
+        ("not (width > 4000 or label_name in ('dog'))", [0, 3]),
+        # Kleene's and/or: null or true is true, null and false is false (so its negation holds)
+        ("label_name in ('cat') or status == 'error'", [0, 2, 3]),
+        ("width > 4000 or status == 'error'", [1, 2]),
+        ("not (label_name in ('cat') and status == 'ok')", [1, 2]),
+        ("not (width > 15 and status == 'ok')", [0, 2]),
+    ],
+)
+def test_where_null_cells_follow_three_valued_logic(text, rows):
+    t = _table().append_column("i", pa.array(range(4)))
+    assert filter_table(t, parse_where(text))["i"].to_pylist() == rows
+
+
+@pytest.mark.parametrize(
+    ("text", "literal", "fix"),
+    [
+        ("width > 99999999999999999999", "99999999999999999999", "1e+20"),
+        ("width in (1, -9223372036854775809)", "-9223372036854775809", "-9.22337e+18"),
+    ],
+)
+def test_where_refuses_an_integer_beyond_64_bits(text, literal, fix):
+    with pytest.raises(ConfigError, match=f"The number {literal} does not fit a 64-bit integer") as exc:
+        parse_where(text)
+    assert f"write it as a float, e.g. {fix}" in str(exc.value)
+
+
+def test_where_limits_of_64_bits_and_float32_columns_evaluate():
+    t = _table().append_column("i", pa.array(range(4)))
+    for text, rows in [
+        ("width < 9223372036854775807 and width > -9223372036854775808", [0, 1, 3]),
+        ("score < 9223372036854775807", [0, 1, 3]),
+        ("width > 1e20", []),
+    ]:
+        assert filter_table(t, parse_where(text))["i"].to_pylist() == rows
+
+
+@pytest.mark.parametrize("command", ["render", "export"])
+def test_cli_where_with_an_integer_beyond_64_bits_exits_2(det, tmp_path, capsys, command):
+    out = ["--out", str(tmp_path / "out")] + (["--format", "coco"] if command == "export" else [])
+    assert main([command, det["out"], *out, "--where", "width > 99999999999999999999"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "99999999999999999999" in err and "write it as a float, e.g. 1e+20" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         ("score <", "Expected a value but found the end"),

@@ -7,9 +7,9 @@ fixes one of them:
 - 16-bit grayscale is scaled by its full range (``v * 255 / 65535``), not clipped to 255. 16-bit RGB(A)
   arrives from Pillow already reduced to its high byte, which keeps the full range too. 32-bit float
   images are stretched from their min..max.
-- Transparent pixels (RGBA, LA, palette or colour-key transparency) are composited over **white**: scanned
-  documents, logos and product shots are drawn for a white page, and a model never sees the arbitrary
-  colour stored under alpha 0.
+- Transparent pixels (RGBA, LA, palette or colour-key transparency, 16-bit grayscale's key included) are
+  composited over **white**: scanned documents, logos and product shots are drawn for a white page, and a
+  model never sees the arbitrary colour stored under alpha 0.
 - Multi-frame files (multipage TIFF, animated GIF/WebP) give their first frame.
 - The pixel count is checked from the header before any pixel is decoded; the limit is a per-call argument.
   Pillow's own global limit is lifted while raycv decodes, so its warning and error never leak.
@@ -298,10 +298,8 @@ def _exif_transpose(im: Image.Image) -> None:
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
     mode = im.mode
-    if mode in _SIXTEEN_BIT_MODES:
-        return _gray_to_rgb(_scale_16bit(np.asarray(im)))
-    if mode == "I":
-        return _gray_to_rgb(_scale_int32(np.asarray(im)))
+    if mode in (*_SIXTEEN_BIT_MODES, "I"):
+        return _gray_to_rgb(_wide_gray(im))
     if mode == "F":
         return _gray_to_rgb(_scale_min_max(np.asarray(im, dtype=np.float64)))
     if mode in _ALPHA_MODES or "transparency" in im.info:
@@ -309,6 +307,20 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     if mode == "RGB":
         return np.array(im)
     return np.array(im.convert("RGB"))  # L, 1, P, CMYK (naive, no ICC), YCbCr, LAB, HSV, RGBX
+
+
+def _wide_gray(im: Image.Image) -> np.ndarray:
+    """A 16-bit (or mode ``I``) grayscale image as 0..255; the pixels equal to its colour key (a PNG ``tRNS``,
+    ``info["transparency"]``) are fully transparent, so white, as over a white page.
+
+    Pillow's own ``convert("RGBA")`` cannot do it: it clips the values at 255 and drops the key.
+    """
+    values = np.asarray(im)
+    gray = _scale_16bit(values) if im.mode in _SIXTEEN_BIT_MODES else _scale_int32(values)
+    key = im.info.get("transparency")
+    if isinstance(key, int):
+        gray[values == key] = 255
+    return gray
 
 
 def _scale_16bit(values: np.ndarray) -> np.ndarray:

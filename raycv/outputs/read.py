@@ -9,8 +9,10 @@
     error_type is not null
 
 Comparisons ``< <= > >= == = !=``, ``is [not] null``, ``[not] in (v, ...)``, combined with ``and``, ``or``,
-``not`` and parentheses; literals are numbers, quoted strings, ``true`` and ``false``. A comparison with a
-null cell is false (SQL's rule).
+``not`` and parentheses; literals are numbers (integers within 64 bits), quoted strings, ``true`` and
+``false``. As in SQL, a comparison or ``in`` on a null cell is unknown (null), ``not`` keeps it unknown,
+``and``/``or`` follow Kleene's logic (``null or true`` is true), and a row whose filter is unknown is dropped:
+``not label_name in ('cat')`` drops the rows without a label, as ``label_name not in ('cat')`` does.
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ def _tokens(text: str) -> list[tuple[str, Any]]:
         kind = m.lastgroup
         value = m.group(kind)  # type: ignore[arg-type]
         if kind == "num":
-            out.append(("lit", float(value) if re.search(r"[.eE]", value) else int(value)))
+            out.append(("lit", _number(text, value)))
         elif kind == "str":
             out.append(("lit", re.sub(r"\\(.)", r"\1", value[1:-1])))
         elif kind == "name" and value.lower() in _KEYWORDS:
@@ -162,6 +164,21 @@ def _tokens(text: str) -> list[tuple[str, Any]]:
         else:
             out.append((str(kind), value))
     return out
+
+
+def _number(text: str, value: str) -> int | float:
+    """A numeric literal; an integer must fit 64 bits (pyarrow's widest), else a :class:`ConfigError`."""
+    if re.search(r"[.eE]", value):
+        return float(value)
+    number = int(value)
+    if not -(2**63) <= number < 2**63:
+        raise ConfigError(
+            "--where",
+            text,
+            f"The number {value} does not fit a 64-bit integer (-2**63 .. 2**63-1); "
+            f"write it as a float, e.g. {float(number):.6g}.",
+        )
+    return number
 
 
 class _Parser:
@@ -211,6 +228,7 @@ class _Parser:
         parts = [self.and_expr()]
         while self.accept("kw", "or"):
             parts.append(self.and_expr())
+        # pyarrow's | and & are or_kleene and and_kleene: null or true is true, null and false is false
         return lambda schema: functools.reduce(operator.or_, (p(schema) for p in parts))
 
     def and_expr(self) -> Build:
@@ -242,8 +260,7 @@ class _Parser:
             if negate:
                 self.take("kw", "in")
             values = self.literal_list()
-            # SQL's rule for null cells: neither in nor not in
-            return lambda schema: (~field.isin(values) & field.is_valid()) if negate else field.isin(values)
+            return lambda schema: ~_is_in(field, values) if negate else _is_in(field, values)
         compare = _COMPARE[self.take("op")]
         value = self.take("lit")
         return lambda schema: compare(field, _typed(schema, name, value))
@@ -268,13 +285,19 @@ _COMPARE: dict[str, Callable[[Any, Any], pc.Expression]] = {
 }
 
 
+def _is_in(field: pc.Expression, values: list[Any]) -> pc.Expression:
+    """``field in values``, null on a null cell (SQL), so that ``not`` keeps it null; pyarrow's ``is_in``
+    gives false there (or true for ``not``), and this pyarrow cannot ask it for null."""
+    return pc.if_else(field.is_null(), pa.scalar(None, pa.bool_()), field.isin(values))
+
+
 def _typed(schema: pa.Schema, name: str, value: Any) -> Any:
     """A numeric literal as a scalar of its float column's type (else pyarrow widens the column, and
     float32 0.9 < 0.9)."""
     index = schema.get_field_index(name)
     kind = schema.field(index).type if index >= 0 else None
     if kind is not None and pa.types.is_floating(kind) and isinstance(value, int | float):
-        return pa.scalar(value, kind)
+        return pa.scalar(float(value), kind)  # an int beyond float32 precision is rounded, not refused
     return value
 
 
@@ -282,7 +305,7 @@ def parse_where(text: str) -> Where:
     """Parse a ``--where`` filter (grammar in the module doc).
 
     Raises:
-        ConfigError: a syntax error, naming where and what is expected.
+        ConfigError: a syntax error, naming where and what is expected, or an integer beyond 64 bits.
     """
     p = _Parser(text)
     build = p.parse()

@@ -124,6 +124,35 @@ def test_16bit_rgb_png_keeps_full_range():
     assert image[0, 0, 1] == 255 and abs(int(image[0, 0, 2]) - 128) <= 1
 
 
+def _png_chunks(data: bytes) -> dict[bytes, bytes]:
+    """A PNG's chunks, type -> payload (the last of each type)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, pos = {}, 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        chunks[data[pos + 4 : pos + 8]] = data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+    return chunks
+
+
+@pytest.mark.parametrize(
+    ("key", "row"),
+    [(1000, [0, 255, 4, 156, 255]), (0, [255, 4, 4, 156, 255]), (40000, [0, 4, 4, 255, 255])],
+)
+def test_16bit_gray_png_colour_key_is_composited_over_white(key, row):
+    values = np.array([[0, 1000, 1001, 40000, 65535]], dtype=np.uint16).repeat(3, axis=0)
+    data = _save(Image.fromarray(values), "PNG", transparency=key)
+    chunks = _png_chunks(data)
+    assert chunks[b"IHDR"][8:10] == bytes([16, 0])  # bit depth 16, colour type 0: 16-bit grayscale
+    assert chunks[b"tRNS"] == struct.pack(">H", key)  # the colour key, a 16-bit sample
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode in ("I;16", "I") and im.info["transparency"] == key
+    image = decode_image(data, "keyed16.png")
+    assert image.shape == (3, 5, 3) and (image == image[..., :1]).all()
+    # only the exact key is transparent: 1001 scales to the same grey as 1000 and stays grey
+    assert (image[..., 0] == row).all()
+
+
 def test_int32_and_float_images():
     in_16bit_range = np.array([[0, 65535]], dtype=np.int32)
     assert decode_image(_save(Image.fromarray(in_16bit_range), "TIFF"))[0, :, 0].tolist() == [0, 255]
