@@ -216,7 +216,7 @@ def _where(text: str | None) -> Any:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from raycv.outputs.report import inspect_output
+    from raycv.outputs.inspect import inspect_output
 
     inspect_output(args.output)
     return EXIT_OK

@@ -41,6 +41,7 @@ from raycv.errors import ConfigError, TooManyErrorsError
 from raycv.models import saved
 from raycv.outputs import schema as outputs
 from raycv.runtime import ensure_ray
+from raycv.tasks.registry import get_task
 
 log = logging.getLogger(__name__)
 DECODE_CPUS = 0.5
@@ -88,7 +89,8 @@ def _stages(
         "channels_last": cfg.channels_last,
         "compile": cfg.compile,
     }
-    if card["task"] == "classification":
+    task = get_task(card["task"])
+    if task.image_labels:
         size = card["image_size"]
         size_hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         cls_kw = {**common, "topk": cfg.topk, "explain": cfg.explain, "max_pixels": cfg.max_pixels}
@@ -96,7 +98,7 @@ def _stages(
             return read_bytes_batch, {"endpoint_url": ep, "max_pixels": cfg.max_pixels}, Classifier, cls_kw
         read_kw = {"size_hw": size_hw, "endpoint_url": ep, "max_pixels": cfg.max_pixels}
         return read_decode_batch, read_kw, Classifier, cls_kw
-    if card["task"] == "semantic_segmentation":
+    if task.label_maps:
         tile = cfg.tile.model_dump() if cfg.tile else None
         seg_kw = {
             **common,
@@ -108,7 +110,7 @@ def _stages(
         }
         read_kw = {"endpoint_url": ep, "skip_geotiff": True, "max_pixels": cfg.max_pixels}
         return read_bytes_batch, read_kw, Segmenter, seg_kw
-    if card["task"] in ("detection", "instance_segmentation"):
+    if task.objects:
         det_kw = {
             **common,
             "score_threshold": cfg.score_threshold,
@@ -290,7 +292,7 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
     t0 = time.time()
     ep = cfg.storage.endpoint_url
     card = saved.read_card(cfg.model, ep)
-    if cfg.explain and card["task"] != "classification":  # checked before anything starts (exit 2)
+    if cfg.explain and not get_task(card["task"]).image_labels:  # checked before anything starts (exit 2)
         raise ConfigError(
             "explain",
             cfg.explain,

@@ -35,7 +35,6 @@ from raycv.data import draw as viz
 from raycv.data.images import decode_png_mask
 from raycv.errors import ConfigError
 from raycv.outputs.read import (
-    DETECTION_TASKS,
     Where,
     applies_to_objects,
     filter_table,
@@ -43,6 +42,7 @@ from raycv.outputs.read import (
     read_objects,
     task_of,
 )
+from raycv.tasks.registry import Task
 
 Format = Literal["coco", "yolo", "geojson"]
 
@@ -71,16 +71,18 @@ def export_output(
         ConfigError: a format the output's task has nothing for (e.g. boxes of a classification output).
     """
     task = task_of(output, endpoint_url)
-    if task == "classification":
+    if task is not None and not task.export_formats:
         raise ConfigError(
             "--format",
             fmt,
-            "A classification output has no boxes, masks or shapes: read OUTPUT/images with pyarrow "
-            "(columns image_uri, label, label_name, score).",
+            f"A {task.name} output has no boxes, masks or shapes: read OUTPUT/images with pyarrow "
+            f"(columns image_uri, {', '.join(f.name for f in task.image_fields)}).",
         )
-    if fmt == "yolo" and task not in DETECTION_TASKS:
+    if task is not None and fmt not in task.export_formats:
         raise ConfigError(
-            "--format", fmt, f"YOLO labels are boxes; a {task} output exports to coco or geojson."
+            "--format",
+            fmt,
+            f"A {task.name} output exports to {' or '.join(task.export_formats)} (YOLO labels are boxes).",
         )
     rows, objects, skipped = _selected(output, task, where, endpoint_url)
     if fmt == "coco":
@@ -90,13 +92,17 @@ def export_output(
     return _write_geojson(rows, objects, task, path, skipped, crs, endpoint_url)
 
 
+def _has_objects(task: Task | None) -> bool:
+    return task is not None and task.objects
+
+
 def _selected(
-    output: str, task: str, where: Where | None, endpoint_url: str | None
+    output: str, task: Task | None, where: Where | None, endpoint_url: str | None
 ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]], int]:
     """(ok image rows, objects by image_id, error rows left out)."""
     on_objects = where is not None and applies_to_objects(where, task)
     objects: dict[str, list[dict[str, Any]]] = {}
-    if task in DETECTION_TASKS:
+    if _has_objects(task):
         table = read_objects(output, endpoint_url)
         for obj in (filter_table(table, where) if on_objects and where else table).to_pylist():
             objects.setdefault(obj["image_id"], []).append(obj)
@@ -172,7 +178,7 @@ def _object_annotation(obj: dict[str, Any]) -> dict[str, Any]:
 def _write_coco(
     rows: list[dict[str, Any]],
     objects: dict[str, list[dict[str, Any]]],
-    task: str,
+    task: Task | None,
     path: str,
     skipped: int,
     endpoint_url: str | None,
@@ -191,7 +197,7 @@ def _write_coco(
         )
         anns = (
             [_object_annotation(o) for o in objects.get(row["image_id"], [])]
-            if task in DETECTION_TASKS
+            if _has_objects(task)
             else _mask_annotations(row)
         )
         for ann in anns:
@@ -261,14 +267,14 @@ def _write_yolo(
 
 
 def _row_geometries(
-    row: dict[str, Any], task: str, objects: list[dict[str, Any]]
+    row: dict[str, Any], task: Task | None, objects: list[dict[str, Any]]
 ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(geometry in the row's CRS, properties) of one geo-referenced row."""
     from affine import Affine
 
     t = Affine.from_gdal(*row["transform"])
     base = {"image_id": row["image_id"], "image_uri": row["image_uri"]}
-    if task in DETECTION_TASKS:
+    if _has_objects(task):
         out = []
         for o in objects:
             x1, y1, x2, y2 = (float(v) for v in o["box"])
@@ -296,7 +302,7 @@ def _label_polygons(row: dict[str, Any], t: Any, base: dict[str, Any]) -> list[t
 def _write_geojson(
     rows: list[dict[str, Any]],
     objects: dict[str, list[dict[str, Any]]],
-    task: str,
+    task: Task | None,
     path: str,
     skipped: int,
     crs: str | None,

@@ -32,9 +32,7 @@ import pyarrow.parquet as pq
 from raycv import storage
 from raycv.errors import ConfigError
 from raycv.outputs import schema as outputs
-
-DETECTION_TASKS = ("detection", "instance_segmentation")
-
+from raycv.tasks.registry import Task, get_task
 
 # -- Reading ---------------------------------------------------------------------------------------------------
 
@@ -96,13 +94,13 @@ def read_objects(output: str, endpoint_url: str | None = None, columns: list[str
     return concat(tables)
 
 
-def task_of(output: str, endpoint_url: str | None = None) -> str:
-    """The task of an output (from its first rows that name one)."""
+def task_of(output: str, endpoint_url: str | None = None) -> Task | None:
+    """The task of an output (from its first rows that name one); None when no row does."""
     for f in images_files(output, endpoint_url):
         tasks = [t for t in read_file(f, endpoint_url, ["task"]).column("task").to_pylist() if t]
         if tasks:
-            return str(tasks[0])
-    return "unknown"
+            return get_task(str(tasks[0]))
+    return None
 
 
 def read_summary(output: str, endpoint_url: str | None = None) -> dict[str, Any] | None:
@@ -331,13 +329,14 @@ def filter_table(table: pa.Table, where: Where) -> pa.Table:
         raise ConfigError("--where", where.text, f"Cannot evaluate it on these columns: {exc}") from exc
 
 
-def applies_to_objects(where: Where, task: str) -> bool:
+def applies_to_objects(where: Where, task: Task | None) -> bool:
     """Whether ``where`` filters detected objects (it reads an object column such as ``score``, ``label``)
     rather than image rows. Mixing image-only and object-only columns is refused."""
-    if task not in DETECTION_TASKS:
+    if task is None or not task.objects:
         return False
-    object_only = set(outputs.objects_schema().names) - set(outputs.images_schema(task).names)
-    image_only = set(outputs.images_schema(task).names) - set(outputs.objects_schema().names)
+    image_columns = set(outputs.images_schema(task.name).names)
+    object_only = set(outputs.objects_schema().names) - image_columns
+    image_only = image_columns - set(outputs.objects_schema().names)
     on_objects, on_images = where.columns & object_only, where.columns & image_only
     if on_objects and on_images:
         raise ConfigError(

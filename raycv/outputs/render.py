@@ -21,10 +21,10 @@ from PIL import Image
 
 from raycv import storage
 from raycv.data import draw as viz
+from raycv.data.files import decode_file
 from raycv.data.images import DEFAULT_MAX_PIXELS, decode_png_mask
 from raycv.outputs import schema as outputs
 from raycv.outputs.read import (
-    DETECTION_TASKS,
     Where,
     applies_to_objects,
     filter_table,
@@ -32,6 +32,7 @@ from raycv.outputs.read import (
     read_objects,
     task_of,
 )
+from raycv.tasks.registry import Task
 
 
 @dataclass
@@ -51,17 +52,15 @@ def output_name(image_uri: str, image_id: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', stem)[:80]}-{image_id[:8]}.png"
 
 
-def load_source(row: dict[str, Any], task: str, max_side: int, endpoint_url: str | None) -> np.ndarray:
+def load_source(row: dict[str, Any], task: Task, max_side: int, endpoint_url: str | None) -> np.ndarray:
     """The row's source image as [h, w, 3] uint8 RGB, scaled down to ``max_side`` (as it was annotated:
     EXIF orientation applied, the frame of a multi-frame file, GeoTIFFs of segmentation through rasterio)."""
     from raycv.data import geotiff
 
     uri = row["image_uri"]
     source = uri if row.get("frame") is None else uri.rsplit(outputs.FRAME_SUFFIX, 1)[0]
-    if task == "semantic_segmentation" and geotiff.is_geotiff(source):
+    if task.label_maps and geotiff.is_geotiff(source):
         return _read_raster(source, max_side, endpoint_url)
-    from raycv.annotation.read import decode_file
-
     frames = decode_file(storage.read_bytes(source, endpoint_url), source, max_pixels=4 * DEFAULT_MAX_PIXELS)
     return viz.fit(frames[int(row.get("frame") or 0)], max_side)
 
@@ -86,12 +85,12 @@ def _read_raster(uri: str, max_side: int, endpoint_url: str | None) -> np.ndarra
 
 
 def draw_row(
-    image: np.ndarray, row: dict[str, Any], task: str, objects: list[dict[str, Any]] | None = None
+    image: np.ndarray, row: dict[str, Any], task: Task, objects: list[dict[str, Any]] | None = None
 ) -> Image.Image:
     """Draw one row's predictions on its (possibly scaled) source image."""
-    if task == "semantic_segmentation" and row.get("mask_png"):
+    if task.label_maps and row.get("mask_png"):
         return _draw_segmentation(image, row)
-    if task in DETECTION_TASKS:
+    if task.objects:
         return _draw_detections(image, row, objects or [])
     if row.get("gradcam_png"):
         from raycv.models.gradcam import decode_heatmap
@@ -158,7 +157,7 @@ def _objects_by_image(output: str, where: Where | None, endpoint_url: str | None
 
 def _selected_rows(
     output: str,
-    task: str,
+    task: Task | None,
     where: Where | None,
     objects: dict[str, list[dict]] | None,
     endpoint_url: str | None,
@@ -190,11 +189,13 @@ def render_output(
     task = task_of(output, endpoint_url)
     summary = RenderSummary(out_dir)
     objects = None
-    if task in DETECTION_TASKS:
+    if task is not None and task.objects:
         on_objects = where is not None and applies_to_objects(where, task)
         objects = _objects_by_image(output, where if on_objects else None, endpoint_url)
     for table, errors in _selected_rows(output, task, where, objects, endpoint_url):
         summary.skipped_errors += errors
+        if task is None:  # no row names a task: only error rows, nothing to draw
+            continue
         for row in table.to_pylist():
             if limit is not None and len(summary.written) >= limit:
                 return summary

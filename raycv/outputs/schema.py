@@ -22,13 +22,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raycv import storage
+from raycv.tasks.detection import OBJECT_FIELDS
+from raycv.tasks.registry import get_task
 
 IMAGES_DIR = "images"
 STAGING_DIR = "_staging"
 JOURNAL_DIR = "_journal"
 SUMMARY = "_summary.json"
-
-TOPK_TYPE = pa.list_(pa.struct([("label", pa.int32()), ("label_name", pa.string()), ("score", pa.float32())]))
 
 COMMON_FIELDS = [
     pa.field("image_id", pa.string(), nullable=False),
@@ -49,34 +49,6 @@ COMMON_FIELDS = [
     pa.field("crs", pa.string()),  # geo-referenced inputs: "EPSG:32633" or WKT
     pa.field("transform", pa.list_(pa.float64())),  # geo-referenced inputs: 6 floats, GDAL order
 ]
-CLASS_PIXELS_TYPE = pa.list_(
-    pa.struct([("label", pa.int32()), ("label_name", pa.string()), ("pixels", pa.int64())])
-)
-TASK_FIELDS: dict[str, list[pa.Field]] = {
-    "classification": [
-        pa.field("label", pa.int32()),
-        pa.field("label_name", pa.string()),
-        pa.field("score", pa.float32()),
-        pa.field("topk", TOPK_TYPE),
-    ],
-    "semantic_segmentation": [
-        pa.field("mask_png", pa.binary()),  # PNG of the uint8 label map at the original resolution
-        pa.field("class_pixels", CLASS_PIXELS_TYPE),
-    ],
-}
-
-
-OBJECT_FIELDS = [
-    pa.field("label", pa.int32()),
-    pa.field("label_name", pa.string()),
-    pa.field("score", pa.float32()),
-    pa.field("box", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2 in original-image pixels
-    pa.field("mask_rle_size", pa.list_(pa.int32())),  # [h, w]; null for plain detection
-    pa.field("mask_rle_counts", pa.string()),  # COCO compressed RLE; null for plain detection
-]
-OBJECTS_TYPE = pa.list_(pa.struct(OBJECT_FIELDS))
-TASK_FIELDS["detection"] = [pa.field("objects", OBJECTS_TYPE)]  # staged only: split into OUTPUT/objects
-TASK_FIELDS["instance_segmentation"] = TASK_FIELDS["detection"]
 OBJECTS_DIR = "objects"
 
 
@@ -103,7 +75,7 @@ def split_objects(table: pa.Table) -> tuple[pa.Table, pa.Table]:
 
 def images_schema(task: str) -> pa.Schema:
     """The schema of ``OUTPUT/images`` rows for ``task``: the common columns, then the task's own."""
-    return pa.schema(COMMON_FIELDS + TASK_FIELDS.get(task, []))
+    return pa.schema(COMMON_FIELDS + list(get_task(task).image_fields))
 
 
 def image_id_of(uri: str) -> str:
