@@ -4,25 +4,20 @@ JSON with the expected keys and positive figures. No timing is asserted (a share
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "jobs" / "bench"
 TINY = ["--n", "12", "--src-size", "32", "--image-size", "32", "--arch", "test_classifier"]
 TINY += ["--batch-size", "4", "--format", "png"]
 
 
 def _script(name: str):
-    """Import jobs/bench/NAME.py as a module (they are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The benchmark module ``jobs.bench.NAME`` (the tests run from the repository root, as the scripts do)."""
+    return importlib.import_module(f"jobs.bench.{name}")
 
 
 def _read(path: Path, benchmark: str) -> dict:

@@ -1,18 +1,19 @@
 """The baselines of the benchmarks in ``jobs/bench/``, measured outside Ray: a script's function in a fresh
 process at the Ray workers' niceness, and the bare model on pre-decoded pixels.
 
-Both run in processes started with ``spawn``: the child imports this module by name (the scripts put
-``jobs/bench/`` on ``sys.path``, and a spawned child inherits it), and :func:`call_niced` loads the
-script itself by path, so a script need not be importable by name.
+Both run in processes started with ``spawn``: the child imports this module, and :func:`call_niced` the
+script's module, by name (``jobs.bench.NAME``: the scripts run as ``python -m jobs.bench.NAME`` from the
+repository root, and a spawned child starts in the parent's working directory with its import path).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,33 +29,40 @@ def set_niceness(target: int) -> int:
     return os.nice(0)
 
 
-def _call_script(path: str, func: str, args: tuple, kwargs: dict[str, Any]) -> Any:
-    import importlib.util
+def _call_function(module: str, func: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+    import importlib
 
-    name = "_bench_child_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return os.nice(0), getattr(module, func)(*args, **kwargs)
+    return os.nice(0), getattr(importlib.import_module(module), func)(*args, **kwargs)
+
+
+def _import_name(func: Callable[..., Any]) -> tuple[str, str]:
+    """(module, name) that import ``func`` in another process, also from a script run as ``__main__``
+    (``python -m jobs.bench.NAME``: its ``__spec__`` names the module)."""
+    spec = getattr(sys.modules.get(func.__module__), "__spec__", None)
+    if spec is None or "<" in func.__qualname__ or "." in func.__qualname__:
+        raise ValueError(
+            f"{func.__module__}.{func.__qualname__} cannot be imported by name in a child process: "
+            "use a module-level function of a module run with `python -m` or imported"
+        )
+    return spec.name, func.__qualname__
 
 
 def call_niced(
-    niceness: int, path: str, func: str, *args: Any, omp_threads: int | None = None, **kwargs: Any
+    niceness: int, func: Callable[..., Any], *args: Any, omp_threads: int | None = None, **kwargs: Any
 ) -> tuple[int, Any]:
-    """(the process's niceness, ``func(*args, **kwargs)``) of the script at ``path``, called in a fresh
-    process raised to ``niceness`` (and with ``OMP_NUM_THREADS=omp_threads``, as Ray gives its workers).
+    """(the process's niceness, ``func(*args, **kwargs)``), called in a fresh process raised to
+    ``niceness`` (and with ``OMP_NUM_THREADS=omp_threads``, as Ray gives its workers).
 
-    A baseline runs there, not in the driver: a process cannot lower its niceness again, and Ray's own
-    processes (started by the driver) inherit the driver's.
+    ``func`` is a module-level function; the child imports its module by name. A baseline runs there, not
+    in the driver: a process cannot lower its niceness again, and Ray's own processes (started by the
+    driver) inherit the driver's.
     """
-    return call_niced_concurrently(niceness, path, func, [(args, kwargs)], omp_threads=omp_threads)[0]
+    return call_niced_concurrently(niceness, func, [(args, kwargs)], omp_threads=omp_threads)[0]
 
 
 def call_niced_concurrently(
     niceness: int,
-    path: str,
-    func: str,
+    func: Callable[..., Any],
     calls: Sequence[tuple[tuple, dict[str, Any]]],
     *,
     omp_threads: int | None = None,
@@ -63,6 +71,7 @@ def call_niced_concurrently(
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    module, name = _import_name(func)
     ctx = mp.get_context("spawn")
     with (
         omp_env(omp_threads),
@@ -70,7 +79,7 @@ def call_niced_concurrently(
             len(calls), mp_context=ctx, initializer=set_niceness, initargs=(niceness,)
         ) as pool,
     ):
-        futures = [pool.submit(_call_script, os.path.abspath(path), func, a, kw) for a, kw in calls]
+        futures = [pool.submit(_call_function, module, name, a, kw) for a, kw in calls]
         return [f.result() for f in futures]
 
 

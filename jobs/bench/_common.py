@@ -1,5 +1,5 @@
 """Shared pieces of the benchmarks in ``jobs/bench/``, re-exported from the modules that hold them
-(the scripts use ``import _common as C``):
+(the scripts use ``from . import _common as C``):
 
 - ``_cli``: the arguments every benchmark takes, machine info, tables, the JSON document, ``fmt``, ``ratio``
 - ``_inputs``: the work folder, generated archives, a run directory with random weights, the fixed-cost
@@ -16,15 +16,10 @@ same minutes), because absolute img/s on a shared machine move with whatever els
 from __future__ import annotations
 
 import argparse  # noqa: F401  (the scripts annotate with C.argparse.Namespace)
-import os
-import sys
 
-# The modules below are imported by name: put this folder on sys.path also when this file is loaded by path.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _baseline import bare_model_rate, call_niced, call_niced_concurrently, omp_env, set_niceness
-from _cli import GPU_ARCHS, base_parser, fmt, machine_info, print_table, ratio, report
-from _inputs import (
+from ._baseline import bare_model_rate, call_niced, call_niced_concurrently, omp_env, set_niceness
+from ._cli import GPU_ARCHS, base_parser, fmt, machine_info, print_table, ratio, report
+from ._inputs import (
     FIXED_COST_ARCH,
     decoded_pixels,
     inputs,
@@ -33,7 +28,7 @@ from _inputs import (
     register_bench_models,
     workdir,
 )
-from _ray import annotate, mid_run_rate, ray_session, ray_worker_niceness, steady_rate
+from ._ray import annotate, mid_run_rate, ray_session, ray_worker_niceness, steady_rate
 
 __all__ = [
     "FIXED_COST_ARCH",

@@ -9,8 +9,8 @@ ratio uses their mean. The bare model runs at the niceness of Ray's workers (rea
 Ray starts them at nice 15), so both sides get the same share of a machine shared with other work, and
 with the same ``--precision``, ``--[no-]channels-last`` and ``--compile`` as the actors. Target on CPU: >= 0.90.
 
-    python jobs/bench/annotate_efficiency.py --n 600 --json eff.json               # resnet18 @ 224, CPU
-    python jobs/bench/annotate_efficiency.py --device cuda --arch resnet50 --n 20000 --batch-size 128 \\
+    python -m jobs.bench.annotate_efficiency --n 600 --json eff.json               # resnet18 @ 224, CPU
+    python -m jobs.bench.annotate_efficiency --device cuda --arch resnet50 --n 20000 --batch-size 128 \\
         --actors 1 --cpus-per-actor 8 --precision bf16 --input s3://archive/images/ \\
         --address auto --json eff_gpu.json
 """
@@ -18,11 +18,8 @@ with the same ``--precision``, ``--[no-]channels-last`` and ``--compile`` as the
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, when imported from elsewhere
-
-import _common as C
+from . import _common as C
 
 TARGET = ">= 0.90 (CPU)"
 

@@ -8,19 +8,16 @@ the others (raylet with the object store, GCS, dashboard) are reported apart. RS
 store's shared pages in every process that touched them, so the sums over-count. Target: flat, i.e. the
 peak at the largest size within 1.2x of the peak at the smallest.
 
-    python jobs/bench/memory.py --sizes 1000 4000 16000 --json memory.json
+    python -m jobs.bench.memory --sizes 1000 4000 16000 --json memory.json
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, when imported from elsewhere
-
-import _common as C
+from . import _common as C
 
 TARGET = "flat: peak at the largest size <= 1.2x the peak at the smallest"
 MIB = 1024 * 1024

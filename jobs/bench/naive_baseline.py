@@ -14,18 +14,15 @@ pipeline between the first and the last batch its actors finished. The naive scr
 process at the niceness of Ray's workers (read from one with psutil; Ray starts them at nice 15), so both
 sides get the same share of a shared machine. Target on 2 cores: >= 1.5x.
 
-    python jobs/bench/naive_baseline.py --n 400 --json naive.json
+    python -m jobs.bench.naive_baseline --n 400 --json naive.json
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, when imported from elsewhere
-
-import _common as C
+from . import _common as C
 
 TARGET = ">= 1.5x (2 cores)"
 
@@ -128,8 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
             worker_nice = C.ray_worker_niceness()
             naive_nice, (naive, naive_steady, threads) = C.call_niced(
                 worker_nice,
-                __file__,
-                "naive_annotate",
+                naive_annotate,
                 uris,
                 run_dir,
                 os.path.join(wd, "naive.parquet"),

@@ -10,7 +10,7 @@ Speed-up = two-node img/s / one-node img/s: mid-run (between the batches that co
 the rows, so the second node's late-starting actors and the tail are left out), steady state (first to
 last batch) and end to end. Target: ~2x (>= 1.8x) mid-run.
 
-    python jobs/bench/scaling.py --n 4000 --json scaling.json
+    python -m jobs.bench.scaling --n 4000 --json scaling.json
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, when imported from elsewhere
-
-import _common as C
-import _inputs  # holds register_bench_models, which Ray workers get by value
+from . import _common as C
+from . import _inputs  # holds register_bench_models, which Ray workers get by value
 
 TARGET = "~2x (>= 1.8x) mid-run"
 

@@ -22,8 +22,8 @@ core to itself while the ranks take turns, which the first ratio counts against 
 record their CPU seconds per epoch (Ray: rank 0's ``epoch_cpu_s``): images per CPU-second compares what
 each does with the CPU it was given, whatever else ran on the machine.
 
-    python jobs/bench/train_throughput.py --n 600 --epochs 3 --json train.json
-    python jobs/bench/train_throughput.py --device cuda --workers 8 --arch resnet50 --image-size 224 \\
+    python -m jobs.bench.train_throughput --n 600 --epochs 3 --json train.json
+    python -m jobs.bench.train_throughput --device cuda --workers 8 --arch resnet50 --image-size 224 \\
         --n 20000 --batch-size 128 --amp --address auto --json train_gpu.json
 """
 
@@ -31,12 +31,9 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, when imported from elsewhere
-
-import _common as C
+from . import _common as C
 
 TARGET = ">= 0.95 per worker-core"
 
@@ -191,11 +188,11 @@ def main(argv: list[str] | None = None) -> dict:
             worker_nice = C.ray_worker_niceness()
             plain_cfg = train_config(args, data, os.path.join(wd, "unused"))
             plain_nice, (plain_s, n_train, plain_cpu) = C.call_niced(
-                worker_nice, __file__, "plain_loop", plain_cfg, args.device, threads, omp_threads=threads
+                worker_nice, plain_loop, plain_cfg, args.device, threads, omp_threads=threads
             )
             cores = max(1, int(args.workers * args.cpus_per_worker))
             _, (all_s, _, _) = C.call_niced(
-                worker_nice, __file__, "plain_loop", plain_cfg, args.device, cores, omp_threads=cores
+                worker_nice, plain_loop, plain_cfg, args.device, cores, omp_threads=cores
             )
             side = []
             if not args.no_side_by_side:  # the same processes competing for the same cores as the ranks
@@ -205,9 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
                 ]
                 side = [
                     r
-                    for _, r in C.call_niced_concurrently(
-                        worker_nice, __file__, "plain_loop", calls, omp_threads=threads
-                    )
+                    for _, r in C.call_niced_concurrently(worker_nice, plain_loop, calls, omp_threads=threads)
                 ]
             result = run_training(train_config(args, data, out), args.address)  # type: ignore[arg-type]
         text = storage.read_bytes(storage.join(out, saved.METRICS), args.endpoint_url).decode()
