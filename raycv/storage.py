@@ -38,6 +38,30 @@ def scheme(uri: str) -> str:
     return "file"
 
 
+def canonical_uri(uri: str) -> str:
+    """The one spelling of ``uri`` that raycv lists, stores and hashes (``image_id``).
+
+    A local path or ``file://`` URI becomes a plain absolute POSIX path: ``~`` expanded, a relative path
+    resolved against the current folder, ``.``, ``..`` and repeated slashes collapsed, no trailing slash;
+    symbolic links are kept as named. Other URIs keep everything but the case of their scheme: an S3 key
+    is case- and slash-sensitive (``s3://b/a//k`` and ``s3://b/a/k`` are two objects).
+
+    Args:
+        uri: a local path (absolute, relative, ``~/...``), a ``file://`` URI or an ``s3://`` URI.
+
+    Returns:
+        ``/abs/path`` for a local file or folder, else ``uri`` with a lower-case scheme.
+    """
+    kind = scheme(uri)
+    if kind != "file":
+        return f"{kind}://{uri.split('://', 1)[1]}"
+    path = uri.split("://", 1)[1] if "://" in uri else uri
+    if path.startswith("localhost/"):  # file://localhost/abs is file:///abs (RFC 8089)
+        path = path[len("localhost") :]
+    path = os.path.abspath(os.path.expanduser(path))
+    return "/" + path.lstrip("/")  # POSIX keeps a leading "//" as is; it names the same folder as "/"
+
+
 def resolve_endpoint(endpoint_url: str | None) -> str | None:
     """The S3 endpoint to use: the config's, else ``AWS_ENDPOINT_URL(_S3)``, else AWS itself (None)."""
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
@@ -51,8 +75,7 @@ def get_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.Ab
     """
     kind = scheme(uri)
     if kind == "file":
-        path = uri[len("file://") :] if uri.startswith("file://") else uri
-        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
+        return fsspec.filesystem("file"), canonical_uri(uri)
     if kind in ("s3", "s3a"):
         import s3fs
 
@@ -82,10 +105,9 @@ def join(uri: str, *parts: str) -> str:
 
 
 def _with_scheme(uri: str, path: str) -> str:
+    """The URI of ``path`` (a scheme-less path of ``uri``'s filesystem): a local one stays a plain path."""
     kind = scheme(uri)
-    if kind == "file":
-        return "file://" + path if uri.startswith("file://") else path
-    return f"{kind}://{path}"
+    return path if kind == "file" else f"{kind}://{path}"
 
 
 def _wrap(uri: str, exc: Exception) -> StorageError:
@@ -172,24 +194,42 @@ def _fingerprint(info: dict[str, Any]) -> str:
     return f"size:{info.get('size', 0)}-mtime:{mtime}"
 
 
+def file_entry(uri: str, endpoint_url: str | None = None) -> FileEntry:
+    """The :class:`FileEntry` of the one file named by ``uri``, never read as a glob (``img[1].png``).
+
+    Raises:
+        FileNotFoundError: nothing is stored at ``uri``, or it is a folder/prefix.
+        StorageError: any other failure, with the URI.
+    """
+    uri = canonical_uri(uri)
+    fs, path = get_filesystem(uri, endpoint_url)
+    info = _info(fs, uri, path)
+    if info is None or info.get("type") == "directory":
+        raise FileNotFoundError(f"No such file: {uri}")
+    return FileEntry(uri, int(info.get("size") or 0), _fingerprint(info))
+
+
 def iter_files(
     uri: str, *, extensions: tuple[str, ...] | None = None, endpoint_url: str | None = None
 ) -> Iterator[FileEntry]:
     """Files under a prefix (recursive) or matching a glob, in sorted order, as :class:`FileEntry`.
 
     Args:
-        uri: a folder/prefix (``s3://bucket/archive/``), a glob (``s3://bucket/**/*.jpg``) or one file.
+        uri: a folder/prefix (``s3://bucket/archive/``), one file, or a glob (``s3://bucket/**/*.jpg``);
+            local ones in any spelling (see :func:`canonical_uri`, which every listed URI follows).
         extensions: keep only names ending in one of these (lower-case, with the dot); None keeps all.
 
-    A prefix is listed as it is read, page by page on S3 (1000 keys, already in key order) and folder by
-    folder locally, so listing millions of objects holds one page, not the whole listing. Globs are
-    resolved whole (fsspec's ``glob``). Hidden and underscore-prefixed names (``.DS_Store``,
-    ``_SUCCESS``) are skipped.
+    A file or prefix that exists is listed as named, even with ``*``, ``?`` or ``[`` in its name; only a
+    URI that names nothing is read as a glob. A prefix is listed as it is read, page by page on S3 (1000
+    keys, already in key order) and folder by folder locally, so listing millions of objects holds one
+    page, not the whole listing. Globs are resolved whole (fsspec's ``glob``). Hidden and
+    underscore-prefixed names (``.DS_Store``, ``_SUCCESS``) are skipped.
 
     Raises:
         FileNotFoundError: nothing exists at ``uri``.
         StorageError: any other failure while listing, with the URI.
     """
+    uri = canonical_uri(uri)
     fs, path = get_filesystem(uri, endpoint_url)
     listing = _listing(fs, uri, path)
     while True:
@@ -211,24 +251,30 @@ def iter_files(
         yield FileEntry(_with_scheme(uri, p), int(info.get("size") or 0), _fingerprint(info))
 
 
+def _info(fs: Any, uri: str, path: str) -> dict[str, Any] | None:
+    """``fs.info`` of ``path`` itself (no glob), None when nothing is there."""
+    try:
+        return fs.info(path)  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        raise _wrap(uri, exc) from exc
+
+
 def _listing(fs: Any, uri: str, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(path, info)`` of every file at ``path``, streamed for a prefix (see :func:`iter_files`)."""
-    if _GLOB_CHARS & set(path):
+    info = _info(fs, uri, path)
+    if info is None:
+        if not _GLOB_CHARS & set(path):
+            raise FileNotFoundError(path)
         found = fs.glob(path, detail=True)
         yield from ((p, found[p]) for p in sorted(found) if found[p].get("type") != "directory")
-    elif fs.isfile(path):
-        yield path, fs.info(path)
+    elif info.get("type") != "directory":
+        yield path, info
     elif scheme(uri) == "file":
-        if not os.path.isdir(path):
-            raise FileNotFoundError(path)
         yield from _walk_local(path)
     else:
-        listed = False
-        for item in _s3_objects(fs, path):
-            listed = True
-            yield item
-        if not listed and not fs.exists(path):
-            raise FileNotFoundError(path)
+        yield from _s3_objects(fs, path)
 
 
 def _walk_local(folder: str) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -50,10 +50,12 @@ def _manifest_uris(uri: str, endpoint_url: str | None) -> list[str]:
 
 
 def _fingerprints(uris: list[str], endpoint_url: str | None) -> Iterator[tuple[str, str | None]]:
+    """``(uri, fingerprint)`` of each named file, looked up as named: ``img[1].png`` is never a glob."""
+
     def one(uri: str) -> tuple[str, str | None]:
         try:
-            return uri, next(storage.iter_files(uri, endpoint_url=endpoint_url)).fingerprint
-        except (FileNotFoundError, StopIteration, OSError):
+            return uri, storage.file_entry(uri, endpoint_url).fingerprint
+        except OSError:  # FileNotFoundError (missing, or a folder) and StorageError
             return uri, None  # the read stage reports it as an error row
 
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -117,10 +119,17 @@ def plan_inputs(
     URI per line, ``.csv``/``.parquet`` with an ``image_uri`` column) or a list of URIs. A prefix is
     streamed from the listing into Arrow chunks of ``chunk_rows``, so the driver never holds the listing
     as Python objects; a listing has no duplicates, lists and manifests are de-duplicated in Arrow.
+
+    Every URI is planned in its canonical spelling (:func:`raycv.storage.canonical_uri`: a local file as
+    its absolute path, a relative manifest entry resolved against the current folder), so one file named
+    two ways is one row with one ``image_id``. Only a ``source`` string that names nothing and holds
+    ``*``, ``?`` or ``[`` is a glob; list items and manifest entries are always files as named.
     """
     if isinstance(source, list) or (source.lower().endswith(MANIFEST_EXTENSIONS) and "*" not in source):
         uris = source if isinstance(source, list) else _manifest_uris(source, endpoint_url)
-        unique = pc.unique(pa.array(uris, pa.string())).to_pylist()  # keeps the order of first appearance
+        canonical = [storage.canonical_uri(u) for u in uris]
+        # pc.unique keeps the order of first appearance
+        unique = pc.unique(pa.array(canonical, pa.string())).to_pylist()
         return Plan(list(_chunked(_fingerprints(unique, endpoint_url), chunk_rows)))
     listing = storage.iter_files(source, extensions=INPUT_EXTENSIONS, endpoint_url=endpoint_url)
     try:

@@ -34,19 +34,20 @@ class Dataset:
 def read_imagefolder(root: str, endpoint_url: str | None = None) -> Dataset:
     """``ROOT/<class_name>/<image>``; class index = position of the name in the sorted class names.
 
-    One recursive listing of the root (a single paged LIST on S3), nothing decoded.
+    One recursive listing of the root (a single paged LIST on S3), nothing decoded. A local root may be
+    spelled any way (``ds``, ``./ds``, ``~/ds``, ``file://...``): it is made absolute first.
 
     Raises:
-        DatasetError: when the root holds no class folder with images.
+        DatasetError: when the root holds no class folder with images, or only one (nothing to learn).
         FileNotFoundError: when the root does not exist.
     """
+    root = storage.canonical_uri(root)
+    base = root.rstrip("/") + "/"
     by_class: dict[str, list[str]] = {}
-    base = root.rstrip("/")
     for entry in storage.iter_files(root, extensions=IMAGE_EXTENSIONS, endpoint_url=endpoint_url):
-        rel = entry.uri[len(base) :].lstrip("/\\")
-        parts = rel.replace("\\", "/").split("/")
+        parts = entry.uri[len(base) :].split("/") if entry.uri.startswith(base) else []
         if len(parts) < 2:
-            continue  # a loose file at the root belongs to no class
+            continue  # a loose file at the root (or a root that is a file) belongs to no class
         by_class.setdefault(parts[0], []).append(entry.uri)
     if not by_class:
         raise DatasetError(
@@ -54,6 +55,12 @@ def read_imagefolder(root: str, endpoint_url: str | None = None) -> Dataset:
             f"ROOT/<class_name>/<image> (extensions {', '.join(IMAGE_EXTENSIONS)})."
         )
     names = sorted(by_class)
+    if len(names) < 2:
+        raise DatasetError(
+            f"Found 1 class folder '{names[0]}' under {root}; imagefolder needs ROOT/<class_name>/<image> "
+            "with at least two classes: point the dataset at the folder that holds the class folders, or "
+            "add the other classes."
+        )
     samples = [Sample(uri, i) for i, name in enumerate(names) for uri in sorted(by_class[name])]
     return Dataset(samples, names)
 
@@ -61,12 +68,16 @@ def read_imagefolder(root: str, endpoint_url: str | None = None) -> Dataset:
 def read_masks(root: str, endpoint_url: str | None = None, num_classes: int | None = None) -> Dataset:
     """``ROOT/images/<stem>.<ext>`` with ``ROOT/masks/<stem>.png`` (uint8 label maps, 255 = ignore).
 
+    Like every reader here, a local ``root`` is made absolute first (:func:`raycv.storage.canonical_uri`),
+    so the samples name the same files on every worker whatever the driver's folder.
+
     Class names come from ``ROOT/classes.txt`` (one per line, line k = label k); without it, from
     ``num_classes`` as ``class_0 ...``. Images and masks are paired by stem with two listings.
 
     Raises:
         DatasetError: no images, an image without a mask, or no way to know the classes.
     """
+    root = storage.canonical_uri(root)
     images = {
         stem(e.uri): e.uri
         for e in storage.iter_files(
@@ -163,6 +174,7 @@ def read_coco(root: str, endpoint_url: str | None = None) -> DetectionDataset:
     """
     import json
 
+    root = storage.canonical_uri(root)
     uri = storage.join(root, "annotations.json")
     try:
         coco = json.loads(storage.read_bytes(uri, endpoint_url))
@@ -211,6 +223,7 @@ def read_yolo(root: str, endpoint_url: str | None = None) -> DetectionDataset:
     Raises:
         DatasetError: no classes.txt, a malformed label line, or a class index out of range.
     """
+    root = storage.canonical_uri(root)
     try:
         text = storage.read_bytes(storage.join(root, "classes.txt"), endpoint_url).decode()
     except FileNotFoundError:

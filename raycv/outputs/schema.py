@@ -79,8 +79,12 @@ def images_schema(task: str) -> pa.Schema:
 
 
 def image_id_of(uri: str) -> str:
-    """A stable id for an image: the same URI always gives the same id, on any machine."""
-    return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:32]
+    """A stable id for an image: the hash of its canonical URI (:func:`raycv.storage.canonical_uri`).
+
+    The same file gives the same id on any machine and in any spelling: ``/abs/x.png``,
+    ``file:///abs/x.png`` and a relative ``x.png`` (run from ``/abs``) are one image.
+    """
+    return hashlib.sha256(storage.canonical_uri(uri).encode("utf-8")).hexdigest()[:32]
 
 
 # ------------------------------------------------------------------------------------- reading outputs

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from raycv import storage
@@ -156,3 +158,46 @@ def test_yolo_format_round_trips_boxes(tmp_path):
     storage.write_bytes(str(tmp_path / "y" / "labels" / "00000.txt"), b"7 0.5 0.5 0.1 0.1\n")
     with pytest.raises(DatasetError, match=r"class 7 is not in classes\.txt"):
         read_yolo(str(tmp_path / "y"))
+
+
+def test_imagefolder_with_a_relative_root_finds_its_class_folders(tmp_path, monkeypatch):
+    """``data.train: ds`` run from the folder holding ds/cat and ds/dog used to give one class, 'mp'."""
+    for rel in ["ds/cat/1.png", "ds/dog/2.png", "ds/dog/3.png"]:
+        storage.write_bytes(str(tmp_path / rel), b"x")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for root in ["ds", "./ds", "ds/", "~/ds", "file://ds", "file://" + str(tmp_path / "ds")]:
+        ds = read_imagefolder(root)
+        assert ds.class_names == ["cat", "dog"], root
+        assert [(s.uri, s.label) for s in ds.samples] == [
+            (str(tmp_path / "ds/cat/1.png"), 0),
+            (str(tmp_path / "ds/dog/2.png"), 1),
+            (str(tmp_path / "ds/dog/3.png"), 1),
+        ], root
+
+
+def test_imagefolder_with_one_class_is_refused(tmp_path, monkeypatch):
+    storage.write_bytes(str(tmp_path / "ds" / "cat" / "1.png"), b"x")
+    storage.write_bytes(str(tmp_path / "ds" / "cat" / "2.png"), b"x")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError) as err:
+        read_imagefolder("ds")
+    message = str(err.value)
+    assert f"Found 1 class folder 'cat' under {tmp_path / 'ds'}" in message
+    assert "ROOT/<class_name>/<image> with at least two classes" in message
+
+
+def test_every_format_reads_a_relative_root_as_absolute_uris(tmp_path, monkeypatch):
+    from raycv.data.formats import read_coco, read_masks, read_yolo
+    from raycv.data.synthetic import write_detection_dataset, write_masks_dataset
+
+    write_masks_dataset(str(tmp_path / "m"), n=2, size=24, seed=1)
+    write_detection_dataset(str(tmp_path / "c"), n=2, size=32, seed=2, fmt="coco")
+    write_detection_dataset(str(tmp_path / "y"), n=2, size=32, seed=2, fmt="yolo")
+    monkeypatch.chdir(tmp_path)
+    masks = read_masks("./m")
+    assert [s.uri for s in masks.samples] == [str(tmp_path / f"m/images/{i:05d}.png") for i in range(2)]
+    assert [s.mask_uri for s in masks.samples] == [str(tmp_path / f"m/masks/{i:05d}.png") for i in range(2)]
+    for ds in (read_coco("c"), read_yolo("file://y")):
+        assert len(ds.samples) == 2 and all(s.uri.startswith(str(tmp_path) + "/") for s in ds.samples)
+        assert all(os.path.isfile(s.uri) for s in ds.samples)
