@@ -5,9 +5,10 @@ The public surface is small; everything else is internal. Heavy modules (torch, 
 
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("raycv")
 __all__ = [
     "annotate",
     "create_model",

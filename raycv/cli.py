@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from raycv.errors import ConfigError, RaycvError
+from raycv.errors import ConfigError, DatasetError, RaycvError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -279,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"raycv: invalid config: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DatasetError as exc:  # found while listing the dataset, before anything starts on the cluster
+        print(f"raycv: invalid dataset: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (RaycvError, FileNotFoundError, PermissionError) as exc:
         print(

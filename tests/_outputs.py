@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raycv.data.images import encode_png
+from raycv.data.rle import encode_rle
 from raycv.data.synthetic_scenes import CLASSES, render_scene
 from raycv.outputs import schema as outputs
-from raycv.tasks.detection import encode_rle
 
 
 def common(uri: str, *, task: str, status: str = "ok", width=None, height=None, **extra) -> dict:

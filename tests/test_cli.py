@@ -55,3 +55,20 @@ def test_demo_runs_end_to_end(tmp_path):
     table = pq.read_table(str(tmp_path / "annotations" / "shapes" / "images"))
     assert table.num_rows == 73 and len(set(table.column("image_uri").to_pylist())) == 73
     assert (tmp_path / "runs" / "shapes" / "model.pt").exists()
+
+
+def test_a_one_class_dataset_given_by_a_relative_path_exits_2(tmp_path):
+    """`data.train: ds` (relative, run from the folder holding it) with only ds/cat: refused before anything
+    starts, naming the class found and the fix (a relative root used to give one class called 'mp')."""
+    from raycv.data.synthetic import write_flat_archive
+
+    write_flat_archive(str(tmp_path / "ds" / "cat"), n=3, size=16, seed=0)
+    cfg = {"model": {"arch": "test_classifier"}, "data": {"train": "ds"}, "output": {"dir": "run"}}
+    (tmp_path / "train.yaml").write_text(str(cfg).replace("'", '"'))  # JSON is YAML
+    proc = subprocess.run(
+        [*_raycv(), "train", "train.yaml"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "raycv: invalid dataset: Found 1 class folder 'cat' under " + str(tmp_path / "ds") in proc.stderr
+    assert "at least two classes" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -10,11 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raycv import annotation, outputs, storage
+from raycv import storage
+from raycv.annotation import pipeline as annotation
+from raycv.annotation.plan import plan_inputs
 from raycv.config import AnnotateConfig
 from raycv.data.images import encode_png
 from raycv.data.synthetic import write_flat_archive
-from raycv.planning import plan_inputs
+from raycv.outputs import schema as outputs
 from tests._ray_cluster import write_run_dir
 
 RUN = {"batch_size": 4, "actors": 1, "cpus_per_actor": 0.5}

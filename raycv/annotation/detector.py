@@ -133,7 +133,7 @@ class Detector(Annotator):
         self, det: dict[str, torch.Tensor], order: list[int], mask_of: Any | None
     ) -> list[dict[str, Any]]:
         """SPEC §6 object rows for the detections ``order`` indexes, best first."""
-        from raycv.tasks.detection import encode_rle
+        from raycv.data.rle import encode_rle
 
         boxes, scores, labels = det["boxes"], det["scores"], det["labels"]
         names = self.run.class_names

@@ -134,7 +134,7 @@ def _categories(rows: list[dict[str, Any]], objects: dict[str, list[dict[str, An
 
 def _mask_annotations(row: dict[str, Any]) -> list[dict[str, Any]]:
     """One annotation per non-background class of a segmentation row (without ids)."""
-    from raycv.tasks.detection import encode_rle
+    from raycv.data.rle import encode_rle
 
     labels = decode_png_mask(row["mask_png"])
     out = []
@@ -167,7 +167,7 @@ def _object_annotation(obj: dict[str, Any]) -> dict[str, Any]:
         "score": float(obj["score"]),
     }
     if obj.get("mask_rle_counts"):
-        from raycv.tasks.detection import decode_rle
+        from raycv.data.rle import decode_rle
 
         size = [int(v) for v in obj["mask_rle_size"]]
         ann["segmentation"] = {"size": size, "counts": obj["mask_rle_counts"]}

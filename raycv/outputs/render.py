@@ -124,7 +124,7 @@ def _draw_segmentation(image: np.ndarray, row: dict[str, Any]) -> Image.Image:
 
 
 def _draw_detections(image: np.ndarray, row: dict[str, Any], objects: list[dict[str, Any]]) -> Image.Image:
-    from raycv.tasks.detection import decode_rle
+    from raycv.data.rle import decode_rle
 
     for obj in objects:
         if obj.get("mask_rle_counts"):

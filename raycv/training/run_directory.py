@@ -3,6 +3,7 @@ the plots, refreshed by rank 0 after every epoch."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import logging
@@ -40,7 +41,6 @@ def write_run_dir(cfg: TrainConfig, info: dict[str, Any], record: dict[str, Any]
     ``info`` is the planned dataset (class names, image counts); ``record`` holds ``history``, ``best``
     (epoch, metrics, confusion) and ``resumed_at_epochs``. The weights are written by the loop itself.
     """
-    import raycv
     from raycv.config import config_to_dict
     from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from raycv.training.detection import DETECTION_TASKS
@@ -60,7 +60,7 @@ def write_run_dir(cfg: TrainConfig, info: dict[str, Any], record: dict[str, Any]
         "normalization": {"mean": [0.0] * 3, "std": [1.0] * 3}
         if cfg.task in DETECTION_TASKS
         else {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "raycv_version": raycv.__version__,
+        "raycv_version": importlib.metadata.version("raycv"),
         "torch_version": torch.__version__,
         "best_epoch": best["epoch"],
         "best_metrics": best["metrics"],

@@ -8,12 +8,11 @@ import torch
 from pycocotools import mask as mask_utils
 
 from raycv.annotation.tiling import tile_grid
+from raycv.data.rle import decode_rle, encode_rle
 from raycv.data.synthetic_scenes import render_scene
 from raycv.tasks.detection import (
     augment_detection,
     coco_metrics,
-    decode_rle,
-    encode_rle,
     merge_tile_detections,
     tile_offsets_to_image,
 )
