@@ -86,7 +86,7 @@ def test_no_import_cycles():
         state[m] = "open"
         for dep in sorted(graph.get(m, ())):
             if state.get(dep) == "open":
-                cycles.append(stack[stack.index(dep) :] + [dep])
+                cycles.append([*stack[stack.index(dep) :], dep])
             elif dep not in state:
                 visit(dep, [*stack, dep])
         state[m] = "done"
