@@ -190,12 +190,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from typing import get_args
+    from raycv.tasks.registry import list_tasks
 
-    from raycv.config import Task
-
-    tasks = get_args(Task)
-    if args.task is not None and args.task not in tasks:  # before importing torchvision's models
+    tasks = list_tasks()
+    if args.task is not None and args.task not in tasks:
         raise ConfigError("--task", args.task, f"Choose one of {', '.join(tasks)}.")
     from raycv.models import get_model_info, list_models
 

@@ -24,14 +24,6 @@ from pydantic import (
 
 from raycv.errors import ConfigError
 
-Task = Literal["classification", "semantic_segmentation", "detection", "instance_segmentation"]
-DEFAULT_FORMATS: dict[str, str] = {
-    "classification": "imagefolder",
-    "semantic_segmentation": "masks",
-    "detection": "coco",
-    "instance_segmentation": "coco",
-}
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -65,7 +57,7 @@ class DataConfig(_Strict):
     train: str
     val: str | None = None
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
-    format: Literal["imagefolder", "masks", "coco", "yolo"] | None = None
+    format: str | None = None  # one of the task's formats (SPEC §4); default: its first
     image_size: int | tuple[int, int] = 64
 
     @field_validator("train")
@@ -129,7 +121,9 @@ class OutputConfig(_Strict):
 class TrainConfig(_Strict):
     """``raycv train`` / ``raycv evaluate``."""
 
-    task: Task = "classification"
+    task: str = (
+        "classification"  # a registered task (raycv.tasks): classification, semantic_segmentation, ...
+    )
     model: ModelConfig = ModelConfig()
     data: DataConfig
     train: TrainParams = TrainParams()
@@ -137,9 +131,18 @@ class TrainConfig(_Strict):
     storage: StorageConfig = StorageConfig()
     output: OutputConfig
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from raycv.tasks.registry import get_task
+
+        get_task(value)  # raises, naming the registered tasks
+        return value
+
     @model_validator(mode="after")
     def _task_supported(self) -> TrainConfig:
         from raycv.models import get_model_info
+        from raycv.tasks.registry import get_task
 
         info = get_model_info(self.model.arch)
         if info.task != self.task:
@@ -147,14 +150,15 @@ class TrainConfig(_Strict):
                 f"model.arch '{self.model.arch}' is a {info.task} model but task is '{self.task}'; "
                 f"pick one from `raycv models --task {self.task}`"
             )
-        if self.task != "semantic_segmentation" and self.train.loss != "ce":
-            raise ValueError("train.loss applies to semantic_segmentation only (detectors compute their own)")
-        if self.task == "classification" and self.train.augment.crop_scale < 1:
+        task = get_task(self.task)
+        if self.data.format is not None and self.data.format not in task.formats:
             raise ValueError(
-                "train.augment.crop_scale applies to segmentation and detection only; set it to 1"
+                f"data.format '{self.data.format}' is not a dataset format of {self.task}: "
+                f"use {' or '.join(task.formats)} (or leave it out for {task.default_format})"
             )
-        if self.task != "classification" and self.train.augment.mixup > 0:
-            raise ValueError("train.augment.mixup applies to classification only; set it to 0")
+        problem = task.check_train_config(self)
+        if problem:
+            raise ValueError(problem)
         try:
             inspect.signature(info.builder).bind(num_classes=1, **self.model.options)
         except TypeError as exc:
@@ -170,7 +174,9 @@ class TrainConfig(_Strict):
 
     @property
     def data_format(self) -> str:
-        return self.data.format or DEFAULT_FORMATS[self.task]
+        from raycv.tasks.registry import get_task
+
+        return self.data.format or get_task(self.task).default_format
 
 
 class TileConfig(_Strict):

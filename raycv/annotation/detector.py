@@ -95,7 +95,7 @@ class Detector(Annotator):
     def _objects_tiled(self, image: np.ndarray) -> list[dict[str, Any]]:
         """Detect tile by tile, move boxes to image pixels, merge across tiles; masks pasted back whole."""
         from raycv.annotation.tiling import tile_grid
-        from raycv.tasks.detection import merge_tile_detections, tile_offsets_to_image
+        from raycv.tasks.tiles import merge_tile_detections, tile_offsets_to_image
 
         assert self.tile is not None
         h, w = image.shape[:2]

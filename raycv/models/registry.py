@@ -18,10 +18,19 @@ from torch import nn
 
 from raycv.errors import UnknownModelError
 
-TASKS: tuple[str, ...] = ("classification", "semantic_segmentation", "detection", "instance_segmentation")
+# The tasks models can be registered for: the built-in ones, and any that raycv.tasks.register_task adds.
+TASKS: list[str] = ["classification", "semantic_segmentation", "detection", "instance_segmentation"]
 SOURCES: tuple[str, ...] = ("raycv", "torchvision")
 
 Builder = Callable[..., nn.Module]
+
+
+def allow_task(name: str) -> None:
+    """Let models be registered for the task ``name`` (called when the task is registered)."""
+    if name not in TASKS:
+        TASKS.append(name)
+
+
 B = TypeVar("B", bound=Builder)
 
 

@@ -8,8 +8,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from raycv.tasks.registry import Task, register_task
+from raycv.data.formats import Dataset, read_imagefolder
+from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, to_tensor_resized
+from raycv.data.transforms import augment as augment_image
+from raycv.tasks.confusion import ConfusionEvaluator
+from raycv.tasks.registry import LOSS_IS_SEGMENTATION_ONLY, StepContext, Task, Transform, register_task
 
 
 def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -92,19 +97,64 @@ def topk_rows(probs: np.ndarray, class_names: list[str], k: int) -> list[list[di
 
 TOPK_TYPE = pa.list_(pa.struct([("label", pa.int32()), ("label_name", pa.string()), ("score", pa.float32())]))
 
-CLASSIFICATION = register_task(
-    Task(
-        name="classification",
-        formats=("imagefolder",),
-        primary_metric="accuracy",
-        metrics=("accuracy", "precision", "recall", "f1"),
-        image_fields=(
-            pa.field("label", pa.int32()),
-            pa.field("label_name", pa.string()),
-            pa.field("score", pa.float32()),
-            pa.field("topk", TOPK_TYPE),
-        ),
-        image_labels=True,
-        export_formats=(),  # no boxes, masks or shapes: OUTPUT/images is the export
+
+class Classification(Task):
+    """One label per image, from an imagefolder dataset; accuracy and macro precision/recall/F1."""
+
+    name = "classification"
+    formats = ("imagefolder",)
+    primary_metric = "accuracy"
+    metrics = ("accuracy", "precision", "recall", "f1")
+    image_fields = (
+        pa.field("label", pa.int32()),
+        pa.field("label_name", pa.string()),
+        pa.field("score", pa.float32()),
+        pa.field("topk", TOPK_TYPE),
     )
-)
+    image_labels = True
+    export_formats = ()  # no boxes, masks or shapes: OUTPUT/images is the export
+    decode_at_size = True
+    annotator = "raycv.annotation.classifier:Classifier"
+
+    def read_dataset(self, fmt: str, root: str, store: Any, num_classes: int | None) -> Dataset:
+        return read_imagefolder(root, store)
+
+    def transforms(self, size_hw: tuple[int, int], augment: Any) -> tuple[Transform, Transform]:
+        def train_tf(image: np.ndarray, label: int, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
+            t = augment_image(
+                to_tensor_resized(image, size_hw),
+                rng,
+                hflip=augment.hflip,
+                vflip=augment.vflip,
+                rotate=augment.rotate,
+                color_jitter=augment.color_jitter,
+            )
+            return normalize(t, IMAGENET_MEAN, IMAGENET_STD), label
+
+        def eval_tf(image: np.ndarray, label: int, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
+            return normalize(to_tensor_resized(image, size_hw), IMAGENET_MEAN, IMAGENET_STD), label
+
+        return train_tf, eval_tf
+
+    def collate(self, items: list[tuple[Any, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([im for im, _ in items]), torch.tensor([t for _, t in items], dtype=torch.int64)
+
+    def loss(self, model: nn.Module, images: Any, targets: Any, ctx: StepContext) -> torch.Tensor:
+        if ctx.augment.mixup > 0:
+            images, targets = mixup(images, targets, ctx.num_classes, ctx.augment.mixup, ctx.rng)
+        return soft_cross_entropy(model(images), targets, ctx.augment.label_smoothing)
+
+    def evaluator(self, num_classes: int, device: Any) -> ConfusionEvaluator:
+        return ConfusionEvaluator(
+            num_classes, confusion_matrix, metrics_from_confusion, device, card_confusion=True
+        )
+
+    def check_train_config(self, cfg: Any) -> str | None:
+        if cfg.train.loss != "ce":
+            return LOSS_IS_SEGMENTATION_ONLY
+        if cfg.train.augment.crop_scale < 1:
+            return "train.augment.crop_scale applies to segmentation and detection only; set it to 1"
+        return None
+
+
+CLASSIFICATION = register_task(Classification())

@@ -1,25 +1,62 @@
 """The Task registry: one :class:`Task` object per task, the only place that knows what a task is.
 
 Code outside ``raycv/tasks/`` never compares a task name: it looks the Task up (:func:`get_task`) and asks
-it. A task is registered by the module that defines it (``register_task(Task(...))``); the built-in ones are
+it. A task is registered by the module that defines it (``register_task(MyTask())``); the built-in ones are
 imported on the first look-up, so a task defined anywhere else (a test, a plug-in) registers the same way.
+A run hands its Task object to its Ray workers and actors (pickled with its module), so they need no
+registry of their own.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+import numpy as np
 import pyarrow as pa
+
+from raycv.models.registry import allow_task
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 _BUILTIN_MODULES = ("raycv.tasks.classification", "raycv.tasks.segmentation", "raycv.tasks.detection")
 _TASKS: dict[str, Task] = {}
 
+LOSS_IS_SEGMENTATION_ONLY = "train.loss applies to semantic_segmentation only (detectors compute their own)"
+MIXUP_IS_CLASSIFICATION_ONLY = "train.augment.mixup applies to classification only; set it to 0"
+# (decoded image [H, W, C] uint8, the sample's target, rng) -> (model input tensor, training target)
+Transform = Callable[[np.ndarray, Any, np.random.Generator], tuple[Any, Any]]
 
-@dataclass(frozen=True, kw_only=True)
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a training step needs besides the model and the batch."""
+
+    device: Any
+    num_classes: int
+    rng: np.random.Generator
+    augment: Any  # the config's train.augment (mixup, label_smoothing, ...)
+    loss: str = "ce"  # the config's train.loss (segmentation)
+
+
+class Evaluator(Protocol):
+    """Validation of one epoch: ``update`` with this rank's batches, ``compute`` over every rank."""
+
+    def update(self, model: nn.Module, images: Any, targets: Any) -> None: ...
+
+    def compute(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(metrics, extras for the model card, e.g. the confusion matrix); collective: every rank calls it."""
+        ...
+
+
 class Task:
-    """What the rest of raycv asks of a task.
+    """What the rest of raycv asks of a task. Subclass it, set the attributes, implement the hooks, and
+    register one instance with :func:`register_task`.
 
     Attributes:
         name: the config's ``task:`` value.
@@ -33,23 +70,63 @@ class Task:
         instance_masks: its objects carry a mask (COCO RLE); plain boxes otherwise.
         unit_pixels: its models take 0..1 pixels and normalise inside (torchvision's detectors).
         export_formats: the ``raycv export`` formats its outputs convert to.
+        warmup_epochs, clip_grad_norm: the defaults of ``train.warmup_epochs`` / ``train.clip_grad_norm``.
+        find_unused_parameters: DDP must not wait for gradients of heads a batch may skip.
+        decode_at_size: training images may be decoded at reduced size (transforms resize whole images).
+        annotator: ``"module:Class"`` of its model actor (a callable class of Ray Data, see
+            :mod:`raycv.annotation.actor`).
     """
 
-    name: str
-    formats: tuple[str, ...]
-    primary_metric: str
-    metrics: tuple[str, ...]
-    image_fields: tuple[pa.Field, ...] = ()
-    image_labels: bool = False
-    label_maps: bool = False
-    objects: bool = False
-    instance_masks: bool = False
-    unit_pixels: bool = False
-    export_formats: tuple[str, ...] = ("coco", "geojson")
+    name: ClassVar[str]
+    formats: ClassVar[tuple[str, ...]]
+    primary_metric: ClassVar[str]
+    metrics: ClassVar[tuple[str, ...]]
+    image_fields: ClassVar[tuple[pa.Field, ...]] = ()
+    image_labels: ClassVar[bool] = False
+    label_maps: ClassVar[bool] = False
+    objects: ClassVar[bool] = False
+    instance_masks: ClassVar[bool] = False
+    unit_pixels: ClassVar[bool] = False
+    export_formats: ClassVar[tuple[str, ...]] = ("coco", "geojson")
+    warmup_epochs: ClassVar[float] = 0.0
+    clip_grad_norm: ClassVar[float | None] = None
+    find_unused_parameters: ClassVar[bool] = False
+    decode_at_size: ClassVar[bool] = False
+    annotator: ClassVar[str]
 
     @property
     def default_format(self) -> str:
         return self.formats[0]
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+    def read_dataset(self, fmt: str, root: str, store: Any, num_classes: int | None) -> Any:
+        """List a labelled dataset (no decoding): an object with ``samples`` and ``class_names``."""
+        raise NotImplementedError
+
+    def load_target(self, sample: Any, fetch: Callable[[str], bytes]) -> Any:
+        """The training target of a listed sample (``fetch`` reads a URI's bytes); default: its label."""
+        return sample.label
+
+    def transforms(self, size_hw: tuple[int, int], augment: Any) -> tuple[Transform, Transform]:
+        """The (train, eval) transforms from decoded images and sample targets to model inputs."""
+        raise NotImplementedError
+
+    def collate(self, items: list[tuple[Any, Any]]) -> tuple[Any, Any]:
+        """A batch from transformed (input, target) pairs: ``([B, C, H, W] inputs, targets)``."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, images: Any, targets: Any, ctx: StepContext) -> torch.Tensor:
+        """The batch's training loss (a scalar tensor), the batch already on ``ctx.device``."""
+        raise NotImplementedError
+
+    def evaluator(self, num_classes: int, device: Any) -> Evaluator:
+        raise NotImplementedError
+
+    def check_train_config(self, cfg: Any) -> str | None:
+        """A problem with a training config for this task, as "field: why and the fix", or None."""
+        return None
 
 
 def register_task(task: Task) -> Task:
@@ -57,6 +134,7 @@ def register_task(task: Task) -> Task:
     if task.name in _TASKS:
         raise ValueError(f"task {task.name!r} is registered already")
     _TASKS[task.name] = task
+    allow_task(task.name)
     return task
 
 

@@ -6,14 +6,27 @@ Conventions: label maps hold one class index per pixel, ``0 .. K-1``; pixels lab
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from raycv.tasks.registry import Task, register_task
+from raycv.data.formats import Dataset, read_masks
+from raycv.data.images import decode_png_mask
+from raycv.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    augment_pair,
+    normalize,
+    resize_mask,
+    to_tensor_resized,
+)
+from raycv.tasks.confusion import ConfusionEvaluator
+from raycv.tasks.registry import MIXUP_IS_CLASSIFICATION_ONLY, StepContext, Task, Transform, register_task
 
 IGNORE_INDEX = 255
 
@@ -184,16 +197,68 @@ CLASS_PIXELS_TYPE = pa.list_(
     pa.struct([("label", pa.int32()), ("label_name", pa.string()), ("pixels", pa.int64())])
 )
 
-SEMANTIC_SEGMENTATION = register_task(
-    Task(
-        name="semantic_segmentation",
-        formats=("masks",),
-        primary_metric="miou",
-        metrics=("miou", "dice", "pixel_accuracy"),
-        image_fields=(
-            pa.field("mask_png", pa.binary()),  # PNG of the uint8 label map at the original resolution
-            pa.field("class_pixels", CLASS_PIXELS_TYPE),
-        ),
-        label_maps=True,
+
+class SemanticSegmentation(Task):
+    """One class per pixel, from a masks dataset; mIoU, Dice and pixel accuracy."""
+
+    name = "semantic_segmentation"
+    formats = ("masks",)
+    primary_metric = "miou"
+    metrics = ("miou", "dice", "pixel_accuracy")
+    image_fields = (
+        pa.field("mask_png", pa.binary()),  # PNG of the uint8 label map at the original resolution
+        pa.field("class_pixels", CLASS_PIXELS_TYPE),
     )
-)
+    label_maps = True
+    annotator = "raycv.annotation.segmenter:Segmenter"
+
+    def read_dataset(self, fmt: str, root: str, store: Any, num_classes: int | None) -> Dataset:
+        return read_masks(root, store, num_classes)
+
+    def load_target(self, sample: Any, fetch: Callable[[str], bytes]) -> np.ndarray:
+        return decode_png_mask(fetch(sample.mask_uri), sample.mask_uri)
+
+    def transforms(self, size_hw: tuple[int, int], augment: Any) -> tuple[Transform, Transform]:
+        """Label maps get the image's geometric augmentations (nearest neighbour), never its colour ones."""
+
+        def train_tf(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[Any, Any]:
+            t, m = augment_pair(
+                image,
+                mask,
+                size_hw,
+                rng,
+                hflip=augment.hflip,
+                vflip=augment.vflip,
+                rotate=augment.rotate,
+                color_jitter=augment.color_jitter,
+                crop_scale=augment.crop_scale,
+            )
+            return normalize(t, IMAGENET_MEAN, IMAGENET_STD), m
+
+        def eval_tf(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[Any, Any]:
+            t = normalize(to_tensor_resized(image, size_hw), IMAGENET_MEAN, IMAGENET_STD)
+            return t, resize_mask(mask, size_hw)
+
+        return train_tf, eval_tf
+
+    def collate(self, items: list[tuple[Any, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        masks = [torch.as_tensor(m) for _, m in items]
+        return torch.stack([im for im, _ in items]), torch.stack(masks).to(torch.int64)
+
+    def loss(self, model: nn.Module, images: Any, targets: Any, ctx: StepContext) -> torch.Tensor:
+        kind: Any = ctx.loss
+        return segmentation_loss(
+            model(images), targets, kind=kind, label_smoothing=ctx.augment.label_smoothing
+        )
+
+    def evaluator(self, num_classes: int, device: Any) -> ConfusionEvaluator:
+        def confusion(targets: torch.Tensor, preds: torch.Tensor, k: int) -> torch.Tensor:
+            return confusion_matrix(targets, preds, k, ignore_index=IGNORE_INDEX)
+
+        return ConfusionEvaluator(num_classes, confusion, metrics_from_confusion, device)
+
+    def check_train_config(self, cfg: Any) -> str | None:
+        return MIXUP_IS_CLASSIFICATION_ONLY if cfg.train.augment.mixup > 0 else None
+
+
+SEMANTIC_SEGMENTATION = register_task(SemanticSegmentation())

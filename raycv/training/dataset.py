@@ -1,42 +1,18 @@
-"""The dataset plan of a training run (driver side): read the labelled dataset, split train/val, as plain rows the workers rebuild."""
+"""The dataset plan of a training run (driver side): the task lists the labelled dataset, split train/val."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-from raycv.config import DEFAULT_FORMATS, TrainConfig
-from raycv.data.formats import (
-    Dataset,
-    DetectionDataset,
-    DetectionSample,
-    read_coco,
-    read_imagefolder,
-    read_masks,
-    read_yolo,
-    split_train_val,
-)
+from raycv.config import TrainConfig
+from raycv.data.formats import Dataset, DetectionDataset, split_train_val
 from raycv.errors import ConfigError, DatasetError
-from raycv.training.detection import (
-    DETECTION_TASKS,
-)
+from raycv.tasks.registry import get_task
 
 
 def _read_dataset(cfg: TrainConfig, root: str) -> Dataset | DetectionDataset:
-    ep = cfg.storage.endpoint_url
-    if cfg.task in DETECTION_TASKS and cfg.data_format in ("coco", "yolo"):
-        if cfg.task == "instance_segmentation" and cfg.data_format == "yolo":
-            raise ConfigError(
-                "data.format", "yolo", "Instance segmentation needs masks: use the coco format."
-            )
-        return read_coco(root, ep) if cfg.data_format == "coco" else read_yolo(root, ep)
-    if cfg.data_format == "imagefolder" and cfg.task == "classification":
-        return read_imagefolder(root, ep)
-    if cfg.data_format == "masks" and cfg.task == "semantic_segmentation":
-        return read_masks(root, ep, cfg.model.num_classes)
-    raise ConfigError(
-        "data.format", cfg.data_format, f"Task '{cfg.task}' reads the {DEFAULT_FORMATS[cfg.task]} format."
-    )
+    task = get_task(cfg.task)
+    return task.read_dataset(cfg.data_format, root, cfg.storage.endpoint_url, cfg.model.num_classes)  # type: ignore[no-any-return]
 
 
 def plan_dataset(cfg: TrainConfig) -> dict[str, Any]:
@@ -62,12 +38,9 @@ def plan_dataset(cfg: TrainConfig) -> dict[str, Any]:
         )
     names = ds.class_names + [f"class_{i}" for i in range(len(ds.class_names), num_classes)]
 
-    def row(s: Any) -> Any:
-        return dataclasses.asdict(s) if isinstance(s, DetectionSample) else (s.uri, s.label, s.mask_uri)
-
-    return {
-        "train": [row(s) for s in train],
-        "val": [row(s) for s in val],
+    return {  # the samples travel to the workers as they are (pickled): each task lists its own kind
+        "train": list(train),
+        "val": list(val),
         "class_names": names,
         "num_classes": num_classes,
         "n_train": len(train),

@@ -113,7 +113,7 @@ def evaluate_detection(
     model: nn.Module, loader: BatchLoader, indices: list[int], task: str, num_classes: int, device: Any
 ) -> dict[str, float]:
     """COCO ``map`` and ``map_50`` (and ``mask_map``) over the validation images of every rank."""
-    from raycv.tasks.detection import coco_metrics
+    from raycv.tasks.coco import coco_metrics
 
     model.eval()
     preds: list[dict[str, Any]] = []

@@ -10,12 +10,9 @@ from pycocotools import mask as mask_utils
 from raycv.annotation.tiling import tile_grid
 from raycv.data.rle import decode_rle, encode_rle
 from raycv.data.synthetic_scenes import render_scene
-from raycv.tasks.detection import (
-    augment_detection,
-    coco_metrics,
-    merge_tile_detections,
-    tile_offsets_to_image,
-)
+from raycv.tasks.coco import coco_metrics
+from raycv.tasks.detection import augment_detection
+from raycv.tasks.tiles import merge_tile_detections, tile_offsets_to_image
 
 BOXES = torch.tensor([[10.0, 10.0, 50.0, 50.0], [60.0, 20.0, 90.0, 80.0], [5.0, 60.0, 40.0, 95.0]])
 LABELS = torch.tensor([1, 2, 1])
