@@ -17,13 +17,14 @@ from raycv.data.formats import (
     split_train_val,
 )
 from raycv.errors import ConfigError, DatasetError
+from raycv.storage import Storage
 from raycv.training.detection import (
     DETECTION_TASKS,
 )
 
 
 def _read_dataset(cfg: TrainConfig, root: str) -> Dataset | DetectionDataset:
-    ep = cfg.storage.endpoint_url
+    ep = Storage(endpoint_url=cfg.storage.endpoint_url)
     if cfg.task in DETECTION_TASKS and cfg.data_format in ("coco", "yolo"):
         if cfg.task == "instance_segmentation" and cfg.data_format == "yolo":
             raise ConfigError(
