@@ -215,18 +215,20 @@ def _where(text: str | None) -> Any:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from raycv.outputs.inspect import inspect_output
+    from raycv.storage import Storage
 
-    inspect_output(args.output)
+    inspect_output(args.output, Storage())
     return EXIT_OK
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     from raycv.outputs.render import render_output
+    from raycv.storage import Storage
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit", args.limit, "Give a positive number of images, or leave it out for all.")
     s = render_output(
-        args.output, args.out, limit=args.limit, where=_where(args.where), max_side=args.max_side
+        args.output, args.out, Storage(), limit=args.limit, where=_where(args.where), max_side=args.max_side
     )
     print(f"raycv render: {len(s.written)} PNGs in {s.out_dir} ({s.skipped_errors} error rows skipped)")
     for line in s.failed[:5]:
@@ -236,11 +238,13 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from raycv.outputs.export import export_output
+    from raycv.storage import Storage
 
     s = export_output(
         args.output,
         args.format,
         args.out,
+        Storage(),
         where=_where(args.where),
         crs=args.crs,
         copy_images=args.copy_images,
@@ -252,8 +256,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from raycv.outputs.report import report_run
+    from raycv.storage import Storage
 
-    report_run(args.run_dir)
+    report_run(args.run_dir, Storage())
     return EXIT_OK
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import os
 
-from raycv import storage
 from raycv.config import AnnotateConfig, TrainConfig
 from raycv.outputs import schema as outputs
+from raycv.storage import Storage
 
 
 def run_demo(workdir: str) -> None:
@@ -27,10 +27,11 @@ def run_demo(workdir: str) -> None:
     dataset, archive = os.path.join(root, "dataset"), os.path.join(root, "archive")
     run_dir, out = os.path.join(root, "runs", "shapes"), os.path.join(root, "annotations", "shapes")
     print(f"[demo] 1/3 generating a shapes dataset in {dataset}", flush=True)
-    write_imagefolder(dataset, n_per_class=150, size=32, seed=0)
-    truth = write_flat_archive(archive, n=60, size=48, seed=1)
+    store = Storage()  # local folders: no endpoint is used
+    write_imagefolder(dataset, n_per_class=150, size=32, seed=0, store=store)
+    truth = write_flat_archive(archive, n=60, size=48, seed=1, store=store)
     for name, data in make_special_images().items():
-        storage.write_bytes(os.path.join(archive, "edge_cases", name), data)
+        store.write_bytes(os.path.join(archive, "edge_cases", name), data)
 
     if not ray.is_initialized():
         # The demo's epochs take under a second: Ray Train's default 2 s poll of its workers would pace them.

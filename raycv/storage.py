@@ -1,8 +1,9 @@
 """URIs to filesystems: local paths, ``file://`` and ``s3://`` (AWS or any S3-compatible endpoint).
 
-Every function takes plain URIs plus an optional ``endpoint_url``; nothing here holds credentials.
-Credentials come from the standard AWS chain (environment, profile, instance/IRSA role) on whichever
-process opens the filesystem, so the same calls work on the driver and inside Ray workers.
+A run builds one :class:`Storage` handle (the endpoint, bound once) and passes it down to every function,
+Ray task and actor that reads, writes or lists. Nothing here holds credentials: they come from the
+standard AWS chain (environment, profile, instance/IRSA role) of whichever process opens the filesystem,
+so the same calls work on the driver and inside Ray workers. URI helpers (:func:`join`) need no handle.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import fsspec
 from raycv.errors import StorageError
 
 _GLOB_CHARS = set("*?[")
+# This process's filesystems, keyed by (protocol, endpoint): shared by every handle, never pickled.
+_FILESYSTEMS: dict[tuple[str, str | None], fsspec.AbstractFileSystem] = {}
 
 
 @dataclass(frozen=True)
@@ -67,36 +70,6 @@ def resolve_endpoint(endpoint_url: str | None) -> str | None:
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def get_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``uri`` and the path inside it (no scheme).
-
-    Raises:
-        StorageError: for a scheme raycv does not support.
-    """
-    kind = scheme(uri)
-    if kind == "file":
-        return fsspec.filesystem("file"), canonical_uri(uri)
-    if kind in ("s3", "s3a"):
-        import s3fs
-
-        endpoint = resolve_endpoint(endpoint_url)
-        client_kwargs: dict[str, Any] = {"endpoint_url": endpoint} if endpoint else {}
-        # Listings are not cached: an archive grows between runs of the same process (tests, daemons).
-        fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, use_listings_cache=False)
-        return fs, uri.split("://", 1)[1].rstrip("/") if uri.endswith("/") else uri.split("://", 1)[1]
-    raise StorageError(f"Unsupported URI scheme '{kind}://' in {uri!r}: use a local path, file:// or s3://.")
-
-
-def pyarrow_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[Any, str]:
-    """A ``pyarrow.fs.FileSystem`` and scheme-less path for ``uri`` (for Ray Train's storage and pyarrow)."""
-    import pyarrow.fs as pafs
-
-    fs, path = get_filesystem(uri, endpoint_url)
-    if scheme(uri) == "file":
-        return pafs.LocalFileSystem(), path
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
-
-
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI with ``/`` whatever the scheme."""
     if scheme(uri) == "file" and "://" not in uri:
@@ -114,74 +87,201 @@ def _wrap(uri: str, exc: Exception) -> StorageError:
     return StorageError(f"{uri}: {type(exc).__name__}: {exc}")
 
 
-def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
-    """The whole content of ``uri``.
+def _filesystem(protocol: str, endpoint: str | None) -> fsspec.AbstractFileSystem:
+    """This process's filesystem for ``(protocol, endpoint)``, opened at its first use."""
+    fs = _FILESYSTEMS.get((protocol, endpoint))
+    if fs is None:
+        if protocol == "file":
+            fs = fsspec.filesystem("file")
+        else:
+            import s3fs
 
-    Raises:
-        FileNotFoundError: when nothing is stored at ``uri``.
-        StorageError: for any other failure, with the URI.
+            client_kwargs: dict[str, Any] = {"endpoint_url": endpoint} if endpoint else {}
+            # Listings are not cached: an archive grows between runs of the same process (tests, daemons).
+            fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, use_listings_cache=False)
+        fs = _FILESYSTEMS.setdefault((protocol, endpoint), fs)  # two threads may race: all keep the first
+    return fs
+
+
+# A forked child opens its own: the parent's clients (sockets, event loop) are not safe to share.
+os.register_at_fork(after_in_child=_FILESYSTEMS.clear)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Storage:
+    """One run's handle on storage: every read, write, listing and move, with the endpoint bound once.
+
+    Built once by an entry point (``Storage(endpoint_url=cfg.storage.endpoint_url)``) and passed down to
+    every function, Ray task and actor that touches storage. It holds only the endpoint: it pickles to a
+    few bytes, and each process opens its filesystems at their first use and keeps them (shared by all
+    handles with the same endpoint). Credentials come from the standard AWS chain of that process.
+
+    Args:
+        endpoint_url: an S3-compatible endpoint for ``s3://`` URIs (``http://minio:9000``); None uses
+            ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` as set in the process that opens the filesystem,
+            else AWS itself (see :func:`resolve_endpoint`).
     """
-    fs, path = get_filesystem(uri, endpoint_url)
-    try:
-        return fs.cat_file(path)  # type: ignore[no-any-return]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"No such file: {uri}") from None
-    except Exception as exc:
-        raise _wrap(uri, exc) from exc
 
+    endpoint_url: str | None = None
 
-def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
-    """Write ``data`` to ``uri`` atomically: readers see the old content or the new, never a part.
+    def filesystem(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        """The fsspec filesystem for ``uri`` and the path inside it (no scheme, no trailing slash on S3).
 
-    Local files are written to a temporary name and renamed; an S3 PUT is atomic by itself.
-    """
-    fs, path = get_filesystem(uri, endpoint_url)
-    try:
+        Raises:
+            StorageError: for a scheme raycv does not support.
+        """
+        kind = scheme(uri)
+        if kind == "file":
+            return _filesystem("file", None), canonical_uri(uri)
+        if kind in ("s3", "s3a"):
+            return _filesystem("s3", resolve_endpoint(self.endpoint_url)), uri.split("://", 1)[1].rstrip("/")
+        raise StorageError(
+            f"Unsupported URI scheme '{kind}://' in {uri!r}: use a local path, file:// or s3://."
+        )
+
+    def pyarrow_filesystem(self, uri: str) -> tuple[Any, str]:
+        """A ``pyarrow.fs.FileSystem`` and scheme-less path for ``uri`` (Ray Data, Ray Train's storage)."""
+        import pyarrow.fs as pafs
+
+        fs, path = self.filesystem(uri)
         if scheme(uri) == "file":
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        else:
-            fs.pipe_file(path, data)
-    except Exception as exc:
-        raise _wrap(uri, exc) from exc
+            return pafs.LocalFileSystem(), path
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
+    def read_bytes(self, uri: str) -> bytes:
+        """The whole content of ``uri``.
 
-def exists(uri: str, endpoint_url: str | None = None) -> bool:
-    fs, path = get_filesystem(uri, endpoint_url)
-    try:
-        return bool(fs.exists(path))
-    except Exception as exc:
-        raise _wrap(uri, exc) from exc
+        Raises:
+            FileNotFoundError: when nothing is stored at ``uri``.
+            StorageError: for any other failure, with the URI.
+        """
+        fs, path = self.filesystem(uri)
+        try:
+            return fs.cat_file(path)  # type: ignore[no-any-return]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"No such file: {uri}") from None
+        except Exception as exc:
+            raise _wrap(uri, exc) from exc
 
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write ``data`` to ``uri`` atomically: readers see the old content or the new, never a part.
 
-def remove(uri: str, endpoint_url: str | None = None, *, recursive: bool = False) -> None:
-    """Delete ``uri`` (a folder too with ``recursive``); a missing path is not an error."""
-    fs, path = get_filesystem(uri, endpoint_url)
-    try:
-        if fs.exists(path):
-            fs.rm(path, recursive=recursive)
-    except FileNotFoundError:
-        pass
-    except Exception as exc:
-        raise _wrap(uri, exc) from exc
+        Local files are written to a temporary name and renamed; an S3 PUT is atomic by itself.
+        """
+        fs, path = self.filesystem(uri)
+        try:
+            if scheme(uri) == "file":
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            else:
+                fs.pipe_file(path, data)
+        except Exception as exc:
+            raise _wrap(uri, exc) from exc
 
+    def write_json(self, uri: str, obj: Any) -> None:
+        """Write ``obj`` as indented JSON (a card, a summary)."""
+        self.write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
-def move(src: str, dst: str, endpoint_url: str | None = None) -> None:
-    """Move one file (a rename locally, copy then delete on S3)."""
-    fs, src_path = get_filesystem(src, endpoint_url)
-    _, dst_path = get_filesystem(dst, endpoint_url)
-    try:
-        if scheme(src) == "file":
-            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
-            os.replace(src_path, dst_path)
-        else:
-            fs.copy(src_path, dst_path)
-            fs.rm(src_path)
-    except Exception as exc:
-        raise _wrap(src, exc) from exc
+    def exists(self, uri: str) -> bool:
+        """Whether a file or folder/prefix is stored at ``uri``."""
+        fs, path = self.filesystem(uri)
+        try:
+            return bool(fs.exists(path))
+        except Exception as exc:
+            raise _wrap(uri, exc) from exc
+
+    def remove(self, uri: str, *, recursive: bool = False) -> None:
+        """Delete ``uri`` (a folder too with ``recursive``); a missing path is not an error."""
+        fs, path = self.filesystem(uri)
+        try:
+            if fs.exists(path):
+                fs.rm(path, recursive=recursive)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            raise _wrap(uri, exc) from exc
+
+    def move(self, src: str, dst: str) -> None:
+        """Move one file (a rename locally, copy then delete on S3)."""
+        fs, src_path = self.filesystem(src)
+        _, dst_path = self.filesystem(dst)
+        try:
+            if scheme(src) == "file":
+                os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+                os.replace(src_path, dst_path)
+            else:
+                fs.copy(src_path, dst_path)
+                fs.rm(src_path)
+        except Exception as exc:
+            raise _wrap(src, exc) from exc
+
+    def file_entry(self, uri: str) -> FileEntry:
+        """The :class:`FileEntry` of the one file named by ``uri``, never read as a glob (``img[1].png``).
+
+        Raises:
+            FileNotFoundError: nothing is stored at ``uri``, or it is a folder/prefix.
+            StorageError: any other failure, with the URI.
+        """
+        uri = canonical_uri(uri)
+        fs, path = self.filesystem(uri)
+        info = _info(fs, uri, path)
+        if info is None or info.get("type") == "directory":
+            raise FileNotFoundError(f"No such file: {uri}")
+        return FileEntry(uri, int(info.get("size") or 0), _fingerprint(info))
+
+    def iter_files(self, uri: str, *, extensions: tuple[str, ...] | None = None) -> Iterator[FileEntry]:
+        """Files under a prefix (recursive) or matching a glob, in sorted order, as :class:`FileEntry`.
+
+        Args:
+            uri: a folder/prefix (``s3://bucket/archive/``), one file, or a glob (``s3://bucket/**/*.jpg``);
+                local ones in any spelling (see :func:`canonical_uri`, which every listed URI follows).
+            extensions: keep only names ending in one of these (lower-case, with the dot); None keeps all.
+
+        A file or prefix that exists is listed as named, even with ``*``, ``?`` or ``[`` in its name; only
+        a URI that names nothing is read as a glob. A prefix is listed as it is read, page by page on S3
+        (1000 keys, already in key order) and folder by folder locally, so listing millions of objects
+        holds one page, not the whole listing. Globs are resolved whole (fsspec's ``glob``). Hidden and
+        underscore-prefixed names (``.DS_Store``, ``_SUCCESS``) are skipped.
+
+        Raises:
+            FileNotFoundError: nothing exists at ``uri``.
+            StorageError: any other failure while listing, with the URI.
+        """
+        uri = canonical_uri(uri)
+        fs, path = self.filesystem(uri)
+        listing = _listing(fs, uri, path)
+        while True:
+            try:
+                p, info = next(listing)
+            except StopIteration:
+                return
+            except FileNotFoundError:
+                raise FileNotFoundError(f"No such file or prefix: {uri}") from None
+            except StorageError:
+                raise
+            except Exception as exc:
+                raise _wrap(uri, exc) from exc
+            name = posixpath.basename(p)
+            if not name or name.startswith((".", "_")):
+                continue
+            if extensions and not name.lower().endswith(extensions):
+                continue
+            yield FileEntry(_with_scheme(uri, p), int(info.get("size") or 0), _fingerprint(info))
+
+    def list_dirs(self, uri: str) -> list[str]:
+        """Immediate sub-folders of ``uri`` (names only, sorted, hidden ones skipped)."""
+        fs, path = self.filesystem(uri)
+        try:
+            entries = fs.ls(path, detail=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"No such folder: {uri}") from None
+        except Exception as exc:
+            raise _wrap(uri, exc) from exc
+        names = [posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"]
+        return sorted(n for n in names if not n.startswith((".", "_")))
 
 
 def _fingerprint(info: dict[str, Any]) -> str:
@@ -192,63 +292,6 @@ def _fingerprint(info: dict[str, Any]) -> str:
     if hasattr(mtime, "timestamp"):
         mtime = mtime.timestamp()
     return f"size:{info.get('size', 0)}-mtime:{mtime}"
-
-
-def file_entry(uri: str, endpoint_url: str | None = None) -> FileEntry:
-    """The :class:`FileEntry` of the one file named by ``uri``, never read as a glob (``img[1].png``).
-
-    Raises:
-        FileNotFoundError: nothing is stored at ``uri``, or it is a folder/prefix.
-        StorageError: any other failure, with the URI.
-    """
-    uri = canonical_uri(uri)
-    fs, path = get_filesystem(uri, endpoint_url)
-    info = _info(fs, uri, path)
-    if info is None or info.get("type") == "directory":
-        raise FileNotFoundError(f"No such file: {uri}")
-    return FileEntry(uri, int(info.get("size") or 0), _fingerprint(info))
-
-
-def iter_files(
-    uri: str, *, extensions: tuple[str, ...] | None = None, endpoint_url: str | None = None
-) -> Iterator[FileEntry]:
-    """Files under a prefix (recursive) or matching a glob, in sorted order, as :class:`FileEntry`.
-
-    Args:
-        uri: a folder/prefix (``s3://bucket/archive/``), one file, or a glob (``s3://bucket/**/*.jpg``);
-            local ones in any spelling (see :func:`canonical_uri`, which every listed URI follows).
-        extensions: keep only names ending in one of these (lower-case, with the dot); None keeps all.
-
-    A file or prefix that exists is listed as named, even with ``*``, ``?`` or ``[`` in its name; only a
-    URI that names nothing is read as a glob. A prefix is listed as it is read, page by page on S3 (1000
-    keys, already in key order) and folder by folder locally, so listing millions of objects holds one
-    page, not the whole listing. Globs are resolved whole (fsspec's ``glob``). Hidden and
-    underscore-prefixed names (``.DS_Store``, ``_SUCCESS``) are skipped.
-
-    Raises:
-        FileNotFoundError: nothing exists at ``uri``.
-        StorageError: any other failure while listing, with the URI.
-    """
-    uri = canonical_uri(uri)
-    fs, path = get_filesystem(uri, endpoint_url)
-    listing = _listing(fs, uri, path)
-    while True:
-        try:
-            p, info = next(listing)
-        except StopIteration:
-            return
-        except FileNotFoundError:
-            raise FileNotFoundError(f"No such file or prefix: {uri}") from None
-        except StorageError:
-            raise
-        except Exception as exc:
-            raise _wrap(uri, exc) from exc
-        name = posixpath.basename(p)
-        if not name or name.startswith((".", "_")):
-            continue
-        if extensions and not name.lower().endswith(extensions):
-            continue
-        yield FileEntry(_with_scheme(uri, p), int(info.get("size") or 0), _fingerprint(info))
 
 
 def _info(fs: Any, uri: str, path: str) -> dict[str, Any] | None:
@@ -307,19 +350,50 @@ def _s3_objects(fs: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
         kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
 
-def list_dirs(uri: str, endpoint_url: str | None = None) -> list[str]:
-    """Immediate sub-folders of ``uri`` (names only, sorted, hidden ones skipped)."""
-    fs, path = get_filesystem(uri, endpoint_url)
-    try:
-        entries = fs.ls(path, detail=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"No such folder: {uri}") from None
-    except Exception as exc:
-        raise _wrap(uri, exc) from exc
-    names = [posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"]
-    return sorted(n for n in names if not n.startswith((".", "_")))
+# Old forms taking ``endpoint_url``: for raycv/training and raycv/config until they take a Storage.
+
+
+def get_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    return Storage(endpoint_url=endpoint_url).filesystem(uri)
+
+
+def pyarrow_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[Any, str]:
+    return Storage(endpoint_url=endpoint_url).pyarrow_filesystem(uri)
+
+
+def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
+    return Storage(endpoint_url=endpoint_url).read_bytes(uri)
+
+
+def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
+    Storage(endpoint_url=endpoint_url).write_bytes(uri, data)
 
 
 def write_json(uri: str, obj: Any, endpoint_url: str | None = None) -> None:
-    """Write ``obj`` as indented JSON (a card, a summary)."""
-    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), endpoint_url)
+    Storage(endpoint_url=endpoint_url).write_json(uri, obj)
+
+
+def exists(uri: str, endpoint_url: str | None = None) -> bool:
+    return Storage(endpoint_url=endpoint_url).exists(uri)
+
+
+def remove(uri: str, endpoint_url: str | None = None, *, recursive: bool = False) -> None:
+    Storage(endpoint_url=endpoint_url).remove(uri, recursive=recursive)
+
+
+def move(src: str, dst: str, endpoint_url: str | None = None) -> None:
+    Storage(endpoint_url=endpoint_url).move(src, dst)
+
+
+def file_entry(uri: str, endpoint_url: str | None = None) -> FileEntry:
+    return Storage(endpoint_url=endpoint_url).file_entry(uri)
+
+
+def iter_files(
+    uri: str, *, extensions: tuple[str, ...] | None = None, endpoint_url: str | None = None
+) -> Iterator[FileEntry]:
+    return Storage(endpoint_url=endpoint_url).iter_files(uri, extensions=extensions)
+
+
+def list_dirs(uri: str, endpoint_url: str | None = None) -> list[str]:
+    return Storage(endpoint_url=endpoint_url).list_dirs(uri)

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import requests
 
-from raycv import storage
 from raycv.models import create_model
+from raycv.storage import Storage
 from raycv.training import run_directory
+
+STORE = Storage()  # s3:// through the environment's endpoint (conftest's S3 server)
 
 BIN = Path(sys.executable).parent  # the venv's ray and raycv scripts
 
@@ -200,5 +202,5 @@ def write_run_dir(path: str) -> str:
         "image_size": 32,
         "in_channels": 3,
     }
-    storage.write_json(f"{path}/model.json", card)
+    STORE.write_json(f"{path}/model.json", card)
     return path

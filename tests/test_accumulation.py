@@ -12,11 +12,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from raycv import storage
 from raycv.cli import main
 from raycv.data.synthetic import write_imagefolder
+from raycv.storage import Storage
 from raycv.training.step import GradientAccumulation, batches_of
 from tests._util import write_yaml
+
+STORE = Storage()  # s3:// through the environment's endpoint (conftest's S3 server)
 
 
 def _net() -> nn.Module:
@@ -133,6 +135,6 @@ def test_training_with_accumulation_learns(tmp_path, ray_local):
         },
     )
     assert main(["train", cfg]) == 0
-    card = json.loads(storage.read_bytes(str(tmp_path / "run" / "model.json")))
+    card = json.loads(STORE.read_bytes(str(tmp_path / "run" / "model.json")))
     assert card["config"]["train"]["grad_accum_steps"] == 2
     assert card["best_metrics"]["accuracy"] >= 0.9, card["best_metrics"]  # 0.97 when written

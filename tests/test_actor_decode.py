@@ -14,7 +14,6 @@ import torch
 import yaml
 from PIL import Image
 
-from raycv import storage
 from raycv.annotation.classifier import Classifier
 from raycv.annotation.decode import decode_batch, device_decodable
 from raycv.annotation.pipeline import _stages
@@ -26,8 +25,11 @@ from raycv.data.special_images import make_special_images
 from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from raycv.models import create_model, saved
 from raycv.outputs import schema as outputs
+from raycv.storage import Storage
 from raycv.training import run_directory
 from tests._util import write_yaml
+
+STORE = Storage()  # s3:// through the environment's endpoint (conftest's S3 server)
 
 SIZE = 64
 BAD = ["truncated.jpg", "empty.png", "text.png", "bomb.png"]
@@ -58,7 +60,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     paths = {}
     for name, payload in data.items():
         paths[name] = str(folder / name)
-        storage.write_bytes(paths[name], payload)
+        STORE.write_bytes(paths[name], payload)
     return paths
 
 
@@ -73,21 +75,21 @@ def _plan(uris: list[str]) -> dict[str, np.ndarray]:
 
 def test_only_plain_jpegs_go_to_the_device_decoder(files):
     def decodable(name: str) -> bool:
-        return device_decodable(storage.read_bytes(files[name]), 10**8) is not None
+        return device_decodable(STORE.read_bytes(files[name]), 10**8) is not None
 
     assert all(decodable(f"{kind}{i}.jpg") for kind in ("rgb", "gray", "progressive") for i in range(5))
     # EXIF rotation is applied by the CPU decoder only; CMYK needs Pillow's conversion; the rest aren't JPEG.
     # (truncated.jpg has a whole header: the device decoder fails on it, then the CPU decoder gives the error.)
     for name in ["exif_rotated.jpg", "cmyk.jpg", "shape0.png", "image.tif", "empty.png", "text.png"]:
         assert not decodable(name), name
-    assert device_decodable(storage.read_bytes(files["rgb2.jpg"]), 200 * 200 - 1) is None  # over max_pixels
+    assert device_decodable(STORE.read_bytes(files["rgb2.jpg"]), 200 * 200 - 1) is None  # over max_pixels
 
 
 def test_actor_decode_matches_the_read_tasks(files):
     names = sorted(files)
     uris = [files[n] for n in names]
-    cpu = read_decode_batch(_plan(uris), size_hw=(SIZE, SIZE), endpoint_url=None, max_pixels=10**8)
-    data = [storage.read_bytes(u) for u in uris]
+    cpu = read_decode_batch(_plan(uris), size_hw=(SIZE, SIZE), store=STORE, max_pixels=10**8)
+    data = [STORE.read_bytes(u) for u in uris]
     decoded = decode_batch(data, uris, (SIZE, SIZE), "cpu", max_pixels=10**8)
     assert len(decoded) == len(names)
     diffs = []
@@ -124,7 +126,7 @@ def test_actor_decode_matches_the_read_tasks(files):
 def test_a_batch_without_jpegs_decodes_on_the_cpu_path(files):
     names = ["shape0.png", "image.bmp", "empty.png"]
     decoded = decode_batch(
-        [storage.read_bytes(files[n]) for n in names], names, (SIZE, SIZE), "cpu", max_pixels=10**8
+        [STORE.read_bytes(files[n]) for n in names], names, (SIZE, SIZE), "cpu", max_pixels=10**8
     )
     assert [d.pixels is not None for d in decoded] == [True, True, False]
     assert decoded[0].pixels.shape == (3, SIZE, SIZE) and decoded[2].error[:2] == ("decode", "DecodeError")
@@ -144,7 +146,7 @@ def _run(path) -> str:
         "in_channels": 3,
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
     }
-    storage.write_json(str(path / "model.json"), card)
+    STORE.write_json(str(path / "model.json"), card)
     return str(path)
 
 
@@ -160,12 +162,12 @@ def test_annotate_with_decode_actor_gives_the_rows_of_decode_tasks(files, tmp_pa
     )
     assert main(["annotate", cfg]) == 0
     rows = {r["image_uri"]: r for r in pq.read_table(f"{out}/images").to_pylist()}
-    summary = json.loads(storage.read_bytes(f"{out}/_summary.json"))
+    summary = json.loads(STORE.read_bytes(f"{out}/_summary.json"))
     assert len(rows) == summary["total"] == len(uris) and summary["error"] == len(BAD)
 
     plan = _plan(uris)
-    expected = Classifier(run, None, "ref", 1, False, topk=3)(
-        read_decode_batch(plan, size_hw=(SIZE, SIZE), endpoint_url=None, max_pixels=178_956_970)
+    expected = Classifier(run, STORE, "ref", 1, False, topk=3)(
+        read_decode_batch(plan, size_hw=(SIZE, SIZE), store=STORE, max_pixels=178_956_970)
     ).to_pylist()
     score_diffs = []
     for want in expected:
@@ -176,8 +178,8 @@ def test_annotate_with_decode_actor_gives_the_rows_of_decode_tasks(files, tmp_pa
             score_diffs.append(abs(got["score"] - want["score"]))
     assert len(score_diffs) == len(uris) - len(BAD) and max(score_diffs) < 0.01
     # The read tasks shipped the files' bytes, not pixels.
-    config = build_config(AnnotateConfig, yaml.safe_load(storage.read_bytes(cfg)))
-    read, _, _, actor_kw = _stages(config, saved.read_card(run), "r")
+    config = build_config(AnnotateConfig, yaml.safe_load(STORE.read_bytes(cfg)))
+    read, _, _, actor_kw = _stages(config, saved.read_card(run, STORE), "r", STORE)
     assert read is read_bytes_batch and actor_kw["max_pixels"] == 178_956_970
 
 
@@ -192,8 +194,8 @@ def test_decode_must_be_tasks_or_actor(tmp_path, capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a CUDA GPU")
 def test_nvjpeg_decode_matches_the_cpu_decode(files):
-    names = [n for n in sorted(files) if device_decodable(storage.read_bytes(files[n]), 10**8)]
-    data = [storage.read_bytes(files[n]) for n in names]
+    names = [n for n in sorted(files) if device_decodable(STORE.read_bytes(files[n]), 10**8)]
+    data = [STORE.read_bytes(files[n]) for n in names]
     on_gpu = decode_batch(data, names, (SIZE, SIZE), "cuda", max_pixels=10**8)
     on_cpu = decode_batch(data, names, (SIZE, SIZE), "cpu", max_pixels=10**8)
     for g, c in zip(on_gpu, on_cpu, strict=True):

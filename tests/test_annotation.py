@@ -16,7 +16,6 @@ import pytest
 from nibabel.testing import data_path as NIBABEL_DATA
 from pydicom.data import get_testdata_file
 
-from raycv import storage
 from raycv.annotation import pipeline as annotation
 from raycv.annotation.plan import PLAN_SCHEMA, plan_inputs
 from raycv.annotation.read import read_bytes_batch, read_decode_batch
@@ -27,25 +26,30 @@ from raycv.data.images import decode_image, encode_png
 from raycv.data.synthetic import write_flat_archive
 from raycv.errors import ConfigError
 from raycv.outputs import schema as outputs
+from raycv.storage import Storage
 from tests._ray_cluster import write_run_dir
 from tests._util import write_yaml
+
+STORE = Storage()  # s3:// through the environment's endpoint (conftest's S3 server)
 
 
 @pytest.fixture
 def archive(tmp_path):
     for rel in ["a/1.png", "a/2.jpg", "b/3.png", "notes.txt"]:
-        storage.write_bytes(str(tmp_path / rel), encode_png(np.zeros((4, 6, 3), np.uint8)))
+        STORE.write_bytes(str(tmp_path / rel), encode_png(np.zeros((4, 6, 3), np.uint8)))
     return tmp_path
 
 
 def test_prefix_glob_and_list_inputs(archive):
-    by_prefix = [u for u, _ in plan_inputs(str(archive))]
+    by_prefix = [u for u, _ in plan_inputs(str(archive), STORE)]
     assert [u.split(str(archive))[1] for u in by_prefix] == ["/a/1.png", "/a/2.jpg", "/b/3.png"]
-    assert [u for u, _ in plan_inputs(str(archive / "*" / "*.png"))] == [
+    assert [u for u, _ in plan_inputs(str(archive / "*" / "*.png"), STORE)] == [
         str(archive / "a/1.png"),
         str(archive / "b/3.png"),
     ]
-    listed = plan_inputs([str(archive / "b/3.png"), str(archive / "a/1.png"), str(archive / "b/3.png")])
+    listed = plan_inputs(
+        [str(archive / "b/3.png"), str(archive / "a/1.png"), str(archive / "b/3.png")], STORE
+    )
     assert [u for u, _ in listed] == [
         str(archive / "b/3.png"),
         str(archive / "a/1.png"),
@@ -55,29 +59,29 @@ def test_prefix_glob_and_list_inputs(archive):
 
 def test_manifests_txt_csv_parquet(archive, tmp_path):
     uris = [str(archive / "a/1.png"), str(archive / "b/3.png")]
-    storage.write_bytes(str(tmp_path / "m.txt"), ("# comment\n" + "\n".join(uris) + "\n").encode())
-    storage.write_bytes(
+    STORE.write_bytes(str(tmp_path / "m.txt"), ("# comment\n" + "\n".join(uris) + "\n").encode())
+    STORE.write_bytes(
         str(tmp_path / "m.csv"), ("image_uri,other\n" + "\n".join(f"{u},1" for u in uris)).encode()
     )
     pq.write_table(pa.table({"image_uri": uris}), str(tmp_path / "m.parquet"))
     for name in ["m.txt", "m.csv", "m.parquet"]:
-        assert [u for u, _ in plan_inputs(str(tmp_path / name))] == uris
+        assert [u for u, _ in plan_inputs(str(tmp_path / name), STORE)] == uris
     pq.write_table(pa.table({"path": uris}), str(tmp_path / "bad.parquet"))
     with pytest.raises(ConfigError, match="needs an 'image_uri' column"):
-        plan_inputs(str(tmp_path / "bad.parquet"))
+        plan_inputs(str(tmp_path / "bad.parquet"), STORE)
     with pytest.raises(ConfigError, match="Nothing there"):
-        plan_inputs(str(tmp_path / "missing"))
+        plan_inputs(str(tmp_path / "missing"), STORE)
 
 
 def test_read_decode_turns_each_failure_into_its_own_error(archive):
     uris = [str(archive / "a/1.png"), str(archive / "missing.png"), str(archive / "notes.txt")]
     batch = {"image_uri": np.array(uris, dtype=object), "image_id": np.array(["x", "y", "z"], dtype=object)}
-    out = read_decode_batch(batch, size_hw=(8, 8), endpoint_url=None, max_pixels=10_000)
+    out = read_decode_batch(batch, size_hw=(8, 8), store=STORE, max_pixels=10_000)
     assert out["pixels"].shape == (3, 8, 8, 3) and out["pixels"].dtype == np.uint8
     assert out["width"].tolist() == [6, -1, 6] and out["height"].tolist() == [4, -1, 4]
     assert list(out["error_stage"]) == ["", "read", ""]
     assert out["error_type"][1] == "FileNotFoundError" and "missing.png" in out["error_message"][1]
-    small = read_decode_batch(batch, size_hw=(8, 8), endpoint_url=None, max_pixels=10)
+    small = read_decode_batch(batch, size_hw=(8, 8), store=STORE, max_pixels=10)
     assert small["error_stage"][0] == "decode" and "pixels" in small["error_message"][0]
 
 
@@ -90,10 +94,10 @@ def test_a_large_prefix_is_listed_into_arrow_chunks(tmp_path):
             (root / f"d{d:02d}" / f"{i:03d}.png").write_bytes(b"x")
     (root / "d00" / "notes.txt").write_bytes(b"x")
     tracemalloc.start()
-    plan = plan_inputs(str(root), chunk_rows=500)
+    plan = plan_inputs(str(root), STORE, chunk_rows=500)
     _, plan_peak = tracemalloc.get_traced_memory()
     tracemalloc.reset_peak()
-    listed = [(e.uri, e.fingerprint) for e in storage.iter_files(str(root), extensions=(".png",))]
+    listed = [(e.uri, e.fingerprint) for e in STORE.iter_files(str(root), extensions=(".png",))]
     ids = [outputs.image_id_of(u) for u, _ in listed]
     _, list_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -142,10 +146,10 @@ def test_medical_files_expand_into_one_row_per_frame(tmp_path, stage):
     files = _medical(tmp_path)
     uris = list(files.values())
     if stage == "decode":
-        out = read_decode_batch(_batch(uris), size_hw=(16, 16), endpoint_url=None, max_pixels=10**8)
+        out = read_decode_batch(_batch(uris), size_hw=(16, 16), store=STORE, max_pixels=10**8)
         assert out["pixels"].shape == (len(out["image_uri"]), 16, 16, 3)
     else:
-        out = read_bytes_batch(_batch(uris), endpoint_url=None, max_pixels=10**8)
+        out = read_bytes_batch(_batch(uris), store=STORE, max_pixels=10**8)
     n = sum(EXPECTED_FRAMES.values()) + 1
     assert all(len(v) == n for v in out.values()), {k: len(v) for k, v in out.items()}
     rows = [dict(zip(out, vals, strict=True)) for vals in zip(*out.values(), strict=True)]
@@ -174,7 +178,7 @@ def test_medical_files_expand_into_one_row_per_frame(tmp_path, stage):
         assert decode_image(bytes(by_uri[files["brain.nii"] + "#frame=0"]["data"])).shape == (41, 33, 3)
     else:
         assert (good["width"], good["height"]) == (10, 10)
-    small = read_decode_batch(_batch([files["ct.dcm"]]), size_hw=(8, 8), endpoint_url=None, max_pixels=100)
+    small = read_decode_batch(_batch([files["ct.dcm"]]), size_hw=(8, 8), store=STORE, max_pixels=100)
     assert small["error_stage"][0] == "decode" and "pixels" in small["error_message"][0]
 
 
@@ -203,7 +207,7 @@ def test_writes_stop_taking_blocks_once_too_many_images_failed(tmp_path, ray_loc
             yield ray.put(block(i, "ok" if i % 4 == 0 else "error")), 4, 1000
 
     staging = str(tmp_path / "staging")
-    tally = write_blocks(blocks(), staging, None, max_error_fraction=0.5, in_flight=2, rows_per_file=8)
+    tally = write_blocks(blocks(), staging, STORE, max_error_fraction=0.5, in_flight=2, rows_per_file=8)
     assert tally.exceeds(0.5) and len(taken) < 40
     assert len(tally.first_errors) == 3
     assert all(re.fullmatch(r"s3://b/\d+-\d\.png: decode DecodeError: bad", e) for e in tally.first_errors)
@@ -231,15 +235,15 @@ def test_blocks_are_grouped_into_files_by_rows_and_by_bytes(tmp_path, ray_local,
             for p in sorted(glob.glob(f"{staging}/*.parquet"))
         ]
 
-    tally = write_blocks(blocks(10, 1000), str(tmp_path / "a"), None, 1.0, in_flight=2, rows_per_file=10)
+    tally = write_blocks(blocks(10, 1000), str(tmp_path / "a"), STORE, 1.0, in_flight=2, rows_per_file=10)
     written = files(str(tmp_path / "a"))
     assert [len(f) for f in written] == [12, 12, 12, 4] and tally.ok == 40
     assert [u for f in written for u in f] == [f"u{i}-{j}" for i in range(10) for j in range(4)]
     # The first files are small and double (32, 64, ... rows) up to rows_per_file: errors are judged early.
-    write_blocks(blocks(40, 1000), str(tmp_path / "c"), None, 1.0, in_flight=2, rows_per_file=10_000)
+    write_blocks(blocks(40, 1000), str(tmp_path / "c"), STORE, 1.0, in_flight=2, rows_per_file=10_000)
     assert [len(f) for f in files(str(tmp_path / "c"))] == [32, 64, 64]
     monkeypatch.setattr(writing, "MAX_FILE_BYTES", 2500)  # two blocks of 1000 bytes fit, the third flushes
-    write_blocks(blocks(5, 1000), str(tmp_path / "b"), None, 1.0, in_flight=2, rows_per_file=10_000)
+    write_blocks(blocks(5, 1000), str(tmp_path / "b"), STORE, 1.0, in_flight=2, rows_per_file=10_000)
     assert [len(f) for f in files(str(tmp_path / "b"))] == [12, 8]
 
 

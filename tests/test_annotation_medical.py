@@ -14,11 +14,13 @@ import pytest
 from nibabel.testing import data_path as NIBABEL_DATA
 from pydicom.data import get_testdata_file
 
-from raycv import storage
 from raycv.cli import main
 from raycv.data.synthetic import write_flat_archive
+from raycv.storage import Storage
 from tests._ray_cluster import write_run_dir
 from tests._util import create_bucket, write_yaml
+
+STORE = Storage()  # s3:// through the environment's endpoint (conftest's S3 server)
 
 DICOM = {  # name in the archive -> (pydicom's bundled file, rows expected)
     "ct/rtdose.dcm": ("rtdose.dcm", 15),  # multi-frame dose grid
@@ -43,7 +45,7 @@ def run(tmp_path_factory, ray_local, s3_endpoint):
 
 def _put(name: str, path: str, archive: str = "s3://med/archive") -> str:
     with open(path, "rb") as f:
-        storage.write_bytes(f"{archive}/{name}", f.read())
+        STORE.write_bytes(f"{archive}/{name}", f.read())
     return f"{archive}/{name}"
 
 
@@ -57,12 +59,12 @@ def _annotate(run: dict, inp: str, out: str, **extra) -> int:
 
 
 def _rows(out: str) -> list[dict]:
-    fs, path = storage.pyarrow_filesystem(out)
+    fs, path = STORE.pyarrow_filesystem(out)
     return pq.read_table(f"{path}/images", filesystem=fs).to_pylist()
 
 
 def _summary(out: str) -> dict:
-    return json.loads(storage.read_bytes(f"{out}/_summary.json"))
+    return json.loads(STORE.read_bytes(f"{out}/_summary.json"))
 
 
 def test_frames_and_slices_become_rows_and_reruns_add_nothing(run):
@@ -73,7 +75,7 @@ def test_frames_and_slices_become_rows_and_reruns_add_nothing(run):
         expected[_put(name, os.path.join(NIBABEL_DATA, bundled))] = frames
     for name, (bundled, _) in BAD.items():
         expected[_put(name, str(get_testdata_file(bundled, download=False)))] = 1
-    storage.write_bytes("s3://med/archive/bad/corrupt.dcm", b"not a dicom file at all" * 40)
+    STORE.write_bytes("s3://med/archive/bad/corrupt.dcm", b"not a dicom file at all" * 40)
     expected["s3://med/archive/bad/corrupt.dcm"] = 1
     out = "s3://med/out/a"
     assert _annotate(run, "s3://med/archive/", out) == 0
@@ -126,7 +128,7 @@ def test_max_error_fraction_stops_commits_and_resumes(run, capsys):
     archive = "s3://med/mostly_bad"
     write_flat_archive(archive, n=6, size=32, seed=1)
     for i in range(60):
-        storage.write_bytes(f"{archive}/broken/{i:03d}.dcm", b"corrupt" * 50)
+        STORE.write_bytes(f"{archive}/broken/{i:03d}.dcm", b"corrupt" * 50)
     out = "s3://med/out/errors"
     assert _annotate(run, archive, out, max_error_fraction=0.5, batch_size=4) == 1
     err = capsys.readouterr().err

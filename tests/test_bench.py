@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from raycv.storage import Storage
+
+STORE = Storage()  # s3:// through the environment's endpoint (conftest's S3 server)
+
 TINY = ["--n", "12", "--src-size", "32", "--image-size", "32", "--arch", "test_classifier"]
 TINY += ["--batch-size", "4", "--format", "png"]
 
@@ -128,7 +132,7 @@ def test_fixed_cost_model_sleeps_per_image(tmp_path, registry_restored):
     )
     from raycv.models import saved
 
-    run = saved.load_run(str(tmp_path))
+    run = saved.load_run(str(tmp_path), STORE)
     t0 = time.perf_counter()
     logits = run.model(torch.zeros(5, 3, 8, 8))
     assert time.perf_counter() - t0 >= 0.1 and logits.shape == (5, 3)

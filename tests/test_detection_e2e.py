@@ -8,11 +8,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raycv import storage
 from raycv.cli import main
 from raycv.data.synthetic import write_detection_dataset
 from raycv.outputs import schema as outputs
+from raycv.storage import Storage
 from tests._util import create_bucket, write_yaml
+
+STORE = Storage()  # s3:// through the environment's endpoint (conftest's S3 server)
 
 
 def _train(tmp, bucket: str, task: str, arch: str, fmt: str, epochs: int, **train) -> str:
@@ -39,7 +41,7 @@ def _train(tmp, bucket: str, task: str, arch: str, fmt: str, epochs: int, **trai
 
 
 def _read(out: str, table: str) -> list[dict]:
-    fs, path = storage.pyarrow_filesystem(out)
+    fs, path = STORE.pyarrow_filesystem(out)
     return pq.read_table(f"{path}/{table}", filesystem=fs).to_pylist()
 
 
@@ -59,9 +61,9 @@ def yolo_run(det):
 
 def test_yolo_learns_detection_from_scratch(det, yolo_run):
     run = yolo_run
-    history = [json.loads(x) for x in storage.read_bytes(f"{run}/metrics.jsonl").decode().splitlines()]
+    history = [json.loads(x) for x in STORE.read_bytes(f"{run}/metrics.jsonl").decode().splitlines()]
     assert {"map", "map_50", "train_loss"} <= set(history[-1])
-    card = json.loads(storage.read_bytes(f"{run}/model.json"))
+    card = json.loads(STORE.read_bytes(f"{run}/model.json"))
     assert card["best_metrics"]["map_50"] >= 0.7, card["best_metrics"]
 
     out = f"{det['bucket']}/out/yolo"
@@ -83,10 +85,10 @@ def test_yolo_learns_detection_from_scratch(det, yolo_run):
     images = _read(out, "images")
     objects = _read(out, "objects")
     assert len(images) == 6 and all(r["status"] == "ok" for r in images)
-    fs, path = storage.pyarrow_filesystem(out)
+    fs, path = STORE.pyarrow_filesystem(out)
     assert pq.read_table(f"{path}/objects", filesystem=fs).schema.equals(outputs.objects_schema())
     assert objects and all(r["score"] >= 0.3 for r in objects)
-    truth = json.loads(storage.read_bytes(f"{det['bucket']}/archive/annotations.json"))
+    truth = json.loads(STORE.read_bytes(f"{det['bucket']}/archive/annotations.json"))
     by_file = {im["id"]: im["file_name"] for im in truth["images"]}
     found = 0
     for ann in truth["annotations"]:
@@ -107,7 +109,7 @@ def test_instance_segmentation_trains_and_writes_rle_masks(det):
     run = _train(
         det["tmp"], det["bucket"], "instance_segmentation", "test_instance_segmenter", "coco", epochs=2
     )
-    history = [json.loads(x) for x in storage.read_bytes(f"{run}/metrics.jsonl").decode().splitlines()]
+    history = [json.loads(x) for x in STORE.read_bytes(f"{run}/metrics.jsonl").decode().splitlines()]
     assert {"map", "map_50", "mask_map"} <= set(history[-1]) and len(history) == 2
     out = f"{det['bucket']}/out/mask"
     cfg = write_yaml(
@@ -173,7 +175,7 @@ def test_tiled_detection_reports_an_object_crossing_a_tile_border_once(det, yolo
 
     scenes = _crossing_scenes(4, size=160, edge=64)
     for k, scene in enumerate(scenes):
-        storage.write_bytes(f"{det['bucket']}/large/scene{k}.png", encode_png(scene.image))
+        STORE.write_bytes(f"{det['bucket']}/large/scene{k}.png", encode_png(scene.image))
     out = f"{det['bucket']}/out/tiled"
     cfg = write_yaml(
         det["tmp"],

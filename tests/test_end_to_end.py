@@ -11,11 +11,13 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from raycv import storage
 from raycv.cli import main
 from raycv.data.special_images import make_special_images
 from raycv.data.synthetic import write_flat_archive, write_imagefolder
+from raycv.storage import Storage
 from tests._util import create_bucket, write_yaml
+
+STORE = Storage()  # s3:// through the environment's endpoint (conftest's S3 server)
 
 BAD = {"truncated.jpg": "decode", "empty.png": "decode", "text.png": "decode", "bomb.png": "decode"}
 GOOD_SPECIAL = [
@@ -66,21 +68,21 @@ def _annotate(tmp, run: str, inp, out: str, **extra) -> dict:
         },
     )
     assert main(["annotate", cfg]) == 0
-    return json.loads(storage.read_bytes(f"{out}/_summary.json"))
+    return json.loads(STORE.read_bytes(f"{out}/_summary.json"))
 
 
 def _read(out: str) -> list[dict]:
-    fs, path = storage.pyarrow_filesystem(out)
+    fs, path = STORE.pyarrow_filesystem(out)
     return pq.read_table(f"{path}/images", filesystem=fs).to_pylist()
 
 
 def test_training_writes_the_run_directory_and_learns(trained):
-    lines = storage.read_bytes(f"{trained['run']}/metrics.jsonl").decode().splitlines()
+    lines = STORE.read_bytes(f"{trained['run']}/metrics.jsonl").decode().splitlines()
     history = [json.loads(x) for x in lines]
     assert [h["epoch"] for h in history] == list(range(1, 16))
     assert {"train_loss", "accuracy", "precision", "recall", "f1"} <= set(history[-1])
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    card = json.loads(storage.read_bytes(f"{trained['run']}/model.json"))
+    card = json.loads(STORE.read_bytes(f"{trained['run']}/model.json"))
     assert card["class_names"] == ["circle", "square", "triangle"] and card["num_classes"] == 3
     assert card["arch"] == "test_classifier" and card["task"] == "classification" and card["image_size"] == 32
     assert card["best_metrics"]["accuracy"] >= 0.9, card["best_metrics"]
@@ -98,8 +100,8 @@ def test_evaluate_prints_the_metrics_as_json(trained, capsys):
 def test_annotate_archive_one_row_per_file_with_errors_as_rows(trained):
     truth = write_flat_archive("s3://e2e/archive", n=60, size=48, seed=7)
     for name, data in make_special_images().items():
-        storage.write_bytes(f"s3://e2e/archive/special/{name}", data)
-    n_files = len(list(storage.iter_files("s3://e2e/archive")))
+        STORE.write_bytes(f"s3://e2e/archive/special/{name}", data)
+    n_files = len(list(STORE.iter_files("s3://e2e/archive")))
     summary = _annotate(trained["tmp"], trained["run"], "s3://e2e/archive/", "s3://e2e/out/a")
     rows = _read("s3://e2e/out/a")
     uris = [r["image_uri"] for r in rows]
@@ -142,8 +144,8 @@ def test_rerun_never_duplicates_and_incremental_skips(trained):
 
 
 def test_manifest_input(trained, tmp_path):
-    uris = [e.uri for e in storage.iter_files("s3://e2e/small")][:5]
-    storage.write_bytes("s3://e2e/manifests/five.txt", ("\n".join(uris) + "\n").encode())
+    uris = [e.uri for e in STORE.iter_files("s3://e2e/small")][:5]
+    STORE.write_bytes("s3://e2e/manifests/five.txt", ("\n".join(uris) + "\n").encode())
     summary = _annotate(trained["tmp"], trained["run"], "s3://e2e/manifests/five.txt", "s3://e2e/out/c")
     assert summary["total"] == 5 and summary["ok"] == 5
     assert sorted(r["image_uri"] for r in _read("s3://e2e/out/c")) == sorted(uris)

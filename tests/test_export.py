@@ -9,7 +9,6 @@ import os
 import numpy as np
 import pytest
 
-from raycv import storage
 from raycv.cli import main
 from raycv.data.geotiff import raster_info
 from raycv.data.images import decode_png_mask, encode_png
@@ -19,9 +18,12 @@ from raycv.models import create_model
 from raycv.outputs import schema as outputs
 from raycv.outputs.export import export_output
 from raycv.outputs.read import parse_where
+from raycv.storage import Storage
 from raycv.tasks.segmentation import class_pixels
 from raycv.training import run_directory
 from tests._outputs import common, detection_output, write_images
+
+STORE = Storage()  # s3:// through the environment's endpoint (conftest's S3 server)
 
 SEG_NAMES = ["background", *CLASSES]
 
@@ -55,7 +57,9 @@ def test_coco_loads_in_pycocotools_and_round_trips_boxes_and_masks(det, tmp_path
 
 def test_where_on_object_columns_selects_objects(det, tmp_path):
     path = str(tmp_path / "coco.json")
-    s = export_output(det["out"], "coco", path, where=parse_where("score >= 0.5 and label_name != 'square'"))
+    s = export_output(
+        det["out"], "coco", path, STORE, where=parse_where("score >= 0.5 and label_name != 'square'")
+    )
     anns = json.load(open(path))["annotations"]
     wanted = [o for o in det["objects"] if o["score"] >= 0.5 and o["label_name"] != "square"]
     assert s.items == len(anns) == len(wanted) > 0
@@ -118,9 +122,9 @@ def geo(tmp_path_factory):
         "image_size": 32,
         "in_channels": 3,
     }
-    storage.write_json(str(run / "model.json"), card)
+    STORE.write_json(str(run / "model.json"), card)
     out = str(tmp / "out")
-    seg = Segmenter(str(run), None, "r1", 1, False, output=out, geo={"bands": [1, 2, 3]})
+    seg = Segmenter(str(run), STORE, "r1", 1, False, output=out, geo={"bands": [1, 2, 3]})
     blank = np.array([""], dtype=object)
     batch = {
         "image_id": np.array([outputs.image_id_of(scene)], dtype=object),
@@ -152,7 +156,7 @@ def test_geojson_polygons_lie_in_the_scene_and_cover_its_labels(geo, tmp_path):
     assert main(["export", geo["out"], "--format", "geojson", "--out", path]) == 0
     doc = json.load(open(path))
     assert doc["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32633"
-    info = raster_info(geo["scene"])
+    info = raster_info(geo["scene"], STORE)
     x0, px, _, y0, _, py = info.transform
     xmin, xmax, ymin, ymax = x0, x0 + px * info.width, y0 + py * info.height, y0
     area: dict[int, float] = {}
@@ -172,7 +176,7 @@ def test_geojson_polygons_lie_in_the_scene_and_cover_its_labels(geo, tmp_path):
 
 def test_geojson_reprojects_to_lon_lat(geo, tmp_path):
     path = str(tmp_path / "wgs84.geojson")
-    s = export_output(geo["out"], "geojson", path, crs="EPSG:4326")
+    s = export_output(geo["out"], "geojson", path, STORE, crs="EPSG:4326")
     doc = json.load(open(path))
     assert "crs" not in doc and s.images == 1 and s.skipped == 1
     pts = np.array([p for f in doc["features"] for ring in f["geometry"]["coordinates"] for p in ring])
@@ -184,7 +188,7 @@ def test_semantic_segmentation_to_coco_rle_per_class(geo, tmp_path):
     from pycocotools.coco import COCO
 
     path = str(tmp_path / "seg.json")
-    export_output(geo["out"], "coco", path, where=parse_where("crs is not null"))
+    export_output(geo["out"], "coco", path, STORE, where=parse_where("crs is not null"))
     coco = COCO(path)
     (img,) = coco.loadImgs(coco.getImgIds())
     for ann in coco.loadAnns(coco.getAnnIds(imgIds=img["id"])):

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from raycv import storage
 from raycv.annotation.classifier import Classifier
 from raycv.cli import main
 from raycv.data.images import encode_png
@@ -18,9 +17,12 @@ from raycv.data.synthetic_scenes import CLASSES, render_scene
 from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from raycv.models import create_model
 from raycv.models.gradcam import decode_heatmap, find_target_layer, gradcam
+from raycv.storage import Storage
 from raycv.training import run_directory
 from tests._outputs import write_images
 from tests._util import write_yaml
+
+STORE = Storage()  # s3:// through the environment's endpoint (conftest's S3 server)
 
 SIZE = 32
 
@@ -65,7 +67,7 @@ def trained(tmp_path_factory):
         "in_channels": 3,
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
     }
-    storage.write_json(str(run / "model.json"), card)
+    STORE.write_json(str(run / "model.json"), card)
     yield {"model": model, "run": str(run)}
     torch.set_num_threads(previous)
 
@@ -121,8 +123,8 @@ def test_classifier_writes_gradcam_png_and_render_overlays_it(trained, tmp_path)
         (tmp_path / f"{i}.png").write_bytes(encode_png(s.image))
         uris.append(str(tmp_path / f"{i}.png"))
     batch = _batch(scenes, uris, error_at=5)
-    plain = Classifier(trained["run"], None, "r1", 1, False, topk=2)(batch)
-    explained = Classifier(trained["run"], None, "r1", 1, False, topk=2, explain="gradcam")(batch)
+    plain = Classifier(trained["run"], STORE, "r1", 1, False, topk=2)(batch)
+    explained = Classifier(trained["run"], STORE, "r1", 1, False, topk=2, explain="gradcam")(batch)
     assert "gradcam_png" not in plain.column_names
     assert explained.column("label").to_pylist() == plain.column("label").to_pylist()
     pngs = explained.column("gradcam_png").to_pylist()

@@ -5,9 +5,11 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raycv import storage
 from raycv.annotation import commit as outputs_commit
 from raycv.outputs import schema as outputs
+from raycv.storage import Storage
+
+STORE = Storage()  # s3:// through the environment's endpoint (conftest's S3 server)
 
 
 def _rows(
@@ -58,7 +60,7 @@ def test_staged_rows_are_invisible_until_committed(tmp_path):
     _stage(out, "r1", ["a", "b"])
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     assert pq.read_table(os.path.join(out, "images")).num_rows == 0
-    files = outputs_commit.commit(out, "r1", {}, None)
+    files = outputs_commit.commit(out, "r1", {}, STORE)
     table = pq.read_table(os.path.join(out, "images"))
     assert sorted(table.column("image_uri").to_pylist()) == ["a", "b"] and len(files) == 1
     assert not os.path.exists(outputs_commit.staging_dir(out, "r1"))
@@ -67,40 +69,40 @@ def test_staged_rows_are_invisible_until_committed(tmp_path):
 def test_rerun_supersedes_old_rows_so_each_image_has_one(tmp_path):
     out = str(tmp_path / "out")
     _stage(out, "r1", ["a", "b", "c"])
-    outputs_commit.commit(out, "r1", {}, None)
-    index = outputs.read_index(out)
+    outputs_commit.commit(out, "r1", {}, STORE)
+    index = outputs.read_index(out, STORE)
     assert sorted(index.table["source_uri"].to_pylist()) == ["a", "b", "c"]
     _stage(out, "r2", ["b", "d"])
-    supersede = index.superseded(outputs_commit.staged_sources(out, "r2"))
+    supersede = index.superseded(outputs_commit.staged_sources(out, "r2", STORE))
     assert list(supersede.values()) == [[outputs.image_id_of("b")]]
-    outputs_commit.commit(out, "r2", supersede, None)
+    outputs_commit.commit(out, "r2", supersede, STORE)
     table = pq.read_table(os.path.join(out, "images"))
     runs = dict(zip(table.column("image_uri").to_pylist(), table.column("run_id").to_pylist(), strict=True))
     assert runs == {"a": "r1", "b": "r2", "c": "r1", "d": "r2"}
-    assert outputs.count_status(outputs.committed_files(out)) == {"ok": 4}
+    assert outputs.count_status(outputs.committed_files(out, STORE), STORE) == {"ok": 4}
 
 
 def test_a_half_done_commit_is_finished_by_recover(tmp_path):
     out = str(tmp_path / "out")
     _stage(out, "r1", ["a", "b"])
-    outputs_commit.commit(out, "r1", {}, None)
-    old = outputs.committed_files(out)[0]
+    outputs_commit.commit(out, "r1", {}, STORE)
+    old = outputs.committed_files(out, STORE)[0]
     _stage(out, "r2", ["a"])
     # the journal of a commit that crashed right after being written
-    staged = next(storage.iter_files(outputs_commit.staging_dir(out, "r2"))).uri
+    staged = next(STORE.iter_files(outputs_commit.staging_dir(out, "r2"))).uri
     journal = {
         "run_id": "r2",
         "moves": [[staged, os.path.join(out, "images", "r2-00000.parquet")]],
         "supersede": {old: [outputs.image_id_of("a")]},
     }
-    storage.write_bytes(os.path.join(out, "_journal", "r2.json"), json.dumps(journal).encode())
-    assert outputs_commit.recover(out) == ["r2"]
+    STORE.write_bytes(os.path.join(out, "_journal", "r2.json"), json.dumps(journal).encode())
+    assert outputs_commit.recover(out, STORE) == ["r2"]
     table = pq.read_table(os.path.join(out, "images"))
     assert sorted(zip(table.column("image_uri").to_pylist(), table.column("run_id").to_pylist())) == [
         ("a", "r2"),
         ("b", "r1"),
     ]
-    assert outputs_commit.recover(out) == []
+    assert outputs_commit.recover(out, STORE) == []
 
 
 def test_frames_are_superseded_by_their_source_file_and_current_only_when_complete(tmp_path):
@@ -109,8 +111,8 @@ def test_frames_are_superseded_by_their_source_file_and_current_only_when_comple
     frames = [outputs.frame_uri(vol, k) for k in range(3)]
     assert frames[1] == "s3://b/ct.dcm#frame=1"
     _stage(out, "r1", [*frames, "s3://b/x#frame=7.png"], frames=[0, 1, 2, None], count=3)
-    outputs_commit.commit(out, "r1", {}, None)
-    index = outputs.read_index(out)
+    outputs_commit.commit(out, "r1", {}, STORE)
+    index = outputs.read_index(out, STORE)
     assert sorted(set(index.table["source_uri"].to_pylist())) == [vol, "s3://b/x#frame=7.png"]
     current = index.current("m")
     keys = outputs.plan_keys(pa.array([vol, "s3://b/x#frame=7.png"]), pa.array(["e", "e"]))
@@ -120,12 +122,12 @@ def test_frames_are_superseded_by_their_source_file_and_current_only_when_comple
     # a stopped run left 2 of 3 frames: not current; a re-run's single error row replaces all frames
     partial = str(tmp_path / "partial")
     _stage(partial, "r1", frames[:2], frames=[0, 1], count=3)
-    outputs_commit.commit(partial, "r1", {}, None)
-    assert outputs.read_index(partial).current("m").num_rows == 0
+    outputs_commit.commit(partial, "r1", {}, STORE)
+    assert outputs.read_index(partial, STORE).current("m").num_rows == 0
     _stage(out, "r2", [vol], status="error")
-    supersede = outputs.read_index(out).superseded(outputs_commit.staged_sources(out, "r2"))
+    supersede = outputs.read_index(out, STORE).superseded(outputs_commit.staged_sources(out, "r2", STORE))
     assert sorted(next(iter(supersede.values()))) == sorted(outputs.image_id_of(u) for u in frames)
-    outputs_commit.commit(out, "r2", supersede, None)
+    outputs_commit.commit(out, "r2", supersede, STORE)
     table = pq.read_table(os.path.join(out, "images"))
     assert sorted(table["image_uri"].to_pylist()) == [vol, "s3://b/x#frame=7.png"]
 
@@ -135,6 +137,6 @@ def test_index_reads_files_written_before_the_frame_columns(tmp_path):
     os.makedirs(os.path.join(out, "images"))
     old = _rows("r0", ["a", "b"]).drop_columns(["frame", "frame_count"])
     pq.write_table(old, os.path.join(out, "images", "r0-00000.parquet"))
-    index = outputs.read_index(out)
+    index = outputs.read_index(out, STORE)
     assert index.table["source_uri"].to_pylist() == ["a", "b"] and index.table["frame"].null_count == 2
     assert index.current("m").num_rows == 2

@@ -21,8 +21,11 @@ from raycv.cli import main
 from raycv.data.images import encode_png
 from raycv.models import create_model, saved
 from raycv.outputs import schema as outputs
+from raycv.storage import Storage
 from raycv.training import run_directory
 from tests._util import write_yaml
+
+STORE = Storage()  # s3:// through the environment's endpoint (conftest's S3 server)
 
 N_IMAGES = 240
 
@@ -39,7 +42,7 @@ def _make_run(run_dir: str, arch: str = "resnet18", size: int = 64) -> None:
         "image_size": size,
         "in_channels": 3,
     }
-    storage.write_json(storage.join(run_dir, saved.MODEL_CARD), card)
+    STORE.write_json(storage.join(run_dir, saved.MODEL_CARD), card)
 
 
 def _write_archive(root: str, n: int, size: int = 96) -> list[str]:
@@ -47,13 +50,13 @@ def _write_archive(root: str, n: int, size: int = 96) -> list[str]:
     uris = []
     for i in range(n):
         uri = storage.join(root, f"{i // 100:02d}", f"img{i:05d}.png")
-        storage.write_bytes(uri, encode_png(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)))
+        STORE.write_bytes(uri, encode_png(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)))
         uris.append(uri)
     return uris
 
 
 def _rows(out: str) -> list[dict]:
-    fs, path = storage.pyarrow_filesystem(out)
+    fs, path = STORE.pyarrow_filesystem(out)
     if fs.get_file_info(f"{path}/images").type.name != "Directory":
         return []
     return pq.read_table(f"{path}/images", filesystem=fs).to_pylist()
@@ -119,7 +122,7 @@ def test_a_sigkilled_annotate_process_loses_and_duplicates_nothing_on_rerun(arch
     # and a third run finds everything current: nothing re-done, nothing added
     assert main(["annotate", cfg]) == 0
     assert len(_rows(archive["out"])) == N_IMAGES
-    summary = json.loads(storage.read_bytes(storage.join(archive["out"], outputs.SUMMARY)))
+    summary = json.loads(STORE.read_bytes(storage.join(archive["out"], outputs.SUMMARY)))
     assert summary["skipped"] == N_IMAGES and summary["total"] == N_IMAGES
 
 
@@ -172,7 +175,7 @@ def test_no_credential_appears_in_outputs_logs_or_summary(tmp_path, bucket, ray_
     run = f"{bucket}/run"
     _make_run(run, arch="test_classifier", size=32)
     uris = _write_archive(f"{bucket}/archive", 12, size=40)
-    storage.write_bytes(f"{bucket}/archive/broken.png", b"\x89PNG not really")
+    STORE.write_bytes(f"{bucket}/archive/broken.png", b"\x89PNG not really")
     cfg = write_yaml(
         tmp_path,
         "annotate.yaml",
@@ -189,7 +192,7 @@ def test_no_credential_appears_in_outputs_logs_or_summary(tmp_path, bucket, ray_
     assert len(rows) == len(uris) + 1 and sum(r["status"] == "error" for r in rows) == 1
 
     corpus: dict[str, bytes] = {}
-    fs, root = storage.get_filesystem(f"{bucket}/")
+    fs, root = STORE.filesystem(f"{bucket}/")
     for key in fs.find(root):  # every object in the bucket: outputs, _summary.json, journal, model card
         corpus[f"s3://{key}"] = fs.cat_file(key)
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())

@@ -4,10 +4,12 @@ import json
 import pytest
 import torch
 
-from raycv import storage
 from raycv.errors import ConfigError
 from raycv.models import create_model, saved
+from raycv.storage import Storage
 from raycv.training import run_directory
+
+STORE = Storage()  # s3:// through the environment's endpoint (conftest's S3 server)
 
 
 class NotWeights:
@@ -25,14 +27,14 @@ def _run_dir(tmp_path, arch="test_classifier"):
         "image_size": 32,
         "in_channels": 3,
     }
-    storage.write_json(str(tmp_path / "model.json"), card)
+    STORE.write_json(str(tmp_path / "model.json"), card)
     return model, mid
 
 
 def test_saved_run_loads_back_identically(tmp_path):
     model, mid = _run_dir(tmp_path)
-    loaded = saved.load_run(str(tmp_path))
-    assert loaded.model_id == mid == saved.model_id_of(storage.read_bytes(str(tmp_path / "model.pt")))
+    loaded = saved.load_run(str(tmp_path), STORE)
+    assert loaded.model_id == mid == saved.model_id_of(STORE.read_bytes(str(tmp_path / "model.pt")))
     assert loaded.class_names == ["a", "b", "c"] and loaded.size_hw == (32, 32)
     x = torch.rand(2, 3, 32, 32)
     model.eval()
@@ -57,7 +59,7 @@ def test_state_dict_forms_and_refusal_of_pickled_code(tmp_path):
 
 def test_a_folder_without_a_card_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"model: got .* No model.json there"):
-        saved.read_card(str(tmp_path))
+        saved.read_card(str(tmp_path), STORE)
 
 
 def test_metrics_file_is_rewritten_whole(tmp_path):

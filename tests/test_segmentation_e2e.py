@@ -14,13 +14,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raycv import storage
 from raycv.cli import main
 from raycv.data.images import decode_png_mask
 from raycv.data.synthetic import write_masks_dataset
 from raycv.data.synthetic_geo import make_test_geotiff
 from raycv.outputs import schema as outputs
+from raycv.storage import Storage
 from tests._util import create_bucket, write_yaml
+
+STORE = Storage()  # s3:// through the environment's endpoint (conftest's S3 server)
 
 SHAPES = ("circle", "square")
 
@@ -57,13 +59,13 @@ def seg_run(tmp_path_factory, ray_local, s3_endpoint):
 
 def test_unet_learns_and_reports_segmentation_metrics(seg_run):
     history = [
-        json.loads(x) for x in storage.read_bytes(f"{seg_run['run']}/metrics.jsonl").decode().splitlines()
+        json.loads(x) for x in STORE.read_bytes(f"{seg_run['run']}/metrics.jsonl").decode().splitlines()
     ]
     assert len(history) == 20
     last = history[-1]
     assert {"miou", "dice", "pixel_accuracy", "iou_per_class"} <= set(last)
     assert len(last["iou_per_class"]) == 3
-    card = json.loads(storage.read_bytes(f"{seg_run['run']}/model.json"))
+    card = json.loads(STORE.read_bytes(f"{seg_run['run']}/model.json"))
     assert card["task"] == "semantic_segmentation" and card["class_names"] == seg_run["names"]
     assert card["best_metrics"]["miou"] >= 0.8, card["best_metrics"]
 
@@ -80,8 +82,8 @@ def test_annotate_masks_at_original_resolution_and_a_tiled_geotiff(seg_run, tmp_
     )  # not the training size
     scene = tmp_path / "scene.tif"
     make_test_geotiff(str(scene), width=700, height=500, count=4, dtype="uint16", crs="EPSG:32633")
-    storage.write_bytes("s3://seg/archive/images/scene.tif", scene.read_bytes())
-    storage.write_bytes("s3://seg/archive/images/broken.png", b"not an image")
+    STORE.write_bytes("s3://seg/archive/images/scene.tif", scene.read_bytes())
+    STORE.write_bytes("s3://seg/archive/images/broken.png", b"not an image")
     out = "s3://seg/out/a"
     cfg = write_yaml(
         seg_run["tmp"],
@@ -98,7 +100,7 @@ def test_annotate_masks_at_original_resolution_and_a_tiled_geotiff(seg_run, tmp_
         },
     )
     assert main(["annotate", cfg]) == 0
-    fs, path = storage.pyarrow_filesystem(out)
+    fs, path = STORE.pyarrow_filesystem(out)
     rows = {
         os.path.basename(r["image_uri"]): r
         for r in pq.read_table(f"{path}/images", filesystem=fs).to_pylist()
@@ -110,7 +112,7 @@ def test_annotate_masks_at_original_resolution_and_a_tiled_geotiff(seg_run, tmp_
         r = rows[f"{i:05d}.png"]
         assert r["status"] == "ok" and (r["height"], r["width"]) == (40, 56)
         pred = decode_png_mask(r["mask_png"])
-        truth = decode_png_mask(storage.read_bytes(f"s3://seg/archive/masks/{i:05d}.png"))
+        truth = decode_png_mask(STORE.read_bytes(f"s3://seg/archive/masks/{i:05d}.png"))
         assert pred.shape == truth.shape == (40, 56)
         assert sum(c["pixels"] for c in r["class_pixels"]) == 40 * 56
         fg_p, fg_t = pred > 0, truth > 0
@@ -124,7 +126,7 @@ def test_annotate_masks_at_original_resolution_and_a_tiled_geotiff(seg_run, tmp_
 
     import rasterio
 
-    cog = storage.read_bytes(f"{out}/rasters/{outputs.image_id_of('s3://seg/archive/images/scene.tif')}.tif")
+    cog = STORE.read_bytes(f"{out}/rasters/{outputs.image_id_of('s3://seg/archive/images/scene.tif')}.tif")
     with rasterio.open(io.BytesIO(cog)) as ds:
         assert (ds.width, ds.height, ds.count) == (700, 500, 1) and ds.crs.to_string() == "EPSG:32633"
         assert np.array_equal(ds.read(1), decode_png_mask(geo["mask_png"]))

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from raycv import storage
 from raycv.cli import main
 from raycv.config import TrainConfig
 from raycv.data import draw as viz
@@ -18,9 +17,12 @@ from raycv.data.images import encode_png
 from raycv.data.synthetic_scenes import CLASSES, render_scene
 from raycv.errors import ConfigError
 from raycv.outputs.read import filter_table, parse_where
+from raycv.storage import Storage
 from raycv.tasks.segmentation import class_pixels
 from raycv.training import run_directory
 from tests._outputs import common, detection_output, write_images
+
+STORE = Storage()  # s3:// through the environment's endpoint (conftest's S3 server)
 
 SEG_NAMES = ["background", *CLASSES]
 
@@ -280,7 +282,7 @@ def test_report_prints_the_card_and_best_metrics_and_refreshes_curves(tmp_path, 
         "best_epoch": 4,
         "best_metrics": {"accuracy": 0.9375, "f1": 0.91},
     }
-    storage.write_json(str(run / "model.json"), card)
+    STORE.write_json(str(run / "model.json"), card)
     run_directory.write_metrics(str(run), _history(4))
     assert main(["report", str(run)]) == 0
     text = capsys.readouterr().out

@@ -141,10 +141,11 @@ def _bare_worker(
 
     from raycv.annotation.actor import to_channels_last
     from raycv.models import saved
+    from raycv.storage import Storage
 
     set_niceness(niceness)
     torch.set_num_threads(max(1, threads))
-    run = saved.load_run(run_dir, device=device)
+    run = saved.load_run(run_dir, Storage(), device=device)
     model: Any = to_channels_last(run.model) if speed.get("channels_last") else run.model
     model = torch.compile(model) if speed.get("compile") else model
     norm = run.card.get("normalization", {})

@@ -11,9 +11,12 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from raycv.storage import Storage
 
 # ------------------------------------------------------------------------------------------------ work folder
 
@@ -33,7 +36,7 @@ def workdir(path: str | None) -> Iterator[str]:
 
 
 def make_archive(
-    root: str, *, n: int, size: int, fmt: str = "jpg", seed: int = 0, endpoint_url: str | None = None
+    root: str, *, n: int, size: int, fmt: str = "jpg", seed: int = 0, store: Storage | None = None
 ) -> list[str]:
     """``n`` generated shape images (``size`` px square) under ``root``; returns their URIs in order.
 
@@ -43,6 +46,9 @@ def make_archive(
 
     from raycv import storage
     from raycv.data import synthetic_scenes
+    from raycv.storage import Storage
+
+    store = store or Storage()
 
     def one(i: int) -> str:
         uri = storage.join(root, f"{i:06d}.{fmt}")
@@ -55,7 +61,7 @@ def make_archive(
 
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="JPEG" if fmt == "jpg" else "PNG", quality=90)
-        storage.write_bytes(uri, buf.getvalue(), endpoint_url)
+        store.write_bytes(uri, buf.getvalue())
         return uri
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -65,9 +71,10 @@ def make_archive(
 def inputs(args: argparse.Namespace, wd: str) -> tuple[list[str], str]:
     """(the image URIs, the source the pipeline plans from): ``--input``, else a generated archive."""
     from raycv.annotation.pipeline import plan_inputs
+    from raycv.storage import Storage
 
     if args.input:
-        return [u for u, _ in plan_inputs(args.input, args.endpoint_url)], args.input
+        return [u for u, _ in plan_inputs(args.input, Storage(endpoint_url=args.endpoint_url))], args.input
     root = os.path.join(wd, f"archive-{args.n}x{args.src_size}.{args.format}")
     return make_archive(root, n=args.n, size=args.src_size, fmt=args.format), root
 
@@ -80,7 +87,7 @@ def make_run(
     num_classes: int = 3,
     seed: int = 0,
     options: dict[str, Any] | None = None,
-    endpoint_url: str | None = None,
+    store: Storage | None = None,
 ) -> str:
     """A raycv run directory (``model.json`` + ``model.pt``) holding ``arch`` with random weights.
 
@@ -92,13 +99,15 @@ def make_run(
     from raycv import storage
     from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from raycv.models import create_model, get_model_info, saved
+    from raycv.storage import Storage
     from raycv.training import run_directory
 
+    store = store or Storage()
     task = get_model_info(arch).task
     torch.manual_seed(seed)
     model = create_model(arch, num_classes=num_classes, image_size=image_size, **(options or {}))
     model_id = run_directory.save_weights(
-        storage.join(run_dir, saved.WEIGHTS), model.state_dict(), endpoint_url
+        storage.join(run_dir, saved.WEIGHTS), model.state_dict(), store.endpoint_url
     )
     detection = task in ("detection", "instance_segmentation")
     names = [f"class_{i}" for i in range(num_classes)]
@@ -115,7 +124,7 @@ def make_run(
         else {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "note": "random weights written by jobs/bench (a benchmark model, not a trained one)",
     }
-    storage.write_json(storage.join(run_dir, saved.MODEL_CARD), card, endpoint_url)
+    store.write_json(storage.join(run_dir, saved.MODEL_CARD), card)
     return model_id
 
 
@@ -154,10 +163,11 @@ def register_bench_models() -> None:
         return FixedCost(num_classes, seconds_per_image)
 
 
-def decoded_pixels(uris: Sequence[str], size: int, endpoint_url: str | None = None) -> np.ndarray:
+def decoded_pixels(uris: Sequence[str], size: int, store: Storage | None = None) -> np.ndarray:
     """[N, size, size, 3] uint8: exactly what the annotation pipeline's read stage hands the model actors."""
     from raycv.annotation.pipeline import read_decode_batch
     from raycv.outputs import schema as outputs
+    from raycv.storage import Storage
 
     out = []
     for i in range(0, len(uris), 64):
@@ -167,6 +177,6 @@ def decoded_pixels(uris: Sequence[str], size: int, endpoint_url: str | None = No
             "image_uri": np.array(chunk, dtype=object),
             "source_etag": np.array([""] * len(chunk), dtype=object),
         }
-        batch = read_decode_batch(plan, size_hw=(size, size), endpoint_url=endpoint_url, max_pixels=1 << 30)
+        batch = read_decode_batch(plan, size_hw=(size, size), store=store or Storage(), max_pixels=1 << 30)
         out.append(batch["pixels"])
     return np.concatenate(out)

@@ -7,9 +7,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from raycv.storage import Storage
 
 # ------------------------------------------------------------------------------------------------ Ray
 
@@ -59,6 +62,7 @@ def annotate(
 
     from raycv.annotation.pipeline import run_annotation
     from raycv.config import AnnotateConfig
+    from raycv.storage import Storage
 
     cfg = AnnotateConfig(
         model=run_dir,
@@ -73,44 +77,47 @@ def annotate(
         **(speed or {}),
     )
     summary = asdict(run_annotation(cfg, address))
-    summary["steady_images_per_s"] = steady_rate(output, endpoint_url)
-    summary["mid_run_images_per_s"] = mid_run_rate(output, endpoint_url)
+    store = Storage(endpoint_url=endpoint_url)
+    summary["steady_images_per_s"] = steady_rate(output, store)
+    summary["mid_run_images_per_s"] = mid_run_rate(output, store)
     return summary
 
 
-def _batch_stamps(output: str, endpoint_url: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _batch_stamps(output: str, store: Storage) -> tuple[np.ndarray, np.ndarray]:
     """(distinct ``annotated_at`` in seconds, rows finished at each), in time order."""
     import pyarrow.parquet as pq
 
     from raycv import storage
 
-    fs, path = storage.pyarrow_filesystem(storage.join(output, "images"), endpoint_url)
+    fs, path = store.pyarrow_filesystem(storage.join(output, "images"))
     ts = pq.read_table(path, filesystem=fs, columns=["annotated_at"]).column("annotated_at")
     stamps, counts = np.unique(ts.cast("int64").to_numpy(), return_counts=True)
     return stamps / 1e6, counts
 
 
-def steady_rate(output: str, endpoint_url: str | None = None) -> float | None:
+def steady_rate(output: str, store: Storage | None = None) -> float | None:
     """img/s between the first and the last batch the actors finished, from the rows' ``annotated_at``.
 
     This leaves out the fixed costs of a run (planning, actor start-up and model load, the commit),
     which the summary's ``images_per_s`` includes; None when fewer than three batches were written.
     """
-    stamps, counts = _batch_stamps(output, endpoint_url)
+    from raycv.storage import Storage
+
+    stamps, counts = _batch_stamps(output, store or Storage())
     if len(stamps) < 3 or stamps[-1] == stamps[0]:
         return None
     return float((counts.sum() - counts[0]) / (stamps[-1] - stamps[0]))
 
 
-def mid_run_rate(
-    output: str, endpoint_url: str | None = None, lo: float = 0.2, hi: float = 0.9
-) -> float | None:
+def mid_run_rate(output: str, store: Storage | None = None, lo: float = 0.2, hi: float = 0.9) -> float | None:
     """img/s between the batches that completed ``lo`` and ``hi`` of the rows.
 
     Unlike :func:`steady_rate` this also leaves out replicas that start late (a second node's actors
     import torch while the first node's already work) and the tail where fewer replicas have work left.
     """
-    stamps, counts = _batch_stamps(output, endpoint_url)
+    from raycv.storage import Storage
+
+    stamps, counts = _batch_stamps(output, store or Storage())
     done = np.cumsum(counts)
     a, b = np.searchsorted(done, lo * done[-1]), np.searchsorted(done, hi * done[-1])
     if b <= a or stamps[b] == stamps[a]:

@@ -51,18 +51,20 @@ def parse_args(argv: list[str] | None = None) -> C.argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     from raycv.models import saved
+    from raycv.storage import Storage
 
     args = parse_args(argv)
     gpus = args.gpus_per_actor if args.gpus_per_actor is not None else (1.0 if args.device == "cuda" else 0.0)
     threads = max(1, int(args.cpus_per_actor))  # what the actors give torch (raycv.annotation)
     ep = args.endpoint_url
+    store = Storage(endpoint_url=ep)
     with C.workdir(args.workdir) as wd:
         uris, source = C.inputs(args, wd)
         run_dir = args.model or os.path.join(wd, "run")
         if not args.model:
             C.make_run(run_dir, arch=args.arch, image_size=args.image_size)
-        size = saved.read_card(run_dir, ep)["image_size"]
-        pixels = C.decoded_pixels(uris, int(size), ep)
+        size = saved.read_card(run_dir, store)["image_size"]
+        pixels = C.decoded_pixels(uris, int(size), store)
         speed = {"precision": args.precision, "channels_last": args.channels_last, "compile": args.compile}
         bare_kw = {
             "batch_size": args.batch_size,

@@ -74,13 +74,14 @@ def naive_annotate(
     if threads:
         torch.set_num_threads(threads)
 
-    from raycv import storage
     from raycv.data.images import decode_image, decode_reduced, resize_rgb
     from raycv.data.transforms import normalize
     from raycv.models import saved
+    from raycv.storage import Storage
     from raycv.tasks.classification import topk_rows
 
-    run = saved.load_run(run_dir, device=device)
+    store = Storage(endpoint_url=endpoint_url)  # a script's one handle on storage
+    run = saved.load_run(run_dir, store, device=device)
     if like_raycv:
         run.model.to(memory_format=torch.channels_last)
     fmt = torch.channels_last if like_raycv else torch.contiguous_format
@@ -98,7 +99,7 @@ def naive_annotate(
     t_first = time.perf_counter()
     for i in range(0, len(uris), batch_size):
         chunk = uris[i : i + batch_size]
-        images = [decode(storage.read_bytes(u, endpoint_url), u) for u in chunk]
+        images = [decode(store.read_bytes(u), u) for u in chunk]
         pixels = torch.from_numpy(np.stack([im for im, _, _ in images]))
         x = pixels.permute(0, 3, 1, 2).float().div_(255.0).to(device)
         with torch.inference_mode():

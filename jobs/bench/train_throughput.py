@@ -97,9 +97,9 @@ def plain_loop(
     import numpy as np
     import torch
 
-    from raycv import storage
     from raycv.data.images import decode_image
     from raycv.models import create_model
+    from raycv.storage import Storage
     from raycv.tasks import task_ops
     from raycv.training.dataset import plan_dataset
     from raycv.training.loop import make_transforms
@@ -110,8 +110,8 @@ def plain_loop(
     k, n = shard
     plan["train"], plan["val"] = plan["train"][k::n], plan["val"][k::n]
     t = cfg.train  # type: ignore[attr-defined]
-    ep = cfg.storage.endpoint_url  # type: ignore[attr-defined]
-    data = {row[0]: storage.read_bytes(row[0], ep) for row in plan["train"] + plan["val"]}
+    store = Storage(endpoint_url=cfg.storage.endpoint_url)  # type: ignore[attr-defined]
+    data = {row[0]: store.read_bytes(row[0]) for row in plan["train"] + plan["val"]}
     train_tf, eval_tf = make_transforms(cfg)  # type: ignore[arg-type]
 
     class Files(torch.utils.data.Dataset):
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     from raycv import storage
     from raycv.data import synthetic
     from raycv.models import saved
+    from raycv.storage import Storage
     from raycv.training.loop import run_training
 
     args = parse_args(argv)
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
                     for _, r in C.call_niced_concurrently(worker_nice, plain_loop, calls, omp_threads=threads)
                 ]
             result = run_training(train_config(args, data, out), args.address)  # type: ignore[arg-type]
-        text = storage.read_bytes(storage.join(out, saved.METRICS), args.endpoint_url).decode()
+        text = Storage(endpoint_url=args.endpoint_url).read_bytes(storage.join(out, saved.METRICS)).decode()
         history = [json.loads(line) for line in text.splitlines() if line.strip()]
         ray_s = [float(r["epoch_s"]) for r in history]
         ray_cpu = [float(r["epoch_cpu_s"]) for r in history]  # rank 0's process

@@ -15,6 +15,7 @@ from raycv.data.transforms import normalize
 from raycv.errors import ConfigError
 from raycv.models import saved
 from raycv.outputs import schema as outputs
+from raycv.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +79,14 @@ class Annotator:
     GPU speed options (also valid on CPU, except fp16): ``precision`` bf16/fp16 runs the forward pass
     under autocast, ``channels_last`` stores weights and inputs NHWC, ``compile`` wraps the model in
     ``torch.compile`` (compiled at the first batch; if that fails the actor warns and runs eagerly).
+    ``store`` reads the run directory here, and whatever the annotator reads or writes later (GeoTIFF
+    windows, COGs): Ray pickles it into each actor.
     """
 
     def __init__(
         self,
         run_dir: str,
-        endpoint_url: str | None,
+        store: Storage,
         run_id: str,
         threads: int,
         use_gpu: bool,
@@ -98,8 +101,8 @@ class Annotator:
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         check_precision(precision, self.device)
         self.precision, self.channels_last = precision, channels_last
-        self.endpoint_url = endpoint_url
-        self.run = saved.load_run(run_dir, endpoint_url, self.device)
+        self.store = store
+        self.run = saved.load_run(run_dir, store, self.device)
         if channels_last:
             to_channels_last(self.run.model)
         # What the batches go through; self.run.model stays the eager module (Grad-CAM needs its hooks).

@@ -13,6 +13,7 @@ from raycv.annotation.decode import decode_batch
 from raycv.data.images import DEFAULT_MAX_PIXELS
 from raycv.data.transforms import normalize
 from raycv.errors import error_fields
+from raycv.storage import Storage
 from raycv.tasks.classification import topk_rows
 
 
@@ -31,7 +32,7 @@ class Classifier(Annotator):
     def __init__(
         self,
         run_dir: str,
-        endpoint_url: str | None,
+        store: Storage,
         run_id: str,
         threads: int,
         use_gpu: bool,
@@ -40,7 +41,7 @@ class Classifier(Annotator):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         **speed: Any,
     ) -> None:
-        super().__init__(run_dir, endpoint_url, run_id, threads, use_gpu, **speed)
+        super().__init__(run_dir, store, run_id, threads, use_gpu, **speed)
         self.topk, self.explain, self.max_pixels = topk, explain, max_pixels
         if explain == "gradcam":
             from raycv.models.gradcam import find_target_layer

@@ -12,6 +12,7 @@ from raycv.annotation.actor import Annotator, autocast, incoming_errors
 from raycv.data.images import decode_image
 from raycv.data.transforms import normalize
 from raycv.errors import error_fields
+from raycv.storage import Storage
 
 
 class Detector(Annotator):
@@ -27,7 +28,7 @@ class Detector(Annotator):
     def __init__(
         self,
         run_dir: str,
-        endpoint_url: str | None,
+        store: Storage,
         run_id: str,
         threads: int,
         use_gpu: bool,
@@ -38,7 +39,7 @@ class Detector(Annotator):
         tile: dict[str, int] | None = None,
         **speed: Any,
     ) -> None:
-        super().__init__(run_dir, endpoint_url, run_id, threads, use_gpu, **speed)
+        super().__init__(run_dir, store, run_id, threads, use_gpu, **speed)
         self.score_threshold, self.iou_threshold = score_threshold, iou_threshold
         self.batch_size, self.max_pixels, self.tile = batch_size, max_pixels, tile
         # torchvision's R-CNN box coder casts the proposals to the regression's dtype: under autocast the box

@@ -41,6 +41,7 @@ from raycv.errors import ConfigError, TooManyErrorsError
 from raycv.models import saved
 from raycv.outputs import schema as outputs
 from raycv.runtime import ensure_ray
+from raycv.storage import Storage
 from raycv.tasks.registry import get_task
 
 log = logging.getLogger(__name__)
@@ -75,13 +76,12 @@ class AnnotateSummary:
 
 
 def _stages(
-    cfg: AnnotateConfig, card: dict[str, Any], run_id: str
+    cfg: AnnotateConfig, card: dict[str, Any], run_id: str, store: Storage
 ) -> tuple[Any, dict[str, Any], type, dict[str, Any]]:
     """(read function, its kwargs, annotator class, its constructor kwargs) for the run's task."""
-    ep = cfg.storage.endpoint_url
     common = {
         "run_dir": cfg.model,
-        "endpoint_url": ep,
+        "store": store,
         "run_id": run_id,
         "threads": int(cfg.cpus_per_actor),
         "use_gpu": cfg.gpus_per_actor > 0,
@@ -95,8 +95,8 @@ def _stages(
         size_hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         cls_kw = {**common, "topk": cfg.topk, "explain": cfg.explain, "max_pixels": cfg.max_pixels}
         if cfg.decode == "actor":  # ship the encoded files; the actor decodes them on its device
-            return read_bytes_batch, {"endpoint_url": ep, "max_pixels": cfg.max_pixels}, Classifier, cls_kw
-        read_kw = {"size_hw": size_hw, "endpoint_url": ep, "max_pixels": cfg.max_pixels}
+            return read_bytes_batch, {"store": store, "max_pixels": cfg.max_pixels}, Classifier, cls_kw
+        read_kw = {"size_hw": size_hw, "store": store, "max_pixels": cfg.max_pixels}
         return read_decode_batch, read_kw, Classifier, cls_kw
     if task.label_maps:
         tile = cfg.tile.model_dump() if cfg.tile else None
@@ -108,7 +108,7 @@ def _stages(
             "batch_size": cfg.batch_size,
             "max_pixels": cfg.max_pixels,
         }
-        read_kw = {"endpoint_url": ep, "skip_geotiff": True, "max_pixels": cfg.max_pixels}
+        read_kw = {"store": store, "skip_geotiff": True, "max_pixels": cfg.max_pixels}
         return read_bytes_batch, read_kw, Segmenter, seg_kw
     if task.objects:
         det_kw = {
@@ -119,11 +119,13 @@ def _stages(
             "max_pixels": cfg.max_pixels,
             "tile": cfg.tile.model_dump() if cfg.tile else None,
         }
-        return read_bytes_batch, {"endpoint_url": ep, "max_pixels": cfg.max_pixels}, Detector, det_kw
+        return read_bytes_batch, {"store": store, "max_pixels": cfg.max_pixels}, Detector, det_kw
     raise ConfigError("model", cfg.model, f"This run's task '{card['task']}' cannot be annotated yet.")
 
 
-def _run_pipeline(cfg: AnnotateConfig, todo: Plan, card: dict[str, Any], run_id: str) -> Tally:
+def _run_pipeline(
+    cfg: AnnotateConfig, todo: Plan, card: dict[str, Any], run_id: str, store: Storage
+) -> Tally:
     """Run the pipeline over ``todo`` into the run's staging folder; stop early past ``max_error_fraction``.
 
     The driver iterates over references to the actors' output blocks (never their rows) and hands each to
@@ -131,7 +133,7 @@ def _run_pipeline(cfg: AnnotateConfig, todo: Plan, card: dict[str, Any], run_id:
     shuts Ray Data's executor down (its actors included); the writes already started are awaited, so the
     staging folder holds only whole files.
     """
-    read_fn, read_kw, annotator, annotator_kw = _stages(cfg, card, run_id)
+    read_fn, read_kw, annotator, annotator_kw = _stages(cfg, card, run_id, store)
     with _actor_placement(cfg, f"raycv-annotate-{run_id}") as placement:
         # from_blocks, not from_arrow: no task runs before the group is placed. from_arrow runs a 1-CPU
         # task per block, and the cluster's view of free CPUs lags behind their end: a group placed right
@@ -162,10 +164,10 @@ def _run_pipeline(cfg: AnnotateConfig, todo: Plan, card: dict[str, Any], run_id:
                 fn_constructor_kwargs=annotator_kw,
                 scheduling_strategy=placement,
             )
-        return _write_all(ds, cfg, run_id)
+        return _write_all(ds, cfg, run_id, store)
 
 
-def _write_all(ds: ray.data.Dataset, cfg: AnnotateConfig, run_id: str) -> Tally:
+def _write_all(ds: ray.data.Dataset, cfg: AnnotateConfig, run_id: str, store: Storage) -> Tally:
     """Hand the blocks of ``ds`` to write tasks as they come (see :func:`_run_pipeline`)."""
     staging = outputs_commit.staging_dir(cfg.output, run_id)
     bundles = ds.iter_internal_ref_bundles()
@@ -176,9 +178,7 @@ def _write_all(ds: ray.data.Dataset, cfg: AnnotateConfig, run_id: str) -> Tally:
     )
     try:
         in_flight = 2 * cfg.actors + 2
-        return write_blocks(
-            blocks, staging, cfg.storage.endpoint_url, cfg.max_error_fraction, in_flight, cfg.rows_per_file
-        )
+        return write_blocks(blocks, staging, store, cfg.max_error_fraction, in_flight, cfg.rows_per_file)
     finally:
         del blocks, bundles  # the last references: the executor shuts down, releasing its actors' CPUs/GPUs
 
@@ -290,28 +290,28 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
             :data:`MIN_IMAGES_FOR_ERROR_CHECK` images failed; a re-run resumes (``incremental``).
     """
     t0 = time.time()
-    ep = cfg.storage.endpoint_url
-    card = saved.read_card(cfg.model, ep)
+    store = Storage(endpoint_url=cfg.storage.endpoint_url)
+    card = saved.read_card(cfg.model, store)
     if cfg.explain and not get_task(card["task"]).image_labels:  # checked before anything starts (exit 2)
         raise ConfigError(
             "explain",
             cfg.explain,
             f"Grad-CAM explains classifiers only, this run is {card['task']}: remove it.",
         )
-    model_id = saved.model_id_of(storage.read_bytes(storage.join(cfg.model, saved.WEIGHTS), ep))
-    recovered = outputs_commit.recover(cfg.output, ep)
-    todo = plan_inputs(cfg.input, ep)
+    model_id = saved.model_id_of(store.read_bytes(storage.join(cfg.model, saved.WEIGHTS)))
+    recovered = outputs_commit.recover(cfg.output, store)
+    todo = plan_inputs(cfg.input, store)
     files = len(todo)
-    index = outputs.read_index(cfg.output, ep)
+    index = outputs.read_index(cfg.output, store)
     skipped = skip_current(todo, index.current(model_id)) if cfg.incremental else 0
     run_id = new_run_id()
     tally, reached = Tally(), 0
     if len(todo):
         ensure_ray(address)
-        tally = _run_pipeline(cfg, todo, card, run_id)
-        sources = outputs_commit.staged_sources(cfg.output, run_id, ep)
+        tally = _run_pipeline(cfg, todo, card, run_id, store)
+        sources = outputs_commit.staged_sources(cfg.output, run_id, store)
         reached = len(sources)
-        outputs_commit.commit(cfg.output, run_id, index.superseded(sources), ep)
+        outputs_commit.commit(cfg.output, run_id, index.superseded(sources), store)
     stopped = reached < len(todo)
     duration = time.time() - t0
     summary = AnnotateSummary(
@@ -328,7 +328,7 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
         files=files,
         stopped=stopped,
     )
-    storage.write_json(storage.join(cfg.output, outputs.SUMMARY), asdict(summary), ep)
+    store.write_json(storage.join(cfg.output, outputs.SUMMARY), asdict(summary))
     if tally.exceeds(cfg.max_error_fraction):
         raise TooManyErrorsError(_stop_message(cfg, tally, stopped))
     return summary

@@ -18,6 +18,7 @@ from raycv.data import medical
 from raycv.data.formats import IMAGE_EXTENSIONS
 from raycv.errors import ConfigError
 from raycv.outputs import schema as outputs
+from raycv.storage import Storage
 
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
 INPUT_EXTENSIONS = tuple(
@@ -28,8 +29,8 @@ PLAN_CHUNK_ROWS = 8192  # listed files per Arrow chunk of the plan
 PLAN_SCHEMA = pa.schema([("image_id", pa.string()), ("image_uri", pa.string()), ("source_etag", pa.string())])
 
 
-def _manifest_uris(uri: str, endpoint_url: str | None) -> list[str]:
-    data = storage.read_bytes(uri, endpoint_url)
+def _manifest_uris(uri: str, store: Storage) -> list[str]:
+    data = store.read_bytes(uri)
     if uri.lower().endswith(".txt"):
         return [ln.strip() for ln in data.decode().splitlines() if ln.strip() and not ln.startswith("#")]
     import io
@@ -49,12 +50,12 @@ def _manifest_uris(uri: str, endpoint_url: str | None) -> list[str]:
     return [u for u in table.column("image_uri").to_pylist() if u]
 
 
-def _fingerprints(uris: list[str], endpoint_url: str | None) -> Iterator[tuple[str, str | None]]:
+def _fingerprints(uris: list[str], store: Storage) -> Iterator[tuple[str, str | None]]:
     """``(uri, fingerprint)`` of each named file, looked up as named: ``img[1].png`` is never a glob."""
 
     def one(uri: str) -> tuple[str, str | None]:
         try:
-            return uri, storage.file_entry(uri, endpoint_url).fingerprint
+            return uri, store.file_entry(uri).fingerprint
         except OSError:  # FileNotFoundError (missing, or a folder) and StorageError
             return uri, None  # the read stage reports it as an error row
 
@@ -110,9 +111,7 @@ def _chunked(entries: Iterable[tuple[str, str | None]], rows: int) -> Iterator[p
         yield flush()
 
 
-def plan_inputs(
-    source: str | list[str], endpoint_url: str | None = None, *, chunk_rows: int = PLAN_CHUNK_ROWS
-) -> Plan:
+def plan_inputs(source: str | list[str], store: Storage, *, chunk_rows: int = PLAN_CHUNK_ROWS) -> Plan:
     """Every input file with its fingerprint, in a stable order, de-duplicated, as a :class:`Plan`.
 
     ``source`` is a prefix (all image, DICOM and NIfTI files below it), a glob, a manifest (``.txt`` one
@@ -126,12 +125,12 @@ def plan_inputs(
     ``*``, ``?`` or ``[`` is a glob; list items and manifest entries are always files as named.
     """
     if isinstance(source, list) or (source.lower().endswith(MANIFEST_EXTENSIONS) and "*" not in source):
-        uris = source if isinstance(source, list) else _manifest_uris(source, endpoint_url)
+        uris = source if isinstance(source, list) else _manifest_uris(source, store)
         canonical = [storage.canonical_uri(u) for u in uris]
         # pc.unique keeps the order of first appearance
         unique = pc.unique(pa.array(canonical, pa.string())).to_pylist()
-        return Plan(list(_chunked(_fingerprints(unique, endpoint_url), chunk_rows)))
-    listing = storage.iter_files(source, extensions=INPUT_EXTENSIONS, endpoint_url=endpoint_url)
+        return Plan(list(_chunked(_fingerprints(unique, store), chunk_rows)))
+    listing = store.iter_files(source, extensions=INPUT_EXTENSIONS)
     try:
         return Plan(list(_chunked(((e.uri, e.fingerprint) for e in listing), chunk_rows)))
     except FileNotFoundError:

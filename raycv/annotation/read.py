@@ -12,17 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from raycv import storage
 from raycv.data import geotiff, medical
 from raycv.data.files import decode_file, decode_file_resized
 from raycv.data.images import encode_png
 from raycv.errors import error_fields
 from raycv.outputs import schema as outputs
+from raycv.storage import Storage
 
 FILES_PER_READ = 8  # files fetched and decoded together: bounds a read task's memory when files are volumes
 
 
-def _fetch_all(uris: list[str], endpoint_url: str | None, fetch: Any) -> list[Any]:
+def _fetch_all(uris: list[str], fetch: Any) -> list[Any]:
     with ThreadPoolExecutor(max_workers=FILES_PER_READ) as pool:  # object storage is latency-bound
         return list(pool.map(fetch, uris))
 
@@ -59,7 +59,7 @@ def _expanded(
 
 
 def read_decode_batch(
-    batch: dict[str, np.ndarray], *, size_hw: tuple[int, int], endpoint_url: str | None, max_pixels: int
+    batch: dict[str, np.ndarray], *, size_hw: tuple[int, int], store: Storage, max_pixels: int
 ) -> dict[str, np.ndarray]:
     """Fetch and decode a batch of files into fixed-size uint8 pixels, catching each file's failure.
 
@@ -71,7 +71,7 @@ def read_decode_batch(
 
     def one(uri: str) -> list[tuple[np.ndarray, int, int, tuple[str, str, str]]]:
         try:
-            data = storage.read_bytes(uri, endpoint_url)
+            data = store.read_bytes(uri)
         except Exception as exc:
             return [(blank, -1, -1, error_fields("read", exc))]
         try:
@@ -80,7 +80,7 @@ def read_decode_batch(
             return [(blank, -1, -1, error_fields("decode", exc))]
         return [(pixels, width, height, _OK) for pixels, width, height in images]
 
-    results = _fetch_all([str(u) for u in batch["image_uri"]], endpoint_url, one)
+    results = _fetch_all([str(u) for u in batch["image_uri"]], one)
     out = _expanded(batch, results, [[r[3] for r in per_file] for per_file in results])
     flat = [r for per_file in results for r in per_file]
     out["pixels"] = np.stack([r[0] for r in flat]) if flat else np.zeros((0, *size_hw, 3), np.uint8)
@@ -90,7 +90,7 @@ def read_decode_batch(
 
 
 def read_bytes_batch(
-    batch: dict[str, np.ndarray], *, endpoint_url: str | None, skip_geotiff: bool = False, max_pixels: int
+    batch: dict[str, np.ndarray], *, store: Storage, skip_geotiff: bool = False, max_pixels: int
 ) -> dict[str, np.ndarray]:
     """Fetch the encoded bytes of a batch (GeoTIFFs are left to the actor's windowed reads).
 
@@ -104,7 +104,7 @@ def read_bytes_batch(
         if skip_geotiff and geotiff.is_geotiff(uri):
             return [(b"", _OK)]
         try:
-            data = storage.read_bytes(uri, endpoint_url)
+            data = store.read_bytes(uri)
         except Exception as exc:
             return [(b"", error_fields("read", exc))]
         if not (medical.is_dicom(uri) or medical.is_nifti(uri) or medical.looks_like_dicom(data)):
@@ -114,7 +114,7 @@ def read_bytes_batch(
         except Exception as exc:
             return [(b"", error_fields("decode", exc))]
 
-    results = _fetch_all([str(u) for u in batch["image_uri"]], endpoint_url, one)
+    results = _fetch_all([str(u) for u in batch["image_uri"]], one)
     out = _expanded(batch, results, [[r[1] for r in per_file] for per_file in results])
     out["data"] = np.array([r[0] for per_file in results for r in per_file], dtype=object)
     return out

@@ -14,6 +14,7 @@ from raycv.annotation.actor import Annotator, incoming_errors, window_reader
 from raycv.data import cog, geotiff
 from raycv.data.images import decode_image, encode_png, resize_rgb
 from raycv.errors import error_fields
+from raycv.storage import Storage
 
 # Above this many logits ([K, H, W] float32 = 4 bytes each) an untiled image is labelled at the model's
 # resolution and its label map upsampled (nearest), instead of upsampling every class's scores.
@@ -32,7 +33,7 @@ class Segmenter(Annotator):
     def __init__(
         self,
         run_dir: str,
-        endpoint_url: str | None,
+        store: Storage,
         run_id: str,
         threads: int,
         use_gpu: bool,
@@ -43,7 +44,7 @@ class Segmenter(Annotator):
         max_pixels: int = 178_956_970,
         **speed: Any,
     ) -> None:
-        super().__init__(run_dir, endpoint_url, run_id, threads, use_gpu, **speed)
+        super().__init__(run_dir, store, run_id, threads, use_gpu, **speed)
         self.output, self.tile, self.batch_size, self.max_pixels = output, tile, batch_size, max_pixels
         geo = geo or {}
         self.bands, self.write_rasters = geo.get("bands"), bool(geo.get("write_rasters"))
@@ -90,13 +91,13 @@ class Segmenter(Annotator):
         return maps
 
     def _geotiff(self, uri: str) -> tuple[np.ndarray, geotiff.RasterInfo]:
-        info = geotiff.raster_info(uri, self.endpoint_url)
+        info = geotiff.raster_info(uri, self.store)
         if not self._needs_tiling(info.height, info.width):
             image, info = geotiff.read_scene(
-                uri, self.endpoint_url, bands=self.bands, scale=self.scale, max_pixels=self.max_pixels
+                uri, self.store, bands=self.bands, scale=self.scale, max_pixels=self.max_pixels
             )
             return self._whole([image])[0], info
-        with geotiff.open_raster(uri, self.endpoint_url) as ds:
+        with geotiff.open_raster(uri, self.store) as ds:
 
             def read(y0: int, x0: int, h: int, w: int) -> np.ndarray:
                 return geotiff.read_window(ds, x0, y0, w, h, bands=self.bands, scale=self.scale)
@@ -142,7 +143,7 @@ class Segmenter(Annotator):
             if maps[i] is not None and geo[i] is not None and self.write_rasters and not errors[i]:
                 try:
                     raster = storage.join(self.output, "rasters", f"{batch['image_id'][i]}.tif")
-                    cog.write_cog(raster, maps[i], geo[i], self.endpoint_url)  # type: ignore[arg-type]
+                    cog.write_cog(raster, maps[i], geo[i], self.store)  # type: ignore[arg-type]
                 except Exception as exc:
                     errors[i] = error_fields("write", exc)
         names = self.run.class_names

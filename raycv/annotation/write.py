@@ -18,6 +18,7 @@ import ray
 
 from raycv import storage
 from raycv.outputs import schema as outputs
+from raycv.storage import Storage
 
 log = logging.getLogger(__name__)
 WRITE_CPUS = 0.25
@@ -45,14 +46,14 @@ class Tally:
 
 
 @ray.remote(num_cpus=WRITE_CPUS)
-def write_block(uri: str, endpoint_url: str | None, *blocks: Any) -> dict[str, Any]:
+def write_block(uri: str, store: Storage, *blocks: Any) -> dict[str, Any]:
     """Write result blocks as one Parquet file (atomically); return its status counts and first errors."""
     from ray.data.block import BlockAccessor
 
     tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
     table = pa.concat_tables([t for t in tables if t.num_rows] or tables[:1])
     if table.num_rows:
-        outputs.write_table(uri, table, endpoint_url)
+        outputs.write_table(uri, table, store)
     failed = table.filter(pc.equal(table["status"], "error")) if table.num_rows else table
     errors = [
         f"{r['image_uri']}: {r['error_stage']} {r['error_type']}: {(r['error_message'] or '')[:300]}"
@@ -78,7 +79,7 @@ def drain(pending: list[Any], tally: Tally, keep: int) -> list[Any]:
 def write_blocks(
     blocks: Iterable[tuple[Any, int | None, int | None]],
     staging: str,
-    endpoint_url: str | None,
+    store: Storage,
     max_error_fraction: float,
     in_flight: int,
     rows_per_file: int = ROWS_PER_FILE,
@@ -101,7 +102,7 @@ def write_blocks(
     def flush() -> None:
         nonlocal group, rows, size, files, pending
         uri = storage.join(staging, f"part-{files:06d}.parquet")
-        pending.append(write_block.remote(uri, endpoint_url, *group))
+        pending.append(write_block.remote(uri, store, *group))
         group, rows, size, files = [], 0, 0, files + 1
         pending = drain(pending, tally, keep=in_flight)
 

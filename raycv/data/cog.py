@@ -15,6 +15,7 @@ from rasterio.transform import Affine
 
 from raycv import storage
 from raycv.data.geotiff_info import RasterInfo
+from raycv.storage import Storage
 
 _COG_BLOCK = 512
 
@@ -26,7 +27,7 @@ def write_cog(
     uri: str,
     label_map: np.ndarray,
     info: RasterInfo,
-    endpoint_url: str | None = None,
+    store: Storage,
     *,
     colormap: dict[int, tuple[int, int, int]] | None = None,
 ) -> None:
@@ -40,6 +41,7 @@ def write_cog(
         uri: destination (local path, ``file://`` or ``s3://``).
         label_map: [H, W] uint8 class indexes, H and W those of ``info``.
         info: the source raster's :class:`RasterInfo`; its CRS and transform are written.
+        store: where ``uri`` is written.
         colormap: optional palette, label -> (r, g, b), so viewers show classes in colour.
 
     Raises:
@@ -66,7 +68,7 @@ def write_cog(
         "blocksize": _COG_BLOCK,
         "overview_resampling": "mode",
     }
-    with local_output(uri, endpoint_url) as local, rasterio.open(local, "w", **profile) as dst:
+    with local_output(uri, store) as local, rasterio.open(local, "w", **profile) as dst:
         dst.write(label_map, 1)
         if palette is not None:
             dst.write_colormap(1, palette)
@@ -87,9 +89,9 @@ def _palette(colormap: dict[int, tuple[int, int, int]] | None) -> dict[int, tupl
 
 
 @contextmanager
-def local_output(uri: str, endpoint_url: str | None) -> Iterator[str]:
+def local_output(uri: str, store: Storage) -> Iterator[str]:
     """A local file path to write; on success it becomes ``uri`` whole (renamed locally, one PUT on S3)."""
-    _, path = storage.get_filesystem(uri, endpoint_url)
+    _, path = store.filesystem(uri)
     if storage.scheme(uri) == "file":
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
@@ -104,4 +106,4 @@ def local_output(uri: str, endpoint_url: str | None) -> Iterator[str]:
         local = os.path.join(folder, "out.tif")
         yield local
         with open(local, "rb") as f:
-            storage.write_bytes(uri, f.read(), endpoint_url)
+            store.write_bytes(uri, f.read())

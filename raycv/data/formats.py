@@ -10,6 +10,7 @@ import numpy as np
 
 from raycv import storage
 from raycv.errors import DatasetError
+from raycv.storage import Storage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm")
 
@@ -31,7 +32,7 @@ class Dataset:
     class_names: list[str]
 
 
-def read_imagefolder(root: str, endpoint_url: str | None = None) -> Dataset:
+def read_imagefolder(root: str, store: Storage) -> Dataset:
     """``ROOT/<class_name>/<image>``; class index = position of the name in the sorted class names.
 
     One recursive listing of the root (a single paged LIST on S3), nothing decoded. A local root may be
@@ -44,7 +45,7 @@ def read_imagefolder(root: str, endpoint_url: str | None = None) -> Dataset:
     root = storage.canonical_uri(root)
     base = root.rstrip("/") + "/"
     by_class: dict[str, list[str]] = {}
-    for entry in storage.iter_files(root, extensions=IMAGE_EXTENSIONS, endpoint_url=endpoint_url):
+    for entry in store.iter_files(root, extensions=IMAGE_EXTENSIONS):
         parts = entry.uri[len(base) :].split("/") if entry.uri.startswith(base) else []
         if len(parts) < 2:
             continue  # a loose file at the root (or a root that is a file) belongs to no class
@@ -65,7 +66,7 @@ def read_imagefolder(root: str, endpoint_url: str | None = None) -> Dataset:
     return Dataset(samples, names)
 
 
-def read_masks(root: str, endpoint_url: str | None = None, num_classes: int | None = None) -> Dataset:
+def read_masks(root: str, store: Storage, num_classes: int | None = None) -> Dataset:
     """``ROOT/images/<stem>.<ext>`` with ``ROOT/masks/<stem>.png`` (uint8 label maps, 255 = ignore).
 
     Like every reader here, a local ``root`` is made absolute first (:func:`raycv.storage.canonical_uri`),
@@ -80,16 +81,11 @@ def read_masks(root: str, endpoint_url: str | None = None, num_classes: int | No
     root = storage.canonical_uri(root)
     images = {
         stem(e.uri): e.uri
-        for e in storage.iter_files(
-            storage.join(root, "images"), extensions=IMAGE_EXTENSIONS, endpoint_url=endpoint_url
-        )
+        for e in store.iter_files(storage.join(root, "images"), extensions=IMAGE_EXTENSIONS)
     }
     try:
         masks = {
-            stem(e.uri): e.uri
-            for e in storage.iter_files(
-                storage.join(root, "masks"), extensions=(".png",), endpoint_url=endpoint_url
-            )
+            stem(e.uri): e.uri for e in store.iter_files(storage.join(root, "masks"), extensions=(".png",))
         }
     except FileNotFoundError:
         masks = {}
@@ -104,7 +100,7 @@ def read_masks(root: str, endpoint_url: str | None = None, num_classes: int | No
             "add the masks or remove those images."
         )
     try:
-        text = storage.read_bytes(storage.join(root, "classes.txt"), endpoint_url).decode()
+        text = store.read_bytes(storage.join(root, "classes.txt")).decode()
         names = [line.strip() for line in text.splitlines() if line.strip()]
     except FileNotFoundError:
         if not num_classes:
@@ -163,7 +159,7 @@ class DetectionDataset:
     class_names: list[str]
 
 
-def read_coco(root: str, endpoint_url: str | None = None) -> DetectionDataset:
+def read_coco(root: str, store: Storage) -> DetectionDataset:
     """``ROOT/annotations.json`` (COCO) with ``file_name`` relative to ``ROOT/images/``.
 
     Category ids may be any integers: labels are their positions in id order. ``iscrowd`` objects are
@@ -177,7 +173,7 @@ def read_coco(root: str, endpoint_url: str | None = None) -> DetectionDataset:
     root = storage.canonical_uri(root)
     uri = storage.join(root, "annotations.json")
     try:
-        coco = json.loads(storage.read_bytes(uri, endpoint_url))
+        coco = json.loads(store.read_bytes(uri))
         images = {im["id"]: im for im in coco["images"]}
         categories = sorted(coco["categories"], key=lambda c: c["id"])
     except FileNotFoundError:
@@ -215,7 +211,7 @@ def read_coco(root: str, endpoint_url: str | None = None) -> DetectionDataset:
     return DetectionDataset(samples, [str(c["name"]) for c in categories])
 
 
-def read_yolo(root: str, endpoint_url: str | None = None) -> DetectionDataset:
+def read_yolo(root: str, store: Storage) -> DetectionDataset:
     """``ROOT/images/<stem>.<ext>``, ``ROOT/labels/<stem>.txt`` (``class cx cy w h`` normalised), ``classes.txt``.
 
     An image without a label file has no objects. Boxes stay normalised until the image is decoded.
@@ -225,22 +221,17 @@ def read_yolo(root: str, endpoint_url: str | None = None) -> DetectionDataset:
     """
     root = storage.canonical_uri(root)
     try:
-        text = storage.read_bytes(storage.join(root, "classes.txt"), endpoint_url).decode()
+        text = store.read_bytes(storage.join(root, "classes.txt")).decode()
     except FileNotFoundError:
         raise DatasetError(f"No {root}/classes.txt: the yolo format needs one class name per line.") from None
     names = [line.strip() for line in text.splitlines() if line.strip()]
     images = {
         stem(e.uri): e.uri
-        for e in storage.iter_files(
-            storage.join(root, "images"), extensions=IMAGE_EXTENSIONS, endpoint_url=endpoint_url
-        )
+        for e in store.iter_files(storage.join(root, "images"), extensions=IMAGE_EXTENSIONS)
     }
     try:
         label_files = {
-            stem(e.uri): e.uri
-            for e in storage.iter_files(
-                storage.join(root, "labels"), extensions=(".txt",), endpoint_url=endpoint_url
-            )
+            stem(e.uri): e.uri for e in store.iter_files(storage.join(root, "labels"), extensions=(".txt",))
         }
     except FileNotFoundError:
         label_files = {}
@@ -249,9 +240,7 @@ def read_yolo(root: str, endpoint_url: str | None = None) -> DetectionDataset:
         boxes: list[tuple[float, float, float, float]] = []
         labels: list[int] = []
         if s in label_files:
-            for n, line in enumerate(
-                storage.read_bytes(label_files[s], endpoint_url).decode().splitlines(), 1
-            ):
+            for n, line in enumerate(store.read_bytes(label_files[s]).decode().splitlines(), 1):
                 if not line.strip():
                     continue
                 try:

@@ -43,6 +43,7 @@ from raycv.data.geotiff_info import RasterInfo as RasterInfo
 from raycv.data.geotiff_info import dataset_info as dataset_info
 from raycv.data.images import DEFAULT_MAX_PIXELS
 from raycv.errors import DecodeError, StorageError
+from raycv.storage import Storage
 
 BandScale: TypeAlias = Literal["dtype", "minmax"] | Sequence[tuple[float, float]]
 """How band values map to uint8: ``"dtype"``, ``"minmax"`` or explicit ``[(lo, hi), ...]`` (module doc)."""
@@ -74,7 +75,7 @@ def is_geotiff(uri: str) -> bool:
 
 
 @contextmanager
-def open_raster(uri: str, endpoint_url: str | None = None) -> Iterator[Any]:
+def open_raster(uri: str, store: Storage) -> Iterator[Any]:
     """Open a raster for reading; yields a ``rasterio`` dataset, closed when the block ends.
 
     Local paths and ``file://`` URIs open directly; ``s3://`` objects through fsspec, fetching only the
@@ -84,7 +85,7 @@ def open_raster(uri: str, endpoint_url: str | None = None) -> Iterator[Any]:
         FileNotFoundError: nothing is stored at ``uri``.
         DecodeError: GDAL cannot open it as a raster (not a raster, a corrupt or truncated header).
     """
-    fs, path = storage.get_filesystem(uri, endpoint_url)
+    fs, path = store.filesystem(uri)
     local = storage.scheme(uri) == "file"
     if local and not os.path.isfile(path):
         raise FileNotFoundError(f"No such file: {uri}")
@@ -151,13 +152,13 @@ class _ObjectOpener(FileContainer):
         return self._size
 
 
-def raster_info(uri: str, endpoint_url: str | None = None) -> RasterInfo:
+def raster_info(uri: str, store: Storage) -> RasterInfo:
     """The header facts of the raster at ``uri`` (reads the header only).
 
     Raises:
         FileNotFoundError, DecodeError: as :func:`open_raster`.
     """
-    with open_raster(uri, endpoint_url) as ds:
+    with open_raster(uri, store) as ds:
         return dataset_info(ds)
 
 
@@ -214,7 +215,7 @@ def read_window(
 
 def read_scene(
     uri: str,
-    endpoint_url: str | None = None,
+    store: Storage,
     *,
     bands: Sequence[int] | None = None,
     scale: BandScale = "dtype",
@@ -233,7 +234,7 @@ def read_scene(
     Raises:
         FileNotFoundError, DecodeError: as :func:`open_raster`; DecodeError also over ``max_pixels``.
     """
-    with open_raster(uri, endpoint_url) as ds:
+    with open_raster(uri, store) as ds:
         info = dataset_info(ds)
         if info.width * info.height > max_pixels:
             raise DecodeError(

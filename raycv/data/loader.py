@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from raycv import storage
 from raycv.data.formats import DetectionSample, Sample
 from raycv.data.images import decode_image, decode_png_mask, decode_reduced
+from raycv.storage import Storage
 
 Target = int | np.ndarray
 # (image [H, W, 3] uint8, target: class index or [H, W] uint8 label map, rng) -> (image tensor, target)
@@ -44,6 +44,7 @@ class BatchLoader:
     """Yields ``(images [B, C, H, W] float, targets)`` for a list of indices into ``samples``.
 
     Targets are class indices [B] int64, or label maps [B, H, W] int64 for samples with a ``mask_uri``.
+    Files are read through ``store``.
     """
 
     def __init__(
@@ -52,7 +53,7 @@ class BatchLoader:
         transform: Transform,
         *,
         batch_size: int,
-        endpoint_url: str | None = None,
+        store: Storage,
         threads: int = 8,
         cache_bytes: int = 1 << 30,
         decode_size: tuple[int, int] | None = None,
@@ -64,7 +65,7 @@ class BatchLoader:
         # evaluation and annotation see the same pixels. Images with masks or boxes decode in full.
         self.decode_size = decode_size
         self.batch_size = batch_size
-        self.endpoint_url = endpoint_url
+        self.store = store
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="raycv-load")
         self._cache: dict[str, bytes] = {}
         self._cache_left = cache_bytes
@@ -73,7 +74,7 @@ class BatchLoader:
     def _fetch(self, uri: str) -> bytes:
         data = self._cache.get(uri)
         if data is None:
-            data = storage.read_bytes(uri, self.endpoint_url)
+            data = self.store.read_bytes(uri)
             with self._lock:
                 if len(data) <= self._cache_left:
                     self._cache[uri] = data

@@ -24,6 +24,7 @@ from raycv.data.synthetic_scenes import Scene as Scene
 from raycv.data.synthetic_scenes import check_classes, classification_image
 from raycv.data.synthetic_scenes import render_classification_sample as render_classification_sample
 from raycv.data.synthetic_scenes import render_scene as render_scene
+from raycv.storage import Storage
 
 _WRITE_THREADS = 16  # S3 PUTs are latency-bound; local writes do not mind
 _IMAGEFOLDER_STREAM, _FLAT_STREAM, _FLAT_ORDER_STREAM, _MASKS_STREAM, _DETECTION_STREAM = (
@@ -47,7 +48,7 @@ def write_imagefolder(
     size: int = 32,
     seed: int = 0,
     classes: Sequence[str] = CLASSES,
-    endpoint_url: str | None = None,
+    store: Storage | None = None,
     ext: str = ".png",
 ) -> dict[str, int]:
     """Write a classification dataset as ``ROOT/<class>/<class>_<i:05d><ext>``.
@@ -58,6 +59,7 @@ def write_imagefolder(
     Returns:
         Images written per class name.
     """
+    store = store or Storage()
     check_classes(classes)
     fmt = _format_for(ext)
     if n_per_class < 0:
@@ -68,14 +70,14 @@ def write_imagefolder(
         rng = _rng(seed, _IMAGEFOLDER_STREAM, k, i)
         image = classification_image(rng, classes[k], size)
         uri = storage.join(root, classes[k], f"{classes[k]}_{i:05d}{ext}")
-        storage.write_bytes(uri, _encode(image, fmt), endpoint_url=endpoint_url)
+        store.write_bytes(uri, _encode(image, fmt))
 
     _run_parallel(write_one, [(k, i) for k in range(len(classes)) for i in range(n_per_class)])
     return {name: n_per_class for name in classes}
 
 
 def write_flat_archive(
-    root: str, *, n: int, size: int = 32, seed: int = 0, endpoint_url: str | None = None
+    root: str, *, n: int, size: int = 32, seed: int = 0, store: Storage | None = None
 ) -> dict[str, int]:
     """Write an "unlabelled archive": ``n`` images directly under ``ROOT/`` as ``<i:05d>_<class>.png``.
 
@@ -85,6 +87,7 @@ def write_flat_archive(
     Returns:
         ``{uri: label}`` with labels indexing :data:`CLASSES`.
     """
+    store = store or Storage()
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}.")
     k = len(CLASSES)
@@ -95,7 +98,7 @@ def write_flat_archive(
     def write_one(i: int) -> None:
         rng = _rng(seed, _FLAT_STREAM, i)
         image = classification_image(rng, CLASSES[labels[i]], size)
-        storage.write_bytes(uris[i], _encode(image, "PNG"), endpoint_url=endpoint_url)
+        store.write_bytes(uris[i], _encode(image, "PNG"))
 
     _run_parallel(write_one, list(range(n)))
     return dict(zip(uris, labels, strict=True))
@@ -111,7 +114,7 @@ def write_masks_dataset(
     classes: Sequence[str] = CLASSES,
     upright: bool = True,
     scale: tuple[float, float] = (0.25, 0.45),
-    endpoint_url: str | None = None,
+    store: Storage | None = None,
 ) -> list[str]:
     """Write a semantic segmentation dataset in the ``masks`` format (SPEC §4).
 
@@ -122,6 +125,7 @@ def write_masks_dataset(
     Returns:
         The class names, in label order.
     """
+    store = store or Storage()
     check_classes(classes)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}.")
@@ -129,19 +133,11 @@ def write_masks_dataset(
 
     def write_one(i: int) -> None:
         scene = _dataset_scene(_rng(seed, _MASKS_STREAM, i), size, n_objects, classes, upright, scale)
-        storage.write_bytes(
-            storage.join(root, "images", f"{i:05d}.png"),
-            _encode(scene.image, "PNG"),
-            endpoint_url=endpoint_url,
-        )
-        storage.write_bytes(
-            storage.join(root, "masks", f"{i:05d}.png"), _encode(scene.mask, "PNG"), endpoint_url=endpoint_url
-        )
+        store.write_bytes(storage.join(root, "images", f"{i:05d}.png"), _encode(scene.image, "PNG"))
+        store.write_bytes(storage.join(root, "masks", f"{i:05d}.png"), _encode(scene.mask, "PNG"))
 
     _run_parallel(write_one, list(range(n)))
-    storage.write_bytes(
-        storage.join(root, "classes.txt"), ("\n".join(names) + "\n").encode(), endpoint_url=endpoint_url
-    )
+    store.write_bytes(storage.join(root, "classes.txt"), ("\n".join(names) + "\n").encode())
     return names
 
 
@@ -157,7 +153,7 @@ def write_detection_dataset(
     upright: bool = True,
     scale: tuple[float, float] = (0.15, 0.35),
     category_ids: Sequence[int] | None = None,
-    endpoint_url: str | None = None,
+    store: Storage | None = None,
 ) -> list[str]:
     """Write a detection / instance segmentation dataset in the ``coco`` or ``yolo`` format (SPEC §4).
 
@@ -169,6 +165,7 @@ def write_detection_dataset(
     Returns:
         The class names, in label order.
     """
+    store = store or Storage()
     check_classes(classes)
     if fmt not in ("coco", "yolo"):
         raise ValueError(f"fmt must be 'coco' or 'yolo', got {fmt!r}.")
@@ -178,11 +175,7 @@ def write_detection_dataset(
     def write_one(i: int) -> None:
         scene = _dataset_scene(_rng(seed, _DETECTION_STREAM, i), size, n_objects, classes, upright, scale)
         scenes[i] = scene
-        storage.write_bytes(
-            storage.join(root, "images", f"{i:05d}.png"),
-            _encode(scene.image, "PNG"),
-            endpoint_url=endpoint_url,
-        )
+        store.write_bytes(storage.join(root, "images", f"{i:05d}.png"), _encode(scene.image, "PNG"))
         if fmt == "yolo":
             h, w = scene.image.shape[:2]
             lines = [
@@ -190,22 +183,14 @@ def write_detection_dataset(
                 f"{(b[3] - b[1]) / h:.6f}"
                 for b, lb in zip(scene.boxes, scene.labels, strict=True)
             ]
-            storage.write_bytes(
-                storage.join(root, "labels", f"{i:05d}.txt"),
-                "\n".join(lines).encode(),
-                endpoint_url=endpoint_url,
-            )
+            store.write_bytes(storage.join(root, "labels", f"{i:05d}.txt"), "\n".join(lines).encode())
 
     _run_parallel(write_one, list(range(n)))
     if fmt == "yolo":
-        storage.write_bytes(
-            storage.join(root, "classes.txt"), ("\n".join(classes) + "\n").encode(), endpoint_url=endpoint_url
-        )
+        store.write_bytes(storage.join(root, "classes.txt"), ("\n".join(classes) + "\n").encode())
     else:
-        storage.write_bytes(
-            storage.join(root, "annotations.json"),
-            json.dumps(_coco_json(scenes, classes, ids)).encode(),
-            endpoint_url=endpoint_url,
+        store.write_bytes(
+            storage.join(root, "annotations.json"), json.dumps(_coco_json(scenes, classes, ids)).encode()
         )
     return list(classes)
 

@@ -11,10 +11,10 @@ import rasterio
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-from raycv import storage
 from raycv.data.cog import local_output
 from raycv.data.geotiff import is_geotiff
 from raycv.data.images import encode_png
+from raycv.storage import Storage
 
 _TEST_BLOCK = 512  # make_test_geotiff renders and writes blocks of this side (a multiple of its 256 tiles)
 
@@ -35,7 +35,7 @@ def make_test_geotiff(
     pattern: Literal["shapes", "ramp"] = "shapes",
     mask_path: str | None = None,
     compress: str | None = None,
-    endpoint_url: str | None = None,
+    store: Storage | None = None,
 ) -> None:
     """Write a tiled GeoTIFF (256x256 internal tiles) with a known pattern, for the tests and the demo.
 
@@ -59,7 +59,9 @@ def make_test_geotiff(
             k of :data:`raycv.data.synthetic_scenes.CLASSES`): ``.png`` as a PNG, ``.tif``/``.tiff`` as a
             GeoTIFF on the same grid.
         compress: GDAL compression (``"deflate"``...), None for raw tiles.
+        store: where to write; default: the endpoint of the environment (``Storage()``).
     """
+    store = store or Storage()
     if dtype not in ("uint8", "uint16", "int16", "float32", "float64"):
         raise ValueError(f"dtype must be uint8, uint16, int16, float32 or float64, got {dtype!r}.")
     if pattern not in ("shapes", "ramp") or (mask_path is not None and pattern != "shapes"):
@@ -82,11 +84,11 @@ def make_test_geotiff(
     full_mask = np.zeros((height, width), np.uint8) if mask_path and not is_geotiff(mask_path) else None
     with ExitStack() as stack:
         dst = stack.enter_context(
-            rasterio.open(stack.enter_context(local_output(path, endpoint_url)), "w", **profile)
+            rasterio.open(stack.enter_context(local_output(path, store)), "w", **profile)
         )
         mask_dst = None
         if mask_path and is_geotiff(mask_path):
-            mask_local = stack.enter_context(local_output(mask_path, endpoint_url))
+            mask_local = stack.enter_context(local_output(mask_path, store))
             mask_dst = stack.enter_context(
                 rasterio.open(mask_local, "w", **{**profile, "count": 1, "dtype": "uint8"})
             )
@@ -99,7 +101,7 @@ def make_test_geotiff(
                 rows, cols = window.toslices()
                 full_mask[rows, cols] = mask
     if full_mask is not None and mask_path:
-        storage.write_bytes(mask_path, encode_png(full_mask), endpoint_url)
+        store.write_bytes(mask_path, encode_png(full_mask))
 
 
 def _blocks(width: int, height: int) -> Iterator[Window]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from raycv import storage
 from raycv.errors import ConfigError
+from raycv.storage import Storage
 
 MODEL_CARD = "model.json"
 WEIGHTS = "model.pt"
@@ -60,7 +61,7 @@ class LoadedRun:
         return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
 
 
-def read_card(run_dir: str, endpoint_url: str | None = None) -> dict[str, Any]:
+def read_card(run_dir: str, store: Storage) -> dict[str, Any]:
     """The model card of a run directory.
 
     Raises:
@@ -68,19 +69,19 @@ def read_card(run_dir: str, endpoint_url: str | None = None) -> dict[str, Any]:
     """
     uri = storage.join(run_dir, MODEL_CARD)
     try:
-        return json.loads(storage.read_bytes(uri, endpoint_url))  # type: ignore[no-any-return]
+        return json.loads(store.read_bytes(uri))  # type: ignore[no-any-return]
     except FileNotFoundError:
         raise ConfigError(
             "model", run_dir, f"No {MODEL_CARD} there: point it at an output.dir written by `raycv train`."
         ) from None
 
 
-def load_run(run_dir: str, endpoint_url: str | None = None, device: str = "cpu") -> LoadedRun:
+def load_run(run_dir: str, store: Storage, device: str = "cpu") -> LoadedRun:
     """Rebuild the model of a run directory from its card and load ``model.pt`` into it (eval mode)."""
     from raycv.models import create_model
 
-    card = read_card(run_dir, endpoint_url)
-    data = storage.read_bytes(storage.join(run_dir, WEIGHTS), endpoint_url)
+    card = read_card(run_dir, store)
+    data = store.read_bytes(storage.join(run_dir, WEIGHTS))
     size = card["image_size"]
     model = create_model(
         card["arch"],

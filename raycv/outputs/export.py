@@ -42,6 +42,7 @@ from raycv.outputs.read import (
     read_objects,
     task_of,
 )
+from raycv.storage import Storage
 from raycv.tasks.registry import Task
 
 Format = Literal["coco", "yolo", "geojson"]
@@ -59,18 +60,18 @@ def export_output(
     output: str,
     fmt: Format,
     path: str,
+    store: Storage,
     *,
     where: Where | None = None,
     crs: str | None = None,
     copy_images: bool = False,
-    endpoint_url: str | None = None,
 ) -> ExportSummary:
     """Export the ok rows of ``output`` (those ``where`` selects) to ``path`` as ``fmt`` (module doc).
 
     Raises:
         ConfigError: a format the output's task has nothing for (e.g. boxes of a classification output).
     """
-    task = task_of(output, endpoint_url)
+    task = task_of(output, store)
     if task is not None and not task.export_formats:
         raise ConfigError(
             "--format",
@@ -84,12 +85,12 @@ def export_output(
             fmt,
             f"A {task.name} output exports to {' or '.join(task.export_formats)} (YOLO labels are boxes).",
         )
-    rows, objects, skipped = _selected(output, task, where, endpoint_url)
+    rows, objects, skipped = _selected(output, task, where, store)
     if fmt == "coco":
-        return _write_coco(rows, objects, task, path, skipped, endpoint_url)
+        return _write_coco(rows, objects, task, path, skipped, store)
     if fmt == "yolo":
-        return _write_yolo(rows, objects, path, skipped, copy_images, endpoint_url)
-    return _write_geojson(rows, objects, task, path, skipped, crs, endpoint_url)
+        return _write_yolo(rows, objects, path, skipped, copy_images, store)
+    return _write_geojson(rows, objects, task, path, skipped, crs, store)
 
 
 def _has_objects(task: Task | None) -> bool:
@@ -97,17 +98,17 @@ def _has_objects(task: Task | None) -> bool:
 
 
 def _selected(
-    output: str, task: Task | None, where: Where | None, endpoint_url: str | None
+    output: str, task: Task | None, where: Where | None, store: Storage
 ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]], int]:
     """(ok image rows, objects by image_id, error rows left out)."""
     on_objects = where is not None and applies_to_objects(where, task)
     objects: dict[str, list[dict[str, Any]]] = {}
     if _has_objects(task):
-        table = read_objects(output, endpoint_url)
+        table = read_objects(output, store)
         for obj in (filter_table(table, where) if on_objects and where else table).to_pylist():
             objects.setdefault(obj["image_id"], []).append(obj)
     rows, skipped = [], 0
-    for table in iter_rows(output, endpoint_url, None if on_objects else where):
+    for table in iter_rows(output, store, None if on_objects else where):
         ok = table.filter(pc.equal(table["status"], "ok"))
         skipped += table.num_rows - ok.num_rows
         if on_objects:
@@ -181,7 +182,7 @@ def _write_coco(
     task: Task | None,
     path: str,
     skipped: int,
-    endpoint_url: str | None,
+    store: Storage,
 ) -> ExportSummary:
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
@@ -212,7 +213,7 @@ def _write_coco(
         "annotations": annotations,
         "categories": categories,
     }
-    storage.write_bytes(path, json.dumps(doc).encode(), endpoint_url)
+    store.write_bytes(path, json.dumps(doc).encode())
     return ExportSummary(path, len(images), len(annotations), skipped)
 
 
@@ -234,7 +235,7 @@ def _write_yolo(
     path: str,
     skipped: int,
     copy_images: bool,
-    endpoint_url: str | None,
+    store: Storage,
 ) -> ExportSummary:
     lines_written = 0
     index = io.StringIO()
@@ -247,19 +248,17 @@ def _write_yolo(
             x1, y1, x2, y2 = (float(v) for v in o["box"])
             cx, cy, bw, bh = (x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h
             lines.append(f"{int(o['label'])} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}\n")
-        storage.write_bytes(
-            storage.join(path, "labels", f"{stem}.txt"), "".join(lines).encode(), endpoint_url
-        )
+        store.write_bytes(storage.join(path, "labels", f"{stem}.txt"), "".join(lines).encode())
         lines_written += len(lines)
         writer.writerow([stem, row["image_uri"]])
         if copy_images:
             ext = posixpath.splitext(row["image_uri"])[1] or ".png"
-            data = storage.read_bytes(row["image_uri"], endpoint_url)
-            storage.write_bytes(storage.join(path, "images", f"{stem}{ext}"), data, endpoint_url)
+            data = store.read_bytes(row["image_uri"])
+            store.write_bytes(storage.join(path, "images", f"{stem}{ext}"), data)
     names = _categories(rows, objects)
     classes = "".join(f"{names[i]}\n" for i in range(len(names)))
-    storage.write_bytes(storage.join(path, "classes.txt"), classes.encode(), endpoint_url)
-    storage.write_bytes(storage.join(path, "images.csv"), index.getvalue().encode(), endpoint_url)
+    store.write_bytes(storage.join(path, "classes.txt"), classes.encode())
+    store.write_bytes(storage.join(path, "images.csv"), index.getvalue().encode())
     return ExportSummary(path, len(rows), lines_written, skipped)
 
 
@@ -306,7 +305,7 @@ def _write_geojson(
     path: str,
     skipped: int,
     crs: str | None,
-    endpoint_url: str | None,
+    store: Storage,
 ) -> ExportSummary:
     geo = [r for r in rows if r.get("crs") and r.get("transform")]
     if not geo:
@@ -330,7 +329,7 @@ def _write_geojson(
     target = crs or crss[0]
     if target.upper() not in ("EPSG:4326", "OGC:CRS84"):  # RFC 7946 lon/lat needs no crs member
         doc["crs"] = {"type": "name", "properties": {"name": _crs_urn(target)}}
-    storage.write_bytes(path, json.dumps(doc).encode(), endpoint_url)
+    store.write_bytes(path, json.dumps(doc).encode())
     return ExportSummary(path, len(geo), len(features), skipped + len(rows) - len(geo))
 
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from raycv.outputs.read import read_images, read_objects, read_summary, task_of
+from raycv.storage import Storage
 from raycv.tasks.registry import Task
 
 _INSPECT_COLUMNS = [
@@ -96,18 +97,16 @@ def _print_errors(console: Console, images: pa.Table, top: int = 8) -> None:
         console.print(f"  e.g. {kind}: {rows[0]['image_uri']}", soft_wrap=True, markup=False, highlight=False)
 
 
-def inspect_output(
-    output: str, console: Console | None = None, endpoint_url: str | None = None
-) -> dict[str, Any]:
+def inspect_output(output: str, store: Storage, console: Console | None = None) -> dict[str, Any]:
     """Print the one-screen summary of an annotation output; returns the counts it printed.
 
     Counts by status, by class (classification labels, segmentation pixels, detected objects), score
     histograms, the most frequent errors with an example URI each, and the last run's ``_summary.json``.
     """
     console = console or Console()
-    task = task_of(output, endpoint_url)
-    images = read_images(output, endpoint_url, _INSPECT_COLUMNS)
-    objects = read_objects(output, endpoint_url, ["image_id", "label", "label_name", "score"])
+    task = task_of(output, store)
+    images = read_images(output, store, _INSPECT_COLUMNS)
+    objects = read_objects(output, store, ["image_id", "label", "label_name", "score"])
     status = Counter(images["status"].to_pylist())
     name = task.name if task else "unknown"
     console.rule(f"[bold]{output}[/bold]  task={name}  rows={images.num_rows}")
@@ -125,7 +124,7 @@ def inspect_output(
             what = "object scores" if on_objects else "top-class scores"
             console.print(histogram_table(f"{what} (mean {values.mean():.3f})", values))
     _print_errors(console, images)
-    summary = read_summary(output, endpoint_url)
+    summary = read_summary(output, store)
     if summary is not None:
         console.print("[bold]last run[/bold] (_summary.json): " + json.dumps(summary))
     return {"task": name, "status": dict(status), "objects": objects.num_rows, "summary": summary}

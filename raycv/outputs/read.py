@@ -32,18 +32,19 @@ import pyarrow.parquet as pq
 from raycv import storage
 from raycv.errors import ConfigError
 from raycv.outputs import schema as outputs
+from raycv.storage import Storage
 from raycv.tasks.registry import Task, get_task
 
 # -- Reading ---------------------------------------------------------------------------------------------------
 
 
-def images_files(output: str, endpoint_url: str | None = None) -> list[str]:
+def images_files(output: str, store: Storage) -> list[str]:
     """The committed ``OUTPUT/images`` files.
 
     Raises:
         FileNotFoundError: ``output`` holds no committed rows (not an annotation output, or nothing ran).
     """
-    files = outputs.committed_files(output, endpoint_url)
+    files = outputs.committed_files(output, store)
     if not files:
         raise FileNotFoundError(
             f"{storage.join(output, outputs.IMAGES_DIR)} holds no Parquet files: point at the `output` of a "
@@ -52,19 +53,17 @@ def images_files(output: str, endpoint_url: str | None = None) -> list[str]:
     return files
 
 
-def objects_files(output: str, endpoint_url: str | None = None) -> list[str]:
+def objects_files(output: str, store: Storage) -> list[str]:
     try:
         folder = storage.join(output, outputs.OBJECTS_DIR)
-        return [
-            e.uri for e in storage.iter_files(folder, extensions=(".parquet",), endpoint_url=endpoint_url)
-        ]
+        return [e.uri for e in store.iter_files(folder, extensions=(".parquet",))]
     except FileNotFoundError:
         return []
 
 
-def read_file(uri: str, endpoint_url: str | None = None, columns: list[str] | None = None) -> pa.Table:
+def read_file(uri: str, store: Storage, columns: list[str] | None = None) -> pa.Table:
     """One Parquet file; of ``columns``, those it has (older files may lack newer columns)."""
-    fs, path = storage.get_filesystem(uri, endpoint_url)
+    fs, path = store.filesystem(uri)
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
@@ -79,33 +78,33 @@ def concat(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default")
 
 
-def read_images(output: str, endpoint_url: str | None = None, columns: list[str] | None = None) -> pa.Table:
+def read_images(output: str, store: Storage, columns: list[str] | None = None) -> pa.Table:
     """Every committed ``OUTPUT/images`` row (``columns`` only, when given)."""
-    return concat([read_file(f, endpoint_url, columns) for f in images_files(output, endpoint_url)])
+    return concat([read_file(f, store, columns) for f in images_files(output, store)])
 
 
-def read_objects(output: str, endpoint_url: str | None = None, columns: list[str] | None = None) -> pa.Table:
+def read_objects(output: str, store: Storage, columns: list[str] | None = None) -> pa.Table:
     """Every ``OUTPUT/objects`` row (detection outputs); an empty table for other tasks."""
     schema = outputs.objects_schema()
-    tables = [read_file(f, endpoint_url, columns) for f in objects_files(output, endpoint_url)]
+    tables = [read_file(f, store, columns) for f in objects_files(output, store)]
     if not tables:
         names = columns or schema.names
         return pa.schema([schema.field(n) for n in names if n in schema.names]).empty_table()
     return concat(tables)
 
 
-def task_of(output: str, endpoint_url: str | None = None) -> Task | None:
+def task_of(output: str, store: Storage) -> Task | None:
     """The task of an output (from its first rows that name one); None when no row does."""
-    for f in images_files(output, endpoint_url):
-        tasks = [t for t in read_file(f, endpoint_url, ["task"]).column("task").to_pylist() if t]
+    for f in images_files(output, store):
+        tasks = [t for t in read_file(f, store, ["task"]).column("task").to_pylist() if t]
         if tasks:
             return get_task(str(tasks[0]))
     return None
 
 
-def read_summary(output: str, endpoint_url: str | None = None) -> dict[str, Any] | None:
+def read_summary(output: str, store: Storage) -> dict[str, Any] | None:
     try:
-        return json.loads(storage.read_bytes(storage.join(output, outputs.SUMMARY), endpoint_url))  # type: ignore[no-any-return]
+        return json.loads(store.read_bytes(storage.join(output, outputs.SUMMARY)))  # type: ignore[no-any-return]
     except FileNotFoundError:
         return None
 
@@ -348,8 +347,8 @@ def applies_to_objects(where: Where, task: Task | None) -> bool:
     return bool(on_objects)
 
 
-def iter_rows(output: str, endpoint_url: str | None = None, where: Where | None = None) -> Iterator[pa.Table]:
+def iter_rows(output: str, store: Storage, where: Where | None = None) -> Iterator[pa.Table]:
     """The committed image rows, file by file (bounded memory), filtered by ``where`` when given."""
-    for f in images_files(output, endpoint_url):
-        table = read_file(f, endpoint_url)
+    for f in images_files(output, store):
+        table = read_file(f, store)
         yield filter_table(table, where) if where is not None else table

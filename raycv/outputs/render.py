@@ -32,6 +32,7 @@ from raycv.outputs.read import (
     read_objects,
     task_of,
 )
+from raycv.storage import Storage
 from raycv.tasks.registry import Task
 
 
@@ -52,7 +53,7 @@ def output_name(image_uri: str, image_id: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', stem)[:80]}-{image_id[:8]}.png"
 
 
-def load_source(row: dict[str, Any], task: Task, max_side: int, endpoint_url: str | None) -> np.ndarray:
+def load_source(row: dict[str, Any], task: Task, max_side: int, store: Storage) -> np.ndarray:
     """The row's source image as [h, w, 3] uint8 RGB, scaled down to ``max_side`` (as it was annotated:
     EXIF orientation applied, the frame of a multi-frame file, GeoTIFFs of segmentation through rasterio)."""
     from raycv.data import geotiff
@@ -60,19 +61,19 @@ def load_source(row: dict[str, Any], task: Task, max_side: int, endpoint_url: st
     uri = row["image_uri"]
     source = uri if row.get("frame") is None else uri.rsplit(outputs.FRAME_SUFFIX, 1)[0]
     if task.label_maps and geotiff.is_geotiff(source):
-        return _read_raster(source, max_side, endpoint_url)
-    frames = decode_file(storage.read_bytes(source, endpoint_url), source, max_pixels=4 * DEFAULT_MAX_PIXELS)
+        return _read_raster(source, max_side, store)
+    frames = decode_file(store.read_bytes(source), source, max_pixels=4 * DEFAULT_MAX_PIXELS)
     return viz.fit(frames[int(row.get("frame") or 0)], max_side)
 
 
-def _read_raster(uri: str, max_side: int, endpoint_url: str | None) -> np.ndarray:
+def _read_raster(uri: str, max_side: int, store: Storage) -> np.ndarray:
     """A GeoTIFF read decimated by GDAL (overviews when present) to ``max_side``, bands 1-3 stretched
     between their 2nd and 98th percentiles for display."""
     from rasterio.enums import Resampling
 
     from raycv.data import geotiff
 
-    with geotiff.open_raster(uri, endpoint_url) as ds:
+    with geotiff.open_raster(uri, store) as ds:
         scale = min(1.0, max_side / max(ds.width, ds.height))
         h, w = max(1, round(ds.height * scale)), max(1, round(ds.width * scale))
         bands = [1, 2, 3] if ds.count >= 3 else [1, 1, 1]
@@ -145,8 +146,8 @@ def _draw_detections(image: np.ndarray, row: dict[str, Any], objects: list[dict[
     return im
 
 
-def _objects_by_image(output: str, where: Where | None, endpoint_url: str | None) -> dict[str, list[dict]]:
-    objects = read_objects(output, endpoint_url)
+def _objects_by_image(output: str, where: Where | None, store: Storage) -> dict[str, list[dict]]:
+    objects = read_objects(output, store)
     if where is not None:
         objects = filter_table(objects, where)
     by_image: dict[str, list[dict]] = {}
@@ -160,11 +161,11 @@ def _selected_rows(
     task: Task | None,
     where: Where | None,
     objects: dict[str, list[dict]] | None,
-    endpoint_url: str | None,
+    store: Storage,
 ) -> Iterator[tuple[pa.Table, int]]:
     """(ok rows to draw, error rows left out), file by file."""
     on_objects = where is not None and applies_to_objects(where, task)
-    for table in iter_rows(output, endpoint_url, None if on_objects else where):
+    for table in iter_rows(output, store, None if on_objects else where):
         ok = table.filter(pc.equal(table["status"], "ok"))
         errors = table.num_rows - ok.num_rows
         if on_objects and objects is not None:
@@ -175,24 +176,24 @@ def _selected_rows(
 def render_output(
     output: str,
     out_dir: str,
+    store: Storage,
     *,
     limit: int | None = None,
     where: Where | None = None,
     max_side: int = 2048,
-    endpoint_url: str | None = None,
 ) -> RenderSummary:
     """Render up to ``limit`` ok rows of ``output`` (those ``where`` selects) as PNGs into ``out_dir``.
 
     With a detection output, a ``where`` on object columns (``score``, ``label``, ``label_name``) selects
     the objects to draw, and the images holding at least one of them.
     """
-    task = task_of(output, endpoint_url)
+    task = task_of(output, store)
     summary = RenderSummary(out_dir)
     objects = None
     if task is not None and task.objects:
         on_objects = where is not None and applies_to_objects(where, task)
-        objects = _objects_by_image(output, where if on_objects else None, endpoint_url)
-    for table, errors in _selected_rows(output, task, where, objects, endpoint_url):
+        objects = _objects_by_image(output, where if on_objects else None, store)
+    for table, errors in _selected_rows(output, task, where, objects, store):
         summary.skipped_errors += errors
         if task is None:  # no row names a task: only error rows, nothing to draw
             continue
@@ -200,12 +201,12 @@ def render_output(
             if limit is not None and len(summary.written) >= limit:
                 return summary
             try:
-                image = load_source(row, task, max_side, endpoint_url)
+                image = load_source(row, task, max_side, store)
             except Exception as exc:  # a source moved or deleted since annotation: say so, go on
                 summary.failed.append(f"{row['image_uri']}: {type(exc).__name__}: {exc}")
                 continue
             im = draw_row(image, row, task, None if objects is None else objects.get(row["image_id"], []))
             dst = storage.join(out_dir, output_name(row["image_uri"], row["image_id"]))
-            storage.write_bytes(dst, viz.png_bytes(im), endpoint_url)
+            store.write_bytes(dst, viz.png_bytes(im))
             summary.written.append(dst)
     return summary

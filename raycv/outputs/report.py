@@ -11,34 +11,35 @@ from rich.table import Table
 from raycv import storage
 from raycv.data import draw as viz
 from raycv.models import saved
+from raycv.storage import Storage
 from raycv.tasks.registry import get_task
 
 CURVES = "curves.png"
 CONFUSION = "confusion.png"
 
 
-def read_history(run_dir: str, endpoint_url: str | None = None) -> list[dict[str, Any]]:
+def read_history(run_dir: str, store: Storage) -> list[dict[str, Any]]:
     try:
-        text = storage.read_bytes(storage.join(run_dir, saved.METRICS), endpoint_url).decode()
+        text = store.read_bytes(storage.join(run_dir, saved.METRICS)).decode()
     except FileNotFoundError:
         return []
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def write_plots(
-    run_dir: str, card: dict[str, Any], history: list[dict[str, Any]], endpoint_url: str | None = None
+    run_dir: str, card: dict[str, Any], history: list[dict[str, Any]], store: Storage
 ) -> list[str]:
     """Write ``curves.png`` (and ``confusion.png`` when the card has the best epoch's confusion matrix)."""
     written = []
     if history:
         metrics = get_task(card["task"]).metrics if card.get("task") else ()
         uri = storage.join(run_dir, CURVES)
-        storage.write_bytes(uri, viz.png_bytes(viz.curves_image(history, metrics)), endpoint_url)
+        store.write_bytes(uri, viz.png_bytes(viz.curves_image(history, metrics)))
         written.append(uri)
     if card.get("best_confusion"):
         uri = storage.join(run_dir, CONFUSION)
         image = viz.confusion_image(card["best_confusion"], card.get("class_names", []))
-        storage.write_bytes(uri, viz.png_bytes(image), endpoint_url)
+        store.write_bytes(uri, viz.png_bytes(image))
         written.append(uri)
     return written
 
@@ -51,13 +52,11 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def report_run(
-    run_dir: str, console: Console | None = None, endpoint_url: str | None = None
-) -> dict[str, Any]:
+def report_run(run_dir: str, store: Storage, console: Console | None = None) -> dict[str, Any]:
     """Print a run's model card and best metrics, refresh its plots; returns the card."""
     console = console or Console()
-    card = saved.read_card(run_dir, endpoint_url)
-    history = read_history(run_dir, endpoint_url)
+    card = saved.read_card(run_dir, store)
+    history = read_history(run_dir, store)
     console.rule(f"[bold]{run_dir}[/bold]")
     model = Table(title="model card", show_header=False, show_edge=False)
     model.add_column(style="bold")
@@ -82,6 +81,6 @@ def report_run(
     for k, v in (card.get("best_metrics") or {}).items():
         best.add_row(k, _fmt(v))
     console.print(best)
-    for uri in write_plots(run_dir, card, history, endpoint_url):
+    for uri in write_plots(run_dir, card, history, store):
         console.print(f"wrote {uri}", soft_wrap=True, highlight=False)
     return card

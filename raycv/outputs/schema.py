@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raycv import storage
-from raycv.tasks.detection import OBJECT_FIELDS
-from raycv.tasks.registry import get_task
+from raycv.storage import Storage
+from raycv.tasks.registry import OBJECT_FIELDS
 
 IMAGES_DIR = "images"
 STAGING_DIR = "_staging"
@@ -75,6 +75,8 @@ def split_objects(table: pa.Table) -> tuple[pa.Table, pa.Table]:
 
 def images_schema(task: str) -> pa.Schema:
     """The schema of ``OUTPUT/images`` rows for ``task``: the common columns, then the task's own."""
+    from raycv.tasks.registry import get_task  # here: importing the tasks loads torch
+
     return pa.schema(COMMON_FIELDS + list(get_task(task).image_fields))
 
 
@@ -180,12 +182,12 @@ def plan_keys(uris: Any, etags: Any) -> Any:
     return pc.binary_join_element_wise(uris, pc.fill_null(etags, ""), "\0")
 
 
-def read_index(output: str, endpoint_url: str | None = None) -> Index:
+def read_index(output: str, store: Storage) -> Index:
     """The :class:`Index` of every committed row of ``output`` (files written before ``frame`` existed too)."""
-    files = committed_files(output, endpoint_url)
+    files = committed_files(output, store)
     tables = [_INDEX_SCHEMA.empty_table()]
     for i, f in enumerate(files):
-        t = read_table(f, endpoint_url, wanted=_INDEX_COLUMNS)
+        t = read_table(f, store, wanted=_INDEX_COLUMNS)
         n = t.num_rows
         frame = t["frame"] if "frame" in t.column_names else pa.nulls(n, pa.int32())
         count = t["frame_count"] if "frame_count" in t.column_names else pa.nulls(n, pa.int32())
@@ -203,21 +205,19 @@ def read_index(output: str, endpoint_url: str | None = None) -> Index:
     return Index(pa.concat_tables(tables).combine_chunks(), files)
 
 
-def committed_files(output: str, endpoint_url: str | None = None) -> list[str]:
+def committed_files(output: str, store: Storage) -> list[str]:
     images = storage.join(output, IMAGES_DIR)
     try:
-        return [
-            e.uri for e in storage.iter_files(images, extensions=(".parquet",), endpoint_url=endpoint_url)
-        ]
+        return [e.uri for e in store.iter_files(images, extensions=(".parquet",))]
     except FileNotFoundError:
         return []
 
 
 def read_table(
-    uri: str, endpoint_url: str | None, columns: list[str] | None = None, *, wanted: list[str] | None = None
+    uri: str, store: Storage, columns: list[str] | None = None, *, wanted: list[str] | None = None
 ) -> pa.Table:
     """The Parquet file at ``uri``: ``columns`` (all by default), or those of ``wanted`` that it has."""
-    fs, path = storage.get_filesystem(uri, endpoint_url)
+    fs, path = store.filesystem(uri)
     with fs.open(path, "rb") as f:
         if wanted is not None:
             names = pq.ParquetFile(f).schema_arrow.names
@@ -229,7 +229,7 @@ def read_table(
 ROW_GROUP_BYTES = 64 << 20  # in-memory bytes of a row group: readers fetch and decode one at a time
 
 
-def write_table(uri: str, table: pa.Table, endpoint_url: str | None = None) -> None:
+def write_table(uri: str, table: pa.Table, store: Storage) -> None:
     """Write ``table`` as one zstd Parquet file at ``uri``, atomically (readers never see a part of it).
 
     Row groups of about :data:`ROW_GROUP_BYTES`: a file of label rows is one group; a file of masks is cut
@@ -239,13 +239,13 @@ def write_table(uri: str, table: pa.Table, endpoint_url: str | None = None) -> N
     pq.write_table(
         table, sink, compression="zstd", row_group_size=max(1, int(ROW_GROUP_BYTES / max(per_row, 1)))
     )
-    storage.write_bytes(uri, sink.getvalue().to_pybytes(), endpoint_url)
+    store.write_bytes(uri, sink.getvalue().to_pybytes())
 
 
-def count_status(files: list[str], endpoint_url: str | None = None) -> dict[str, int]:
+def count_status(files: list[str], store: Storage) -> dict[str, int]:
     """Rows per ``status`` over ``files`` (reads only that column)."""
     counts: dict[str, int] = {}
     for f in files:
-        for item in pc.value_counts(read_table(f, endpoint_url, ["status"]).column("status")).to_pylist():
+        for item in pc.value_counts(read_table(f, store, ["status"]).column("status")).to_pylist():
             counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
     return counts

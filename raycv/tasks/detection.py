@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -23,6 +22,7 @@ from raycv.tasks.coco import coco_metrics
 from raycv.tasks.registry import (
     LOSS_IS_SEGMENTATION_ONLY,
     MIXUP_IS_CLASSIFICATION_ONLY,
+    STAGED_OBJECTS,
     StepContext,
     Task,
     Transform,
@@ -109,18 +109,6 @@ def _color_jitter(image: Tensor, rng: np.random.Generator, strength: float) -> T
     return TF.adjust_saturation(image, float(rng.uniform(low, high))).clamp(0, 1)
 
 
-OBJECT_FIELDS = (
-    pa.field("label", pa.int32()),
-    pa.field("label_name", pa.string()),
-    pa.field("score", pa.float32()),
-    pa.field("box", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2 in original-image pixels
-    pa.field("mask_rle_size", pa.list_(pa.int32())),  # [h, w]; null for plain detection
-    pa.field("mask_rle_counts", pa.string()),  # COCO compressed RLE; null for plain detection
-)
-OBJECTS_TYPE = pa.list_(pa.struct(list(OBJECT_FIELDS)))
-_STAGED_OBJECTS = (pa.field("objects", OBJECTS_TYPE),)  # staged only: split into OUTPUT/objects
-
-
 def sample_masks(sample: DetectionSample, height: int, width: int) -> np.ndarray | None:
     """[M, H, W] uint8 instance masks of a sample's COCO segmentations (polygons or RLE), or None."""
     if sample.segmentations is None:
@@ -178,7 +166,7 @@ class Detection(Task):
     formats: ClassVar[tuple[str, ...]] = ("coco", "yolo")
     primary_metric = "map"
     metrics: ClassVar[tuple[str, ...]] = ("map", "map_50")
-    image_fields = _STAGED_OBJECTS
+    image_fields = STAGED_OBJECTS
     objects = True
     unit_pixels = True
     export_formats = ("coco", "yolo", "geojson")

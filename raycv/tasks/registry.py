@@ -18,14 +18,24 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import numpy as np
 import pyarrow as pa
 
-from raycv.models.registry import allow_task
-
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 _BUILTIN_MODULES = ("raycv.tasks.classification", "raycv.tasks.segmentation", "raycv.tasks.detection")
 _TASKS: dict[str, Task] = {}
+
+OBJECT_FIELDS = (
+    pa.field("label", pa.int32()),
+    pa.field("label_name", pa.string()),
+    pa.field("score", pa.float32()),
+    pa.field("box", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2 in original-image pixels
+    pa.field("mask_rle_size", pa.list_(pa.int32())),  # [h, w]; null for plain detection
+    pa.field("mask_rle_counts", pa.string()),  # COCO compressed RLE; null for plain detection
+)
+OBJECTS_TYPE = pa.list_(pa.struct(list(OBJECT_FIELDS)))
+# A task that finds objects stages them with its image rows; the commit splits them into OUTPUT/objects.
+STAGED_OBJECTS = (pa.field("objects", OBJECTS_TYPE),)
 
 LOSS_IS_SEGMENTATION_ONLY = "train.loss applies to semantic_segmentation only (detectors compute their own)"
 MIXUP_IS_CLASSIFICATION_ONLY = "train.augment.mixup applies to classification only; set it to 0"
@@ -134,6 +144,8 @@ def register_task(task: Task) -> Task:
     if task.name in _TASKS:
         raise ValueError(f"task {task.name!r} is registered already")
     _TASKS[task.name] = task
+    from raycv.models.registry import allow_task  # here: the registry itself stays free of torch
+
     allow_task(task.name)
     return task
 

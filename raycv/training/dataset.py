@@ -7,12 +7,13 @@ from typing import Any
 from raycv.config import TrainConfig
 from raycv.data.formats import Dataset, DetectionDataset, split_train_val
 from raycv.errors import ConfigError, DatasetError
+from raycv.storage import Storage
 from raycv.tasks.registry import get_task
 
 
 def _read_dataset(cfg: TrainConfig, root: str) -> Dataset | DetectionDataset:
-    task = get_task(cfg.task)
-    return task.read_dataset(cfg.data_format, root, cfg.storage.endpoint_url, cfg.model.num_classes)  # type: ignore[no-any-return]
+    store = Storage(endpoint_url=cfg.storage.endpoint_url)
+    return get_task(cfg.task).read_dataset(cfg.data_format, root, store, cfg.model.num_classes)  # type: ignore[no-any-return]
 
 
 def plan_dataset(cfg: TrainConfig) -> dict[str, Any]:

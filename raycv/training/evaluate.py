@@ -10,6 +10,7 @@ from raycv.config import TrainConfig
 from raycv.data.formats import Sample
 from raycv.data.loader import BatchLoader
 from raycv.models import saved
+from raycv.storage import Storage
 from raycv.tasks import task_ops
 
 
@@ -25,7 +26,8 @@ def evaluate(cfg: TrainConfig, split: str = "val") -> dict[str, Any]:
     from raycv.training.dataset import plan_dataset
     from raycv.training.loop import evaluate_confusion, make_transforms
 
-    run = saved.load_run(cfg.output.dir, cfg.storage.endpoint_url)
+    store = Storage(endpoint_url=cfg.storage.endpoint_url)
+    run = saved.load_run(cfg.output.dir, store)
     plan = plan_dataset(cfg)
     names = run.class_names
     if plan["class_names"][: len(names)] != names[: len(plan["class_names"])]:
@@ -33,9 +35,7 @@ def evaluate(cfg: TrainConfig, split: str = "val") -> dict[str, Any]:
     rows = plan["val"] if split == "val" else plan["train"] + plan["val"]
     samples = [Sample(*row) for row in rows]
     _, eval_tf = make_transforms(cfg)
-    loader = BatchLoader(
-        samples, eval_tf, batch_size=32, endpoint_url=cfg.storage.endpoint_url, decode_size=cfg.data.size_hw
-    )
+    loader = BatchLoader(samples, eval_tf, batch_size=32, store=store, decode_size=cfg.data.size_hw)
     ops = task_ops(cfg.task)
     k = int(run.card["num_classes"])
     cm = evaluate_confusion(run.model, loader, list(range(len(samples))), ops, k, torch.device("cpu"))

@@ -275,7 +275,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # (measured on 1 CPU, resnet18 @ 64: 8 or 2 threads give the same epoch time; loading is ~2% of it).
     threads = max(2, round(2 * cfg.scaling.cpus_per_worker))
     bs = cfg.train.batch_size
-    kw: dict[str, Any] = {"batch_size": bs, "endpoint_url": ep, "threads": threads}
+    kw: dict[str, Any] = {"batch_size": bs, "store": storage.Storage(endpoint_url=ep), "threads": threads}
     if cfg.task == "classification":  # transforms that resize whole images first: large JPEGs decode smaller
         kw["decode_size"] = cfg.data.size_hw
     train_loader = BatchLoader(train_samples, train_tf, **kw)

@@ -75,6 +75,6 @@ def write_run_dir(cfg: TrainConfig, info: dict[str, Any], record: dict[str, Any]
     try:  # curves.png (and confusion.png), refreshed every epoch; a drawing problem never stops training
         from raycv.outputs.report import write_plots
 
-        write_plots(run_dir, card, record["history"], ep)
+        write_plots(run_dir, card, record["history"], storage.Storage(endpoint_url=ep))
     except Exception as exc:
         log.warning("could not draw the training curves: %s", exc)

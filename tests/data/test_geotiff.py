@@ -17,12 +17,14 @@ from rasterio.abc import FileContainer
 from rasterio.io import MemoryFile
 from rasterio.transform import Affine
 
-from raycv import storage
 from raycv.data import cog, geotiff, geotiff_info
 from raycv.data.geotiff import open_raster, read_scene, read_window
 from raycv.data.geotiff_info import RasterInfo
 from raycv.data.synthetic_geo import make_test_geotiff
 from raycv.errors import DecodeError
+from raycv.storage import Storage
+
+STORE = Storage()  # s3:// through the environment's endpoint (conftest's S3 server)
 
 UTM = (500000.0, 10.0, 0.0, 5000000.0, 0.0, -10.0)
 BIG = (3000, 2000)  # 12 x 8 internal tiles of 256
@@ -64,7 +66,7 @@ def _write(path, values: np.ndarray, *, nodata=None, crs="EPSG:32633") -> str:
 
 
 def test_raster_info_reports_crs_and_gdal_transform(big_scene):
-    info = geotiff.raster_info(big_scene)
+    info = geotiff.raster_info(big_scene, STORE)
 
     assert info == RasterInfo(
         width=3000, height=2000, count=4, dtype="uint16", crs="EPSG:32633", transform=UTM, nodata=None
@@ -84,7 +86,7 @@ def test_crs_without_epsg_code_is_wkt(tmp_path):
     custom = "+proj=tmerc +lat_0=0 +lon_0=15.5 +k=0.9996 +x_0=500000 +y_0=0 +ellps=WGS84 +units=m +no_defs"
     path = _write(tmp_path / "custom.tif", np.zeros((1, 8, 8), np.uint8), crs=custom)
 
-    crs = geotiff.raster_info(path).crs
+    crs = geotiff.raster_info(path, STORE).crs
 
     assert crs is not None and crs.startswith("PROJCS[")
     assert rasterio.crs.CRS.from_wkt(crs) == rasterio.crs.CRS.from_proj4(custom)
@@ -105,7 +107,7 @@ def test_is_geotiff_by_extension():
 )
 @pytest.mark.parametrize("scale", ["dtype", "minmax"])
 def test_window_equals_slice_of_full_read(big_scene, x, y, width, height, scale):
-    with open_raster(big_scene) as ds:
+    with open_raster(big_scene, STORE) as ds:
         full = read_window(ds, 0, 0, *BIG, scale=scale, bands=[3, 2, 1])
         window = read_window(ds, x, y, width, height, scale=scale, bands=[3, 2, 1])
 
@@ -115,15 +117,15 @@ def test_window_equals_slice_of_full_read(big_scene, x, y, width, height, scale)
 
 
 def test_full_window_equals_read_scene(big_scene):
-    image, info = read_scene(big_scene)
+    image, info = read_scene(big_scene, STORE)
 
-    with open_raster(big_scene) as ds:
+    with open_raster(big_scene, STORE) as ds:
         np.testing.assert_array_equal(read_window(ds, 0, 0, info.width, info.height), image)
     assert image.shape == (2000, 3000, 3) and info.crs == "EPSG:32633"
 
 
 def test_band_selection_and_order(big_scene):
-    with open_raster(big_scene) as ds:
+    with open_raster(big_scene, STORE) as ds:
         rgb = read_window(ds, 100, 100, 64, 48)
         bgr = read_window(ds, 100, 100, 64, 48, bands=[3, 2, 1])
         nir = read_window(ds, 100, 100, 64, 48, bands=[4])
@@ -133,13 +135,16 @@ def test_band_selection_and_order(big_scene):
     assert nir.shape == (48, 64, 1)
     np.testing.assert_array_equal(nir[:, :, 0], (raw[3].astype(np.int64) * 255 + 32767) // 65535)
     for bad in ([0], [5], []):
-        with open_raster(big_scene) as ds, pytest.raises(ValueError, match=r"1-based indexes in 1\.\.4"):
+        with (
+            open_raster(big_scene, STORE) as ds,
+            pytest.raises(ValueError, match=r"1-based indexes in 1\.\.4"),
+        ):
             read_window(ds, 0, 0, 8, 8, bands=bad)
 
 
 def test_single_band_is_replicated_to_rgb(tmp_path):
     values = np.arange(64, dtype=np.uint8).reshape(1, 8, 8)
-    image, _ = read_scene(_write(tmp_path / "gray.tif", values))
+    image, _ = read_scene(_write(tmp_path / "gray.tif", values), STORE)
 
     assert image.shape == (8, 8, 3)
     for channel in range(3):
@@ -147,7 +152,7 @@ def test_single_band_is_replicated_to_rgb(tmp_path):
 
 
 def test_window_outside_raster_is_an_error(big_scene):
-    with open_raster(big_scene) as ds:
+    with open_raster(big_scene, STORE) as ds:
         with pytest.raises(ValueError, match="outside the 3000x2000 raster"):
             read_window(ds, 3000, 0, 10, 10)
         with pytest.raises(ValueError, match="must be positive"):
@@ -158,7 +163,7 @@ def test_window_outside_raster_is_an_error(big_scene):
 
 
 def test_dtype_scale_is_exact_on_the_ramp(ramp):
-    image, _ = read_scene(ramp, bands=[1, 2], scale="dtype")
+    image, _ = read_scene(ramp, STORE, bands=[1, 2], scale="dtype")
 
     for channel, band in enumerate([1, 2]):
         values = _ramp_values(band)
@@ -170,22 +175,32 @@ def test_dtype_scale_of_signed_and_8bit_data(tmp_path):
     signed = np.array([[[-32768, -1, 0, 32767]]], np.int16)
     small = np.array([[[0, 1, 128, 255]]], np.uint8)
 
-    assert read_scene(_write(tmp_path / "s.tif", signed), bands=[1])[0].ravel().tolist() == [0, 127, 128, 255]
-    assert read_scene(_write(tmp_path / "u.tif", small), bands=[1])[0].ravel().tolist() == [0, 1, 128, 255]
+    assert read_scene(_write(tmp_path / "s.tif", signed), STORE, bands=[1])[0].ravel().tolist() == [
+        0,
+        127,
+        128,
+        255,
+    ]
+    assert read_scene(_write(tmp_path / "u.tif", small), STORE, bands=[1])[0].ravel().tolist() == [
+        0,
+        1,
+        128,
+        255,
+    ]
 
 
 def test_explicit_ranges_clip_and_scale(ramp):
     lo, hi = 10000.0, 20000.0
-    image, _ = read_scene(ramp, bands=[1, 2], scale=[(lo, hi), (0, 65535)])
+    image, _ = read_scene(ramp, STORE, bands=[1, 2], scale=[(lo, hi), (0, 65535)])
 
     expected = np.floor((np.clip(_ramp_values(1), lo, hi) - lo) * 255 / (hi - lo) + 0.5)
     np.testing.assert_array_equal(image[:, :, 0], expected)
     np.testing.assert_array_equal(image[:, :, 1], (_ramp_values(2) * 255 + 32767) // 65535)
-    one_for_all, _ = read_scene(ramp, bands=[1, 2], scale=[(lo, hi)])
+    one_for_all, _ = read_scene(ramp, STORE, bands=[1, 2], scale=[(lo, hi)])
     np.testing.assert_array_equal(one_for_all[:, :, 0], expected)
     for bad in ([(5.0, 5.0)], [(0, 1), (0, 1), (0, 1)]):
         with pytest.raises(ValueError, match=r"one \(lo, hi\) with hi > lo per output channel"):
-            read_scene(ramp, bands=[1, 2], scale=bad)
+            read_scene(ramp, STORE, bands=[1, 2], scale=bad)
 
 
 def test_minmax_stretches_each_band_and_nodata_is_zero(tmp_path):
@@ -193,8 +208,8 @@ def test_minmax_stretches_each_band_and_nodata_is_zero(tmp_path):
     values[0, 20:22, 30:32] = 7  # nodata, far below the data: must not count in the range
     path = _write(tmp_path / "dim.tif", values, nodata=7)
 
-    stretched, info = read_scene(path, bands=[1], scale="minmax")
-    dtype_scaled, _ = read_scene(path, bands=[1], scale="dtype")
+    stretched, info = read_scene(path, STORE, bands=[1], scale="minmax")
+    dtype_scaled, _ = read_scene(path, STORE, bands=[1], scale="dtype")
 
     assert info.nodata == 7.0
     expected = np.floor((values[0].astype(np.float64) - 1000) * 255 / 2000 + 0.5)
@@ -207,7 +222,9 @@ def test_float_rasters_default_to_minmax(tmp_path):
     path = str(tmp_path / "float.tif")
     make_test_geotiff(path, width=300, height=200, count=2, dtype="float32", pattern="ramp")
 
-    image, info = read_scene(path, bands=[1])  # scale="dtype": a float type has no range, minmax is used
+    image, info = read_scene(
+        path, STORE, bands=[1]
+    )  # scale="dtype": a float type has no range, minmax is used
 
     n = 300 * 200
     stored = (np.arange(n) / (n - 1)).astype(np.float32).astype(np.float64).reshape(200, 300)  # 0..1
@@ -216,7 +233,7 @@ def test_float_rasters_default_to_minmax(tmp_path):
 
 
 def test_minmax_on_a_large_scene_reaches_both_ends(big_scene):
-    with open_raster(big_scene) as ds:
+    with open_raster(big_scene, STORE) as ds:
         image = read_window(ds, 0, 0, *BIG, bands=[1, 2, 3, 4], scale="minmax")
 
     assert image.reshape(-1, 4).min(axis=0).tolist() == [0, 0, 0, 0]
@@ -292,7 +309,7 @@ def s3_scene(tmp_path, bucket) -> tuple[str, str]:
     make_test_geotiff(local, width=1300, height=900, seed=5)
     uri = f"{bucket}/scenes/scene.tif"
     with open(local, "rb") as f:
-        storage.write_bytes(uri, f.read())
+        STORE.write_bytes(uri, f.read())
     return local, uri
 
 
@@ -300,8 +317,8 @@ def test_s3_info_and_windows_match_local(s3_scene, caplog):
     local, uri = s3_scene
     caplog.set_level(logging.DEBUG, logger="s3fs")
 
-    assert geotiff.raster_info(uri) == geotiff.raster_info(local)
-    with open_raster(uri) as remote, open_raster(local) as ds:
+    assert geotiff.raster_info(uri, STORE) == geotiff.raster_info(local, STORE)
+    with open_raster(uri, STORE) as remote, open_raster(local, STORE) as ds:
         caplog.clear()
         got = read_window(remote, 700, 600, 256, 256, bands=[4, 1])
         fetched = [re.search(r"Fetch: .*, (\d+)-(\d+)$", r.getMessage()) for r in caplog.records]
@@ -316,12 +333,12 @@ def test_s3_info_and_windows_match_local(s3_scene, caplog):
 
 
 def test_s3_missing_and_bad_objects(bucket):
-    storage.write_bytes(f"{bucket}/notes.tif", b"just some notes, not an image\n")
+    STORE.write_bytes(f"{bucket}/notes.tif", b"just some notes, not an image\n")
 
     with pytest.raises(FileNotFoundError, match=r"missing\.tif"):
-        geotiff.raster_info(f"{bucket}/missing.tif")
+        geotiff.raster_info(f"{bucket}/missing.tif", STORE)
     with pytest.raises(DecodeError, match="not recognized") as caught:
-        read_scene(f"{bucket}/notes.tif")
+        read_scene(f"{bucket}/notes.tif", STORE)
     assert caught.value.uri == f"{bucket}/notes.tif"
 
 
@@ -333,7 +350,7 @@ def test_text_named_tif_is_a_decode_error(tmp_path):
     path.write_text("this is a text file with a .tif name\n")
 
     with pytest.raises(DecodeError, match="cannot open as a raster") as caught:
-        geotiff.raster_info(str(path))
+        geotiff.raster_info(str(path), STORE)
     assert caught.value.uri == str(path)
 
 
@@ -345,19 +362,19 @@ def test_truncated_tif_is_a_decode_error(tmp_path, big_scene, keep):
         f.write(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
 
     with pytest.raises(DecodeError) as caught:
-        read_scene(path)
+        read_scene(path, STORE)
     assert caught.value.uri == path
     assert "TIFFRead" in caught.value.reason
 
 
 def test_missing_local_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="No such file"):
-        geotiff.raster_info(str(tmp_path / "absent.tif"))
+        geotiff.raster_info(str(tmp_path / "absent.tif"), STORE)
 
 
 def test_read_scene_refuses_scenes_over_the_pixel_limit(big_scene):
     with pytest.raises(DecodeError, match="tile it with read_window"):
-        read_scene(big_scene, max_pixels=1000 * 1000)
+        read_scene(big_scene, STORE, max_pixels=1000 * 1000)
 
 
 # -- COG output ----------------------------------------------------------------------------------------------
@@ -391,7 +408,7 @@ def test_write_cog_local(tmp_path):
     labels, majority = _majority_labels(900, 1300)
     out = str(tmp_path / "out" / "labels.tif")
 
-    cog.write_cog(out, labels, info, colormap={0: (0, 0, 0), 3: (255, 128, 0)})
+    cog.write_cog(out, labels, info, STORE, colormap={0: (0, 0, 0), 3: (255, 128, 0)})
 
     with rasterio.open(out) as ds:
         _check_cog(ds, labels, info)
@@ -403,14 +420,14 @@ def test_write_cog_local(tmp_path):
 
 def test_write_cog_on_s3_keeps_the_source_grid(s3_scene):
     _, uri = s3_scene
-    info = geotiff.raster_info(uri)
+    info = geotiff.raster_info(uri, STORE)
     labels = np.zeros((info.height, info.width), np.uint8)
     labels[100:400, 200:900] = 2
     out = uri.replace("scenes/", "labels/")
 
-    cog.write_cog(out, labels, info)
+    cog.write_cog(out, labels, info, STORE)
 
-    with MemoryFile(storage.read_bytes(out)) as memory, memory.open() as ds:
+    with MemoryFile(STORE.read_bytes(out)) as memory, memory.open() as ds:
         _check_cog(ds, labels, info)
 
 
@@ -418,11 +435,13 @@ def test_write_cog_validates_the_label_map(tmp_path):
     info = RasterInfo(64, 32, 1, "uint8", None, (0.0, 1.0, 0.0, 0.0, 0.0, 1.0), None)
 
     with pytest.raises(ValueError, match=r"shape \(32, 64\)"):
-        cog.write_cog(str(tmp_path / "x.tif"), np.zeros((64, 32), np.uint8), info)
+        cog.write_cog(str(tmp_path / "x.tif"), np.zeros((64, 32), np.uint8), info, STORE)
     with pytest.raises(ValueError, match="uint8"):
-        cog.write_cog(str(tmp_path / "x.tif"), np.zeros((32, 64), np.int64), info)
+        cog.write_cog(str(tmp_path / "x.tif"), np.zeros((32, 64), np.int64), info, STORE)
     with pytest.raises(ValueError, match="colormap"):
-        cog.write_cog(str(tmp_path / "x.tif"), np.zeros((32, 64), np.uint8), info, colormap={300: (1, 2, 3)})
+        cog.write_cog(
+            str(tmp_path / "x.tif"), np.zeros((32, 64), np.uint8), info, STORE, colormap={300: (1, 2, 3)}
+        )
 
 
 # -- Test scenes ---------------------------------------------------------------------------------------------

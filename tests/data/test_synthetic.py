@@ -12,12 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from raycv import storage
 from raycv.data import synthetic
 from raycv.data.images import decode_image
 from raycv.data.special_images import make_special_images
 from raycv.data.synthetic import write_flat_archive, write_imagefolder
 from raycv.data.synthetic_scenes import CLASSES, render_classification_sample, render_scene
+from raycv.storage import Storage
+
+STORE = Storage()  # s3:// through the environment's endpoint (conftest's S3 server)
 
 
 def _ring(mask: np.ndarray) -> np.ndarray:
@@ -172,12 +174,12 @@ def test_write_imagefolder_layout_counts_and_determinism(tmp_path):
     assert sorted(os.listdir(root)) == sorted(CLASSES)
     for name in CLASSES:
         assert sorted(os.listdir(os.path.join(root, name))) == [f"{name}_{i:05d}.png" for i in range(4)]
-    first = storage.read_bytes(os.path.join(root, "square", "square_00002.png"))
+    first = STORE.read_bytes(os.path.join(root, "square", "square_00002.png"))
     assert decode_image(first).shape == (24, 24, 3)
     # Same seed, more images: the first files come out byte-identical (thread order plays no part).
     again = str(tmp_path / "again")
     write_imagefolder(again, n_per_class=6, size=24, seed=3)
-    assert storage.read_bytes(os.path.join(again, "square", "square_00002.png")) == first
+    assert STORE.read_bytes(os.path.join(again, "square", "square_00002.png")) == first
     other = str(tmp_path / "other")
     write_imagefolder(other, n_per_class=1, size=24, seed=4, classes=("triangle",), ext=".jpg")
     assert os.listdir(other) == ["triangle"] and os.listdir(os.path.join(other, "triangle")) == [
@@ -198,7 +200,7 @@ def test_write_imagefolder_errors(tmp_path):
 def test_write_imagefolder_to_s3(bucket):
     counts = write_imagefolder(f"{bucket}/ds", n_per_class=3, size=16, seed=0, classes=("circle", "square"))
     assert counts == {"circle": 3, "square": 3}
-    uris = [entry.uri for entry in storage.iter_files(f"{bucket}/ds", extensions=(".png",))]
+    uris = [entry.uri for entry in STORE.iter_files(f"{bucket}/ds", extensions=(".png",))]
     assert uris == [f"{bucket}/ds/{c}/{c}_{i:05d}.png" for c in ("circle", "square") for i in range(3)]
 
 
@@ -210,13 +212,13 @@ def test_write_flat_archive_names_labels_and_prefix_stability(tmp_path):
         found = re.fullmatch(r"\d{5}_(\w+)\.png", os.path.basename(uri))
         assert found is not None
         name = found.group(1)
-        assert CLASSES[label] == name and decode_image(storage.read_bytes(uri)).shape == (20, 20, 3)
+        assert CLASSES[label] == name and decode_image(STORE.read_bytes(uri)).shape == (20, 20, 3)
     assert np.bincount(list(truth.values()), minlength=3).tolist() == [4, 4, 4]
     larger = write_flat_archive(str(tmp_path / "larger"), n=15, size=20, seed=5)
     assert [os.path.basename(u) for u in larger][:12] == [os.path.basename(u) for u in truth]
     for uri in truth:
         twin = os.path.join(str(tmp_path / "larger"), os.path.basename(uri))
-        assert storage.read_bytes(twin) == storage.read_bytes(uri)
+        assert STORE.read_bytes(twin) == STORE.read_bytes(uri)
 
 
 def test_special_images_are_complete_small_and_fresh():
