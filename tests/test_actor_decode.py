@@ -14,6 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
+from raycv.annotation.actor import ActorSpec
 from raycv.annotation.classifier import Classifier
 from raycv.annotation.decode import decode_batch, device_decodable
 from raycv.annotation.pipeline import _stages
@@ -166,7 +167,7 @@ def test_annotate_with_decode_actor_gives_the_rows_of_decode_tasks(files, tmp_pa
     assert len(rows) == summary["total"] == len(uris) and summary["error"] == len(BAD)
 
     plan = _plan(uris)
-    expected = Classifier(run, STORE, "ref", 1, False, topk=3)(
+    expected = Classifier(ActorSpec(run_dir=run, store=STORE, run_id="ref", threads=1, topk=3))(
         read_decode_batch(plan, size_hw=(SIZE, SIZE), store=STORE, max_pixels=178_956_970)
     ).to_pylist()
     score_diffs = []
@@ -179,8 +180,8 @@ def test_annotate_with_decode_actor_gives_the_rows_of_decode_tasks(files, tmp_pa
     assert len(score_diffs) == len(uris) - len(BAD) and max(score_diffs) < 0.01
     # The read tasks shipped the files' bytes, not pixels.
     config = build_config(AnnotateConfig, yaml.safe_load(STORE.read_bytes(cfg)))
-    read, _, _, actor_kw = _stages(config, saved.read_card(run, STORE), "r", STORE)
-    assert read is read_bytes_batch and actor_kw["max_pixels"] == 178_956_970
+    read, _, _, spec = _stages(config, saved.read_card(run, STORE), "r", STORE)
+    assert read is read_bytes_batch and spec.max_pixels == 178_956_970
 
 
 def test_decode_must_be_tasks_or_actor(tmp_path, capsys):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from raycv.annotation.actor import ActorSpec
 from raycv.annotation.classifier import Classifier
 from raycv.annotation.segmenter import Segmenter
 from raycv.config import AnnotateConfig, build_config
@@ -97,8 +98,14 @@ def _labels_scores(table) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_bf16_channels_last_classifier_matches_fp32(classifier_run, shapes):
-    ref = Classifier(classifier_run, STORE, "r", 1, False, channels_last=False)
-    fast = Classifier(classifier_run, STORE, "r", 1, False, precision="bf16", channels_last=True)
+    ref = Classifier(
+        ActorSpec(run_dir=classifier_run, store=STORE, run_id="r", threads=1, channels_last=False)
+    )
+    fast = Classifier(
+        ActorSpec(
+            run_dir=classifier_run, store=STORE, run_id="r", threads=1, precision="bf16", channels_last=True
+        )
+    )
     assert next(fast.run.model.parameters()).is_contiguous(memory_format=torch.channels_last)
     labels, scores = _labels_scores(ref(shapes))
     fast_labels, fast_scores = _labels_scores(fast(shapes))
@@ -113,8 +120,14 @@ def test_bf16_channels_last_segmenter_matches_fp32(tmp_path):
     _standardise_head(run, "head", np.stack([s.image for s in scenes]))
     batch = {**_plan(6), "data": np.array([encode_png(s.image) for s in scenes], dtype=object)}
     out = str(tmp_path / "out")
-    ref = Segmenter(run, STORE, "r", 1, False, output=out, channels_last=False)(batch)
-    fast = Segmenter(run, STORE, "r", 1, False, output=out, precision="bf16", channels_last=True)(batch)
+    ref = Segmenter(
+        ActorSpec(run_dir=run, store=STORE, run_id="r", threads=1, output=out, channels_last=False)
+    )(batch)
+    fast = Segmenter(
+        ActorSpec(
+            run_dir=run, store=STORE, run_id="r", threads=1, output=out, precision="bf16", channels_last=True
+        )
+    )(batch)
     assert fast.column("status").to_pylist() == ["ok"] * 6
     a = np.stack([decode_png_mask(m) for m in ref.column("mask_png").to_pylist()])
     b = np.stack([decode_png_mask(m) for m in fast.column("mask_png").to_pylist()])
@@ -125,8 +138,10 @@ def test_bf16_channels_last_segmenter_matches_fp32(tmp_path):
 def test_channels_last_is_the_default_and_changes_no_label(classifier_run, shapes, tmp_path):
     """NHWC (the default: faster on CPU too) computes the same function as NCHW, up to summation order."""
     assert build_config(AnnotateConfig, {"model": "r/", "input": "i/", "output": "o/"}).channels_last
-    nchw = Classifier(classifier_run, STORE, "r", 1, False, channels_last=False)
-    nhwc = Classifier(classifier_run, STORE, "r", 1, False)
+    nchw = Classifier(
+        ActorSpec(run_dir=classifier_run, store=STORE, run_id="r", threads=1, channels_last=False)
+    )
+    nhwc = Classifier(ActorSpec(run_dir=classifier_run, store=STORE, run_id="r", threads=1))
     assert next(nhwc.run.model.parameters()).is_contiguous(memory_format=torch.channels_last)
     assert next(nchw.run.model.parameters()).is_contiguous()
     labels, scores = _labels_scores(nchw(shapes))
@@ -142,8 +157,10 @@ def test_channels_last_is_the_default_and_changes_no_label(classifier_run, shape
     masks = [
         np.stack([decode_png_mask(m) for m in table.column("mask_png").to_pylist()])
         for table in (
-            Segmenter(run, STORE, "r", 1, False, output=out, channels_last=False)(batch),
-            Segmenter(run, STORE, "r", 1, False, output=out)(batch),
+            Segmenter(
+                ActorSpec(run_dir=run, store=STORE, run_id="r", threads=1, output=out, channels_last=False)
+            )(batch),
+            Segmenter(ActorSpec(run_dir=run, store=STORE, run_id="r", threads=1, output=out))(batch),
         )
     ]
     assert len(np.unique(masks[0])) == 4 and (masks[0] == masks[1]).mean() >= 0.999
@@ -151,8 +168,10 @@ def test_channels_last_is_the_default_and_changes_no_label(classifier_run, shape
 
 def test_compile_gives_the_same_labels(classifier_run, shapes):
     small = {k: v[:8] for k, v in shapes.items()}
-    labels, scores = _labels_scores(Classifier(classifier_run, STORE, "r", 1, False)(small))
-    compiled = Classifier(classifier_run, STORE, "r", 1, False, compile=True)
+    labels, scores = _labels_scores(
+        Classifier(ActorSpec(run_dir=classifier_run, store=STORE, run_id="r", threads=1))(small)
+    )
+    compiled = Classifier(ActorSpec(run_dir=classifier_run, store=STORE, run_id="r", threads=1, compile=True))
     got_labels, got_scores = _labels_scores(compiled(small))
     assert compiled.model.worked, "torch.compile fell back to eager on this platform"
     assert (labels == got_labels).all() and np.allclose(scores, got_scores, atol=1e-4)
@@ -164,9 +183,15 @@ def test_compile_failure_warns_and_runs_eagerly(classifier_run, shapes, monkeypa
 
     monkeypatch.setattr(torch, "compile", lambda model, **kw: broken)
     small = {k: v[:4] for k, v in shapes.items()}
-    labels, _ = _labels_scores(Classifier(classifier_run, STORE, "r", 1, False)(small))
+    labels, _ = _labels_scores(
+        Classifier(ActorSpec(run_dir=classifier_run, store=STORE, run_id="r", threads=1))(small)
+    )
     with caplog.at_level(logging.WARNING, logger="raycv.annotation.actor"):
-        got, _ = _labels_scores(Classifier(classifier_run, STORE, "r", 1, False, compile=True)(small))
+        got, _ = _labels_scores(
+            Classifier(ActorSpec(run_dir=classifier_run, store=STORE, run_id="r", threads=1, compile=True))(
+                small
+            )
+        )
     assert (labels == got).all()
     assert "torch.compile failed (RuntimeError: no compiler here); running the model eagerly" in caplog.text
 
@@ -181,7 +206,7 @@ def test_fp16_is_refused_on_cpu(classifier_run):
     assert build_config(AnnotateConfig, {**data, "precision": "bf16"}).precision == "bf16"
     # an actor that lands on a CPU (no CUDA there) says the same
     with pytest.raises(ConfigError, match="fp16 runs on CUDA GPUs only"):
-        Classifier(classifier_run, STORE, "r", 1, False, precision="fp16")
+        Classifier(ActorSpec(run_dir=classifier_run, store=STORE, run_id="r", threads=1, precision="fp16"))
 
 
 def test_bf16_detector_runs_the_backbone_reduced_and_boxes_in_fp32(tmp_path):
@@ -191,8 +216,14 @@ def test_bf16_detector_runs_the_backbone_reduced_and_boxes_in_fp32(tmp_path):
     scenes = [synthetic.render_scene(np.random.default_rng(i), size=SIZE, n_objects=2) for i in range(4)]
     batch = {**_plan(4), "data": np.array([encode_png(s.image) for s in scenes], dtype=object)}
     kw = {"score_threshold": 0.0, "iou_threshold": 0.5}
-    ref = Detector(run, STORE, "r", 1, False, channels_last=False, **kw)(batch).column("objects").to_pylist()
-    fast = Detector(run, STORE, "r", 1, False, precision="bf16", channels_last=True, **kw)
+    ref = (
+        Detector(ActorSpec(run_dir=run, store=STORE, run_id="r", threads=1, channels_last=False, **kw))(batch)
+        .column("objects")
+        .to_pylist()
+    )
+    fast = Detector(
+        ActorSpec(run_dir=run, store=STORE, run_id="r", threads=1, precision="bf16", channels_last=True, **kw)
+    )
     dtypes = set()
     conv = next(m for m in fast.run.model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
     conv.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+from raycv.annotation.actor import ActorSpec
 from raycv.cli import main
 from raycv.data.geotiff import raster_info
 from raycv.data.images import decode_png_mask, encode_png
@@ -124,7 +125,9 @@ def geo(tmp_path_factory):
     }
     STORE.write_json(str(run / "model.json"), card)
     out = str(tmp / "out")
-    seg = Segmenter(str(run), STORE, "r1", 1, False, output=out, geo={"bands": [1, 2, 3]})
+    seg = Segmenter(
+        ActorSpec(run_dir=str(run), store=STORE, run_id="r1", threads=1, output=out, geo={"bands": [1, 2, 3]})
+    )
     blank = np.array([""], dtype=object)
     batch = {
         "image_id": np.array([outputs.image_id_of(scene)], dtype=object),

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from raycv.data.images import DEFAULT_MAX_PIXELS
 from raycv.data.transforms import normalize
 from raycv.errors import ConfigError
 from raycv.models import saved
@@ -49,6 +51,45 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload,no-any-return]
 
 
+@dataclass(frozen=True, kw_only=True)
+class ActorSpec:
+    """What a model actor is built from: one per run, the same for every actor (Ray pickles it to each).
+
+    Attributes:
+        run_dir: the saved model (``model.json`` + ``model.pt``).
+        store: the run's storage handle.
+        run_id: written in every row.
+        threads: torch threads of the actor (its CPUs).
+        use_gpu: run on CUDA when the actor has a GPU.
+        precision, channels_last, compile: speed options (see :class:`Annotator`).
+        batch_size: images per forward pass (tiles of a large image, or whole images).
+        max_pixels: the decompression-bomb limit of a decoded image.
+        tile: ``{"size", "overlap"}`` for large images, or None.
+        geo: GeoTIFF options (bands, scale, write_rasters) of segmentation outputs.
+        output: the annotation output (segmentation writes rasters beside the rows).
+        topk, explain: classification: the top-k classes, and "gradcam" heatmaps.
+        score_threshold, iou_threshold: detection: the scores kept and the NMS overlap.
+    """
+
+    run_dir: str
+    store: Storage
+    run_id: str
+    threads: int = 1
+    use_gpu: bool = False
+    precision: Precision = "fp32"
+    channels_last: bool = True
+    compile: bool = False
+    batch_size: int = 8
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    tile: dict[str, int] | None = None
+    geo: dict[str, Any] = field(default_factory=dict)
+    output: str = ""
+    topk: int = 5
+    explain: str | None = None
+    score_threshold: float = 0.25
+    iou_threshold: float = 0.5
+
+
 class _CompiledOrEager:
     """Calls ``torch.compile(model)``; if compiling fails (on the first call), warns and runs eager."""
 
@@ -83,34 +124,28 @@ class Annotator:
     windows, COGs): Ray pickles it into each actor.
     """
 
-    def __init__(
-        self,
-        run_dir: str,
-        store: Storage,
-        run_id: str,
-        threads: int,
-        use_gpu: bool,
-        *,
-        precision: Precision = "fp32",
-        channels_last: bool = True,
-        compile: bool = False,
-    ) -> None:
-        torch.set_num_threads(
-            max(1, threads)
-        )  # Ray sets OMP threads, but a reused worker keeps its old count
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        check_precision(precision, self.device)
-        self.precision, self.channels_last = precision, channels_last
-        self.store = store
-        self.run = saved.load_run(run_dir, store, self.device)
-        if channels_last:
+    # What the read stage ships: "pixels" decoded and resized to the model's input by the read tasks, or the
+    # files' encoded "bytes" (decoded here, at the original resolution).
+    reads: ClassVar[Literal["pixels", "bytes"]] = "bytes"
+    skip_geotiff: ClassVar[bool] = False  # GeoTIFFs are read here, window by window, not by the read tasks
+
+    def __init__(self, spec: ActorSpec) -> None:
+        self.spec = spec
+        # Ray sets OMP threads, but a reused worker keeps its old count.
+        torch.set_num_threads(max(1, spec.threads))
+        self.device = "cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu"
+        check_precision(spec.precision, self.device)
+        self.precision, self.channels_last = spec.precision, spec.channels_last
+        self.store = spec.store
+        self.run = saved.load_run(spec.run_dir, spec.store, self.device)
+        if spec.channels_last:
             to_channels_last(self.run.model)
         # What the batches go through; self.run.model stays the eager module (Grad-CAM needs its hooks).
-        self.model: Any = _CompiledOrEager(self.run.model) if compile else self.run.model
+        self.model: Any = _CompiledOrEager(self.run.model) if spec.compile else self.run.model
         norm = self.run.card.get("normalization", {})
         self.mean = tuple(norm.get("mean", (0.0, 0.0, 0.0)))
         self.std = tuple(norm.get("std", (1.0, 1.0, 1.0)))
-        self.run_id = run_id
+        self.run_id = spec.run_id
         self.task = self.run.card["task"]
         self.schema = outputs.images_schema(self.task)
 

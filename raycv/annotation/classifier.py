@@ -8,12 +8,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raycv.annotation.actor import Annotator, incoming_errors
+from raycv.annotation.actor import ActorSpec, Annotator, incoming_errors
 from raycv.annotation.decode import decode_batch
-from raycv.data.images import DEFAULT_MAX_PIXELS
 from raycv.data.transforms import normalize
 from raycv.errors import error_fields
-from raycv.storage import Storage
 from raycv.tasks.classification import topk_rows
 
 
@@ -29,21 +27,12 @@ class Classifier(Annotator):
     was). The column is added to the schema only then.
     """
 
-    def __init__(
-        self,
-        run_dir: str,
-        store: Storage,
-        run_id: str,
-        threads: int,
-        use_gpu: bool,
-        topk: int = 5,
-        explain: str | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        **speed: Any,
-    ) -> None:
-        super().__init__(run_dir, store, run_id, threads, use_gpu, **speed)
-        self.topk, self.explain, self.max_pixels = topk, explain, max_pixels
-        if explain == "gradcam":
+    reads = "pixels"
+
+    def __init__(self, spec: ActorSpec) -> None:
+        super().__init__(spec)
+        self.topk, self.explain, self.max_pixels = spec.topk, spec.explain, spec.max_pixels
+        if self.explain == "gradcam":
             from raycv.models.gradcam import find_target_layer
 
             self.cam_layer = find_target_layer(self.run.model)

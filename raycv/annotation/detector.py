@@ -8,11 +8,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raycv.annotation.actor import Annotator, autocast, incoming_errors
+from raycv.annotation.actor import ActorSpec, Annotator, autocast, incoming_errors
 from raycv.data.images import decode_image
 from raycv.data.transforms import normalize
 from raycv.errors import error_fields
-from raycv.storage import Storage
 
 
 class Detector(Annotator):
@@ -25,23 +24,11 @@ class Detector(Annotator):
     reported once (:func:`raycv.tasks.detection.merge_tile_detections`).
     """
 
-    def __init__(
-        self,
-        run_dir: str,
-        store: Storage,
-        run_id: str,
-        threads: int,
-        use_gpu: bool,
-        score_threshold: float = 0.25,
-        iou_threshold: float = 0.5,
-        batch_size: int = 8,
-        max_pixels: int = 178_956_970,
-        tile: dict[str, int] | None = None,
-        **speed: Any,
-    ) -> None:
-        super().__init__(run_dir, store, run_id, threads, use_gpu, **speed)
+    def __init__(self, spec: ActorSpec) -> None:
+        super().__init__(spec)
+        score_threshold, iou_threshold = spec.score_threshold, spec.iou_threshold
         self.score_threshold, self.iou_threshold = score_threshold, iou_threshold
-        self.batch_size, self.max_pixels, self.tile = batch_size, max_pixels, tile
+        self.batch_size, self.max_pixels, self.tile = spec.batch_size, spec.max_pixels, spec.tile
         # torchvision's R-CNN box coder casts the proposals to the regression's dtype: under autocast the box
         # corners would be rounded to bf16 (4 px steps at 1024 px). There only the backbone (most of the
         # FLOPs) runs in reduced precision and the heads, box decoding and NMS in fp32.

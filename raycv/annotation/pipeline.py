@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import importlib
 import logging
 import math
 import time
@@ -30,11 +31,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raycv import storage
 from raycv.annotation import commit as outputs_commit
-from raycv.annotation.classifier import Classifier
-from raycv.annotation.detector import Detector
+from raycv.annotation.actor import ActorSpec, Annotator
 from raycv.annotation.plan import Plan, plan_inputs, skip_current
 from raycv.annotation.read import read_bytes_batch, read_decode_batch, read_stage
-from raycv.annotation.segmenter import Segmenter
 from raycv.annotation.write import Tally, write_blocks
 from raycv.config import AnnotateConfig
 from raycv.errors import ConfigError, TooManyErrorsError
@@ -77,50 +76,39 @@ class AnnotateSummary:
 
 def _stages(
     cfg: AnnotateConfig, card: dict[str, Any], run_id: str, store: Storage
-) -> tuple[Any, dict[str, Any], type, dict[str, Any]]:
-    """(read function, its kwargs, annotator class, its constructor kwargs) for the run's task."""
-    common = {
-        "run_dir": cfg.model,
-        "store": store,
-        "run_id": run_id,
-        "threads": int(cfg.cpus_per_actor),
-        "use_gpu": cfg.gpus_per_actor > 0,
-        "precision": cfg.precision,
-        "channels_last": cfg.channels_last,
-        "compile": cfg.compile,
-    }
+) -> tuple[Any, dict[str, Any], type[Annotator], ActorSpec]:
+    """(read function, its kwargs, the task's model actor class, the actors' spec) of the run."""
     task = get_task(card["task"])
-    if task.image_labels:
+    if task.annotator is None:
+        raise ConfigError("model", cfg.model, f"This run's task '{task.name}' cannot be annotated yet.")
+    module, _, name = task.annotator.partition(":")
+    annotator: type[Annotator] = getattr(importlib.import_module(module), name)
+    spec = ActorSpec(
+        run_dir=cfg.model,
+        store=store,
+        run_id=run_id,
+        threads=int(cfg.cpus_per_actor),
+        use_gpu=cfg.gpus_per_actor > 0,
+        precision=cfg.precision,
+        channels_last=cfg.channels_last,
+        compile=cfg.compile,
+        batch_size=cfg.batch_size,
+        max_pixels=cfg.max_pixels,
+        tile=cfg.tile.model_dump() if cfg.tile else None,
+        geo=cfg.geo.model_dump(),
+        output=cfg.output,
+        topk=cfg.topk,
+        explain=cfg.explain,
+        score_threshold=cfg.score_threshold,
+        iou_threshold=cfg.iou_threshold,
+    )
+    read_kw: dict[str, Any] = {"store": store, "max_pixels": cfg.max_pixels}
+    # decode: actor ships the encoded files; the actor decodes them on its device (nvJPEG on a GPU)
+    if annotator.reads == "pixels" and cfg.decode != "actor":
         size = card["image_size"]
-        size_hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        cls_kw = {**common, "topk": cfg.topk, "explain": cfg.explain, "max_pixels": cfg.max_pixels}
-        if cfg.decode == "actor":  # ship the encoded files; the actor decodes them on its device
-            return read_bytes_batch, {"store": store, "max_pixels": cfg.max_pixels}, Classifier, cls_kw
-        read_kw = {"size_hw": size_hw, "store": store, "max_pixels": cfg.max_pixels}
-        return read_decode_batch, read_kw, Classifier, cls_kw
-    if task.label_maps:
-        tile = cfg.tile.model_dump() if cfg.tile else None
-        seg_kw = {
-            **common,
-            "output": cfg.output,
-            "tile": tile,
-            "geo": cfg.geo.model_dump(),
-            "batch_size": cfg.batch_size,
-            "max_pixels": cfg.max_pixels,
-        }
-        read_kw = {"store": store, "skip_geotiff": True, "max_pixels": cfg.max_pixels}
-        return read_bytes_batch, read_kw, Segmenter, seg_kw
-    if task.objects:
-        det_kw = {
-            **common,
-            "score_threshold": cfg.score_threshold,
-            "iou_threshold": cfg.iou_threshold,
-            "batch_size": cfg.batch_size,
-            "max_pixels": cfg.max_pixels,
-            "tile": cfg.tile.model_dump() if cfg.tile else None,
-        }
-        return read_bytes_batch, {"store": store, "max_pixels": cfg.max_pixels}, Detector, det_kw
-    raise ConfigError("model", cfg.model, f"This run's task '{card['task']}' cannot be annotated yet.")
+        read_kw["size_hw"] = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        return read_decode_batch, read_kw, annotator, spec
+    return read_bytes_batch, {**read_kw, "skip_geotiff": annotator.skip_geotiff}, annotator, spec
 
 
 def _run_pipeline(
@@ -133,7 +121,7 @@ def _run_pipeline(
     shuts Ray Data's executor down (its actors included); the writes already started are awaited, so the
     staging folder holds only whole files.
     """
-    read_fn, read_kw, annotator, annotator_kw = _stages(cfg, card, run_id, store)
+    read_fn, read_kw, annotator, spec = _stages(cfg, card, run_id, store)
     with _actor_placement(cfg, f"raycv-annotate-{run_id}") as placement:
         # from_blocks, not from_arrow: no task runs before the group is placed. from_arrow runs a 1-CPU
         # task per block, and the cluster's view of free CPUs lags behind their end: a group placed right
@@ -161,7 +149,7 @@ def _run_pipeline(
                 compute=ray.data.ActorPoolStrategy(size=cfg.actors),
                 num_cpus=cfg.cpus_per_actor,
                 num_gpus=cfg.gpus_per_actor or None,
-                fn_constructor_kwargs=annotator_kw,
+                fn_constructor_kwargs={"spec": spec},
                 scheduling_strategy=placement,
             )
         return _write_all(ds, cfg, run_id, store)

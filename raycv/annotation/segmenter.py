@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from raycv import storage
-from raycv.annotation.actor import Annotator, incoming_errors, window_reader
+from raycv.annotation.actor import ActorSpec, Annotator, incoming_errors, window_reader
 from raycv.data import cog, geotiff
 from raycv.data.images import decode_image, encode_png, resize_rgb
 from raycv.errors import error_fields
-from raycv.storage import Storage
 
 # Above this many logits ([K, H, W] float32 = 4 bytes each) an untiled image is labelled at the model's
 # resolution and its label map upsampled (nearest), instead of upsampling every class's scores.
@@ -30,23 +29,13 @@ class Segmenter(Annotator):
     by windows when tiled, and their CRS and transform are kept (and optionally written as a COG).
     """
 
-    def __init__(
-        self,
-        run_dir: str,
-        store: Storage,
-        run_id: str,
-        threads: int,
-        use_gpu: bool,
-        output: str,
-        tile: dict[str, int] | None = None,
-        geo: dict[str, Any] | None = None,
-        batch_size: int = 8,
-        max_pixels: int = 178_956_970,
-        **speed: Any,
-    ) -> None:
-        super().__init__(run_dir, store, run_id, threads, use_gpu, **speed)
-        self.output, self.tile, self.batch_size, self.max_pixels = output, tile, batch_size, max_pixels
-        geo = geo or {}
+    skip_geotiff = True
+
+    def __init__(self, spec: ActorSpec) -> None:
+        super().__init__(spec)
+        self.output, self.tile, self.batch_size = spec.output, spec.tile, spec.batch_size
+        self.max_pixels = spec.max_pixels
+        geo = spec.geo
         self.bands, self.write_rasters = geo.get("bands"), bool(geo.get("write_rasters"))
         scale = geo.get("scale", "dtype")
         self.scale = [tuple(s) for s in scale] if isinstance(scale, list) else scale

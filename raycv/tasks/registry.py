@@ -102,7 +102,7 @@ class Task:
     clip_grad_norm: ClassVar[float | None] = None
     find_unused_parameters: ClassVar[bool] = False
     decode_at_size: ClassVar[bool] = False
-    annotator: ClassVar[str]
+    annotator: ClassVar[str | None] = None
 
     @property
     def default_format(self) -> str:
