@@ -18,13 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from raycv.data.formats import DetectionSample, Sample
-from raycv.data.images import decode_image, decode_png_mask, decode_reduced
+from raycv.data.images import decode_image, decode_reduced
 from raycv.storage import Storage
 
-Target = int | np.ndarray
-# (image [H, W, 3] uint8, target: class index or [H, W] uint8 label map, rng) -> (image tensor, target)
-Transform = Callable[[np.ndarray, Target, np.random.Generator], tuple[torch.Tensor, torch.Tensor | int]]
+# (decoded image [H, W, C] uint8, the sample's target, rng) -> (model input, training target)
+Transform = Callable[[np.ndarray, Any, np.random.Generator], tuple[Any, Any]]
 
 
 def shard_indices(n: int, rank: int, world: int, *, shuffle: bool, seed: int, pad: bool) -> list[int]:
@@ -40,29 +38,42 @@ def shard_indices(n: int, rank: int, world: int, *, shuffle: bool, seed: int, pa
     return idx[rank::world]
 
 
-class BatchLoader:
-    """Yields ``(images [B, C, H, W] float, targets)`` for a list of indices into ``samples``.
+def label_target(sample: Any, fetch: Callable[[str], bytes]) -> Any:
+    """A sample's class index (the default target of :class:`BatchLoader`)."""
+    return sample.label
 
-    Targets are class indices [B] int64, or label maps [B, H, W] int64 for samples with a ``mask_uri``.
-    Files are read through ``store``.
+
+def stack_labels(items: list[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images stacked to [B, C, H, W] and class indices to [B] int64 (the default collate)."""
+    return torch.stack([im for im, _ in items]), torch.tensor([t for _, t in items], dtype=torch.int64)
+
+
+class BatchLoader:
+    """Yields ``collate([(transform(image, target, rng), ...)])`` batches for a list of indices into ``samples``.
+
+    ``load_target(sample, fetch)`` gives a sample's training target (``fetch`` reads a URI through the cache):
+    its class index by default, a task's label map or boxes otherwise. Files are read through ``store``.
     """
 
     def __init__(
         self,
-        samples: Sequence[Sample] | Sequence[DetectionSample],
+        samples: Sequence[Any],
         transform: Transform,
         *,
         batch_size: int,
         store: Storage,
+        load_target: Callable[[Any, Callable[[str], bytes]], Any] = label_target,
+        collate: Callable[[list[tuple[Any, Any]]], tuple[Any, Any]] = stack_labels,
         threads: int = 8,
         cache_bytes: int = 1 << 30,
         decode_size: tuple[int, int] | None = None,
     ) -> None:
         self.samples = samples
         self.transform = transform
-        # The size ``transform`` resizes a labelled image to first: large JPEGs are then decoded at a reduced
+        self.load_target, self.collate = load_target, collate
+        # The size ``transform`` resizes a whole image to first: large JPEGs are then decoded at a reduced
         # DCT scale, as the annotation read tasks do (:func:`raycv.data.images.decode_reduced`), so training,
-        # evaluation and annotation see the same pixels. Images with masks or boxes decode in full.
+        # evaluation and annotation see the same pixels. Tasks whose targets are pixels or boxes decode in full.
         self.decode_size = decode_size
         self.batch_size = batch_size
         self.store = store
@@ -81,35 +92,22 @@ class BatchLoader:
                     self._cache_left -= len(data)
         return data
 
-    def _load_one(self, index: int, seed: int) -> tuple[torch.Tensor, Any]:
+    def _load_one(self, index: int, seed: int) -> tuple[Any, Any]:
         sample = self.samples[index]
-        if self.decode_size is not None and isinstance(sample, Sample) and sample.mask_uri is None:
+        if self.decode_size is not None:
             image = decode_reduced(self._fetch(sample.uri), sample.uri, self.decode_size)[0]
         else:
             image = decode_image(self._fetch(sample.uri), sample.uri)
-        target: Any
-        if isinstance(sample, DetectionSample):
-            target = sample  # the detection transform reads boxes, labels and masks from the sample
-        elif sample.mask_uri is not None:
-            target = decode_png_mask(self._fetch(sample.mask_uri), sample.mask_uri)
-        else:
-            target = sample.label
+        target = self.load_target(sample, self._fetch)
         return self.transform(image, target, np.random.default_rng(seed))
 
-    def _load_batch(self, indices: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        items = list(self._pool.map(self._load_one, indices, [seed + i for i in indices]))
-        images = torch.stack([im for im, _ in items])
-        targets = [t for _, t in items]
-        if isinstance(targets[0], dict):
-            return images, targets  # type: ignore[return-value]  # detection: one dict per image
-        if isinstance(targets[0], torch.Tensor):
-            return images, torch.stack(targets).to(torch.int64)  # type: ignore[arg-type]
-        return images, torch.tensor(targets, dtype=torch.int64)
+    def _load_batch(self, indices: list[int], seed: int) -> tuple[Any, Any]:
+        return self.collate(list(self._pool.map(self._load_one, indices, [seed + i for i in indices])))
 
-    def iterate(self, indices: list[int], *, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iterate(self, indices: list[int], *, seed: int = 0) -> Iterator[tuple[Any, Any]]:
         """Batches over ``indices`` in order, loading batch k+1 while the caller works on batch k."""
         chunks = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        pending: Future[tuple[torch.Tensor, torch.Tensor]] | None = None
+        pending: Future[tuple[Any, Any]] | None = None
         with ThreadPoolExecutor(max_workers=1) as prefetch:
             for k, chunk in enumerate(chunks):
                 current = pending or prefetch.submit(self._load_batch, chunk, seed)
