@@ -109,6 +109,10 @@ class TrainParams(_Strict):
     lr: float = Field(default=0.001, gt=0.0)
     weight_decay: float = Field(default=0.0001, ge=0.0)
     scheduler: Literal["cosine", "step", "none"] = "cosine"
+    # Linear lr warmup (from 0.001 x lr, per step) over these epochs, and max gradient norm (0: off); None:
+    # by task, 1 and 10 for detection and instance segmentation, else 0 and off (raycv.training_guard).
+    warmup_epochs: float | None = Field(default=None, ge=0.0)
+    clip_grad_norm: float | None = Field(default=None, ge=0.0)
     amp: bool = True
     seed: int = 0
     loss: Literal["ce", "dice", "ce+dice"] = "ce"  # segmentation; classification always uses cross-entropy

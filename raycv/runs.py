@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,31 @@ def write_metrics(run_dir: str, history: list[dict[str, Any]], endpoint_url: str
     """Rewrite ``metrics.jsonl`` from the full history: a resumed run never repeats an epoch line."""
     text = "".join(json.dumps(row) + "\n" for row in history)
     storage.write_bytes(storage.join(run_dir, METRICS), text.encode(), endpoint_url)
+
+
+def is_better(row: dict[str, Any], best: dict[str, Any] | None, primary: str) -> bool:
+    """Whether the epoch of metrics ``row`` beats ``best`` (the best epoch's metrics so far, or None).
+
+    An epoch whose train loss or ``primary`` metric is NaN/inf, or that diverged, is never best; the first
+    finite epoch is; after that only a strictly higher ``primary`` wins (a tie keeps the earlier epoch).
+    """
+    loss, value = row.get("train_loss"), row.get(primary)
+    if row.get("diverged") or not _finite(loss) or not _finite(value):
+        return False
+    return best is None or float(value) > float(best[primary])  # type: ignore[arg-type]
+
+
+def best_of(history: list[dict[str, Any]], primary: str) -> dict[str, Any] | None:
+    """The best epoch's row of ``history`` by :func:`is_better`, or None when no epoch qualifies."""
+    best: dict[str, Any] | None = None
+    for row in history:
+        if is_better(row, best, primary):
+            best = row
+    return best
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
 
 
 @dataclass
@@ -132,6 +158,8 @@ def write_run_dir(cfg: TrainConfig, info: dict[str, Any], record: dict[str, Any]
     run_dir, ep = cfg.output.dir, cfg.storage.endpoint_url
     write_metrics(run_dir, record["history"], ep)
     best = record["best"]
+    if best is None:  # no epoch with a finite loss yet: no weights worth a model card
+        return
     card = {
         "task": cfg.task,
         "arch": cfg.model.arch,

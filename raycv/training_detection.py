@@ -18,7 +18,7 @@ from torch import nn
 from raycv.config import TrainConfig
 from raycv.data.formats import DetectionSample
 from raycv.data.loader import BatchLoader
-from raycv.training_common import GradientAccumulation, all_reduce_sum, batches_of
+from raycv.training_common import GradientAccumulation, StepGuard, add_loss, batches_of, mean_loss
 
 DETECTION_TASKS = ("detection", "instance_segmentation")
 
@@ -90,10 +90,21 @@ def train_epoch_detection(
     device: Any,
     seed: int,
     grad_accum_steps: int = 1,
+    *,
+    clip_grad_norm: float | None = None,
+    guard: StepGuard | None = None,
 ) -> float:
+    """One epoch of a detector's own losses; the mean finite loss over all ranks (NaN if none was finite).
+
+    ``guard`` sets the lr before each step and counts the skipped (NaN/inf) ones; the epoch ends early when
+    it says the run ``diverged`` (every rank alike).
+    """
     model.train()
     total = torch.zeros(2, dtype=torch.float64)
-    acc = GradientAccumulation(model, opt, scaler, grad_accum_steps, batches_of(indices, loader.batch_size))
+    n = batches_of(indices, loader.batch_size)
+    acc = GradientAccumulation(
+        model, opt, scaler, grad_accum_steps, n, clip_grad_norm=clip_grad_norm, guard=guard
+    )
     for i, (images, targets) in enumerate(loader.iterate(indices, seed=seed)):
         imgs = [im.to(device) for im in images]
         tgts = [{k: v.to(device) for k, v in t.items()} for t in targets]
@@ -102,10 +113,10 @@ def train_epoch_detection(
                 losses = model(imgs, tgts)
                 loss = sum(losses.values())
             acc.backward(i, loss)  # type: ignore[arg-type]
-        total[0] += float(loss.detach()) * len(imgs)
-        total[1] += len(imgs)
-    all_reduce_sum(total)
-    return float(total[0]) / max(float(total[1]), 1.0)
+        add_loss(total, loss, len(imgs))  # type: ignore[arg-type]
+        if getattr(guard, "diverged", False):
+            break
+    return mean_loss(total)
 
 
 @torch.no_grad()
