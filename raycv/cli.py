@@ -104,11 +104,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validated(args: argparse.Namespace, kind: str) -> Any:
-    from raycv.config import check_paths, load_config
+    from raycv.config import load_config
 
     cfg = load_config(args.config, args.overrides, kind=kind)  # type: ignore[arg-type]
     check_paths(cfg)
     return cfg
+
+
+def check_paths(cfg: Any) -> None:
+    """Check that the paths a config reads from exist, before anything starts on the cluster.
+
+    Raises:
+        ConfigError: naming the first missing path.
+    """
+    from raycv.storage import Storage
+
+    store = Storage(endpoint_url=cfg.storage.endpoint_url)
+    from raycv.config import TrainConfig
+
+    if isinstance(cfg, TrainConfig):
+        needed = [
+            ("data.train", cfg.data.train),
+            ("data.val", cfg.data.val),
+            ("model.weights", cfg.model.weights),
+        ]
+    else:
+        needed = [("model", cfg.model)]
+    for field, uri in needed:
+        if uri is None:
+            continue
+        try:
+            found = store.exists(uri)
+        except Exception as exc:  # unreachable endpoint, bad credentials: say so, with the field
+            raise ConfigError(
+                field, uri, f"It could not be checked ({exc}); check storage.endpoint_url and credentials."
+            ) from exc
+        if not found:
+            raise ConfigError(
+                field, uri, "Nothing exists at this path; give an existing local path, file:// or s3:// URI."
+            )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -147,7 +181,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from raycv.config import check_paths, load_config
+    from raycv.config import load_config
     from raycv.submit import SubmitError, auth_token, connect, dashboard_address, submit_job, wait_for_job
 
     address = dashboard_address(args.address)
@@ -190,11 +224,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from raycv.tasks.registry import list_tasks
+    from raycv.tasks.registry import get_task, list_tasks
 
-    tasks = list_tasks()
-    if args.task is not None and args.task not in tasks:
-        raise ConfigError("--task", args.task, f"Choose one of {', '.join(tasks)}.")
+    if args.task is not None:
+        try:
+            get_task(args.task)
+        except ValueError:
+            raise ConfigError("--task", args.task, f"Choose one of {', '.join(list_tasks())}.") from None
     from raycv.models import get_model_info, list_models
 
     names = list_models(args.pattern, task=args.task)

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raycv.config import AnnotateConfig, TrainConfig, apply_override, check_paths, load_config
+from raycv.cli import check_paths
+from raycv.config import AnnotateConfig, TrainConfig, apply_override, load_config
 from raycv.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +36,25 @@ def test_defaults_follow_the_spec(tmp_path):
     assert cfg.data.size_hw == (64, 64) and cfg.data_format == "imagefolder"
 
 
+def test_warmup_and_clip_default_by_task(tmp_path):
+    from raycv.training.guard import clip_grad_norm_of, warmup_epochs_of
+
+    cls = load_config(_write(tmp_path, _train(tmp_path)))
+    assert cls.train.warmup_epochs is None and cls.train.clip_grad_norm is None
+    assert warmup_epochs_of(cls) == 0 and clip_grad_norm_of(cls) is None
+    det = load_config(
+        _write(
+            tmp_path, _train(tmp_path, task="instance_segmentation", model={"arch": "maskrcnn_resnet50_fpn"})
+        )
+    )
+    assert warmup_epochs_of(det) == 1.0 and clip_grad_norm_of(det) == 10.0
+    off = load_config(
+        _write(tmp_path, _train(tmp_path, task="detection", model={"arch": "test_detector"})),
+        ["train.warmup_epochs=0.5", "train.clip_grad_norm=0"],
+    )
+    assert warmup_epochs_of(off) == 0.5 and clip_grad_norm_of(off) is None  # 0 turns clipping off
+
+
 def test_set_overrides_parse_values_as_yaml(tmp_path):
     cfg = load_config(
         _write(tmp_path, _train(tmp_path)),
@@ -54,6 +74,9 @@ def test_set_overrides_parse_values_as_yaml(tmp_path):
         ("model.arch=resnet19", "model.arch", ["'resnet19'", "Did you mean 'resnet18'", "raycv models"]),
         ("train.optimizer=lbfgs", "train.optimizer", ["'lbfgs'", "'sgd', 'adam' or 'adamw'"]),
         ("scaling.num_workers=0", "scaling.num_workers", ["0"]),
+        ("train.warmup_epochs=-1", "train.warmup_epochs", ["-1", "greater than or equal to 0"]),
+        ("train.clip_grad_norm=-0.5", "train.clip_grad_norm", ["-0.5", "greater than or equal to 0"]),
+        ("train.clip_grad_norm=big", "train.clip_grad_norm", ["'big'", "number"]),
     ],
 )
 def test_bad_values_name_field_value_and_fix(tmp_path, override, field, words):

@@ -1,7 +1,7 @@
 """Ray Train DDP img/s of `raycv train` against a plain single-process torch loop, per worker-core.
 
 Both sides train the same model (same registry builder, seed, optimizer, batch size, transforms and
-augmentation of :func:`raycv.training.loop.make_transforms`) on the same train/val split of the same generated
+augmentation of the classification Task's transforms) on the same train/val split of the same generated
 imagefolder, and both time an epoch the same way: the training pass plus the validation pass. The Ray side
 is the real :func:`raycv.training.loop.run_training` (its ``metrics.jsonl`` ``epoch_s``); the plain side is a
 ``torch.utils.data.DataLoader`` (no workers) over the same files held in memory, one process with
@@ -100,9 +100,8 @@ def plain_loop(
     from raycv.data.images import decode_image
     from raycv.models import create_model
     from raycv.storage import Storage
-    from raycv.tasks import task_ops
+    from raycv.tasks.registry import StepContext, get_task
     from raycv.training.dataset import plan_dataset
-    from raycv.training.loop import make_transforms
     from raycv.training.step import GradientAccumulation
 
     torch.set_num_threads(threads)
@@ -111,8 +110,9 @@ def plain_loop(
     plan["train"], plan["val"] = plan["train"][k::n], plan["val"][k::n]
     t = cfg.train  # type: ignore[attr-defined]
     store = Storage(endpoint_url=cfg.storage.endpoint_url)  # type: ignore[attr-defined]
-    data = {row[0]: store.read_bytes(row[0]) for row in plan["train"] + plan["val"]}
-    train_tf, eval_tf = make_transforms(cfg)  # type: ignore[arg-type]
+    data = {s.uri: store.read_bytes(s.uri) for s in plan["train"] + plan["val"]}
+    task = get_task("classification")
+    train_tf, eval_tf = task.transforms(cfg.data.size_hw, t.augment)  # type: ignore[attr-defined]
 
     class Files(torch.utils.data.Dataset):
         def __init__(self, rows: list, tf: object, seed: int) -> None:
@@ -122,16 +122,18 @@ def plain_loop(
             return len(self.rows)
 
         def __getitem__(self, i: int) -> tuple:
-            uri, label, _ = self.rows[i]
-            image = decode_image(data[uri], uri)
-            return self.tf(image, label, np.random.default_rng(self.seed + i))  # type: ignore[operator]
+            sample = self.rows[i]
+            image = decode_image(data[sample.uri], sample.uri)
+            return self.tf(image, sample.label, np.random.default_rng(self.seed + i))  # type: ignore[operator]
 
     torch.manual_seed(t.seed)
     h, _ = cfg.data.size_hw  # type: ignore[attr-defined]
     model = create_model(cfg.model.arch, num_classes=plan["num_classes"], image_size=h).to(device)  # type: ignore[attr-defined]
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
-    ops = task_ops("classification")
+    ctx = StepContext(
+        device=device, num_classes=plan["num_classes"], rng=np.random.default_rng(0), augment=t.augment
+    )
     use_amp = device == "cuda" and t.amp
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
@@ -151,7 +153,7 @@ def plain_loop(
         for i, (x, y) in enumerate(train):
             x, y = x.to(device), y.to(device)
             with torch.autocast(device, dtype=amp_dtype, enabled=use_amp):
-                loss = ops.loss(model(x), y, cfg)
+                loss = task.loss(model, x, y, ctx)
             acc.backward(i, loss)
         sched.step()
         model.eval()

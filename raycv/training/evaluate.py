@@ -7,11 +7,12 @@ from typing import Any
 import torch
 
 from raycv.config import TrainConfig
-from raycv.data.formats import Sample
 from raycv.data.loader import BatchLoader
 from raycv.models import saved
 from raycv.storage import Storage
-from raycv.tasks import task_ops
+from raycv.tasks.registry import get_task
+from raycv.training.checkpoint import round_floats
+from raycv.training.epoch import validate
 
 
 def evaluate(cfg: TrainConfig, split: str = "val") -> dict[str, Any]:
@@ -24,21 +25,29 @@ def evaluate(cfg: TrainConfig, split: str = "val") -> dict[str, Any]:
         ``{"split", "images", <the task's metrics>, "confusion_matrix"}``.
     """
     from raycv.training.dataset import plan_dataset
-    from raycv.training.loop import evaluate_confusion, make_transforms
 
+    task = get_task(cfg.task)
     store = Storage(endpoint_url=cfg.storage.endpoint_url)
     run = saved.load_run(cfg.output.dir, store)
     plan = plan_dataset(cfg)
     names = run.class_names
     if plan["class_names"][: len(names)] != names[: len(plan["class_names"])]:
         raise ValueError(f"dataset classes {plan['class_names']} differ from the model's {names}")
-    rows = plan["val"] if split == "val" else plan["train"] + plan["val"]
-    samples = [Sample(*row) for row in rows]
-    _, eval_tf = make_transforms(cfg)
-    loader = BatchLoader(samples, eval_tf, batch_size=32, store=store, decode_size=cfg.data.size_hw)
-    ops = task_ops(cfg.task)
+    samples = plan["val"] if split == "val" else plan["train"] + plan["val"]
+    _, eval_tf = task.transforms(cfg.data.size_hw, cfg.train.augment)
+    loader = BatchLoader(
+        samples,
+        eval_tf,
+        batch_size=32,
+        store=store,
+        load_target=task.load_target,
+        collate=task.collate,
+        decode_size=cfg.data.size_hw if task.decode_at_size else None,
+    )
     k = int(run.card["num_classes"])
-    cm = evaluate_confusion(run.model, loader, list(range(len(samples))), ops, k, torch.device("cpu"))
+    metrics, extras = validate(run.model, task, loader, list(range(len(samples))), k, torch.device("cpu"))
     loader.close()
-    metrics = {m: (round(v, 6) if isinstance(v, float) else v) for m, v in ops.metrics(cm).items()}
-    return {"split": split, "images": len(samples), **metrics, "confusion_matrix": cm.tolist()}
+    out = {"split": split, "images": len(samples), **round_floats(metrics)}
+    if "confusion" in extras:
+        out["confusion_matrix"] = extras["confusion"]
+    return out

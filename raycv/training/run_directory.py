@@ -13,6 +13,8 @@ import torch
 
 from raycv import storage
 from raycv.models.saved import METRICS, MODEL_CARD, model_id_of
+from raycv.storage import Storage
+from raycv.tasks.registry import get_task
 
 if TYPE_CHECKING:
     from raycv.config import TrainConfig
@@ -20,19 +22,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def save_weights(uri: str, state_dict: dict[str, torch.Tensor], endpoint_url: str | None = None) -> str:
-    """Write a state_dict (plain tensors, loadable with ``weights_only=True``); returns its model_id."""
+def save_weights(uri: str, state_dict: dict[str, torch.Tensor], store: Storage | None = None) -> str:
+    """Write a state_dict (plain tensors, loadable with ``weights_only=True``); returns its model_id.
+
+    ``store`` defaults to the environment's (``AWS_ENDPOINT_URL``), as for every file a test or script writes.
+    """
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
     data = buf.getvalue()
-    storage.write_bytes(uri, data, endpoint_url)
+    (store or Storage()).write_bytes(uri, data)
     return model_id_of(data)
 
 
-def write_metrics(run_dir: str, history: list[dict[str, Any]], endpoint_url: str | None = None) -> None:
+def write_metrics(run_dir: str, history: list[dict[str, Any]], store: Storage | None = None) -> None:
     """Rewrite ``metrics.jsonl`` from the full history: a resumed run never repeats an epoch line."""
     text = "".join(json.dumps(row) + "\n" for row in history)
-    storage.write_bytes(storage.join(run_dir, METRICS), text.encode(), endpoint_url)
+    (store or Storage()).write_bytes(storage.join(run_dir, METRICS), text.encode())
 
 
 def write_run_dir(cfg: TrainConfig, info: dict[str, Any], record: dict[str, Any]) -> None:
@@ -43,11 +48,12 @@ def write_run_dir(cfg: TrainConfig, info: dict[str, Any], record: dict[str, Any]
     """
     from raycv.config import config_to_dict
     from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from raycv.training.detection import DETECTION_TASKS
 
-    run_dir, ep = cfg.output.dir, cfg.storage.endpoint_url
-    write_metrics(run_dir, record["history"], ep)
+    run_dir, store = cfg.output.dir, Storage(endpoint_url=cfg.storage.endpoint_url)
+    write_metrics(run_dir, record["history"], store)
     best = record["best"]
+    if best is None:  # no epoch with a finite loss yet: no weights worth a model card
+        return
     card = {
         "task": cfg.task,
         "arch": cfg.model.arch,
@@ -58,7 +64,7 @@ def write_run_dir(cfg: TrainConfig, info: dict[str, Any], record: dict[str, Any]
         "in_channels": 3,
         # Detectors take 0..1 pixels (torchvision's normalise inside); the others ImageNet-normalised ones.
         "normalization": {"mean": [0.0] * 3, "std": [1.0] * 3}
-        if cfg.task in DETECTION_TASKS
+        if get_task(cfg.task).unit_pixels
         else {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "raycv_version": importlib.metadata.version("raycv"),
         "torch_version": torch.__version__,
@@ -71,10 +77,10 @@ def write_run_dir(cfg: TrainConfig, info: dict[str, Any], record: dict[str, Any]
         "resumed_at_epochs": record["resumed_at_epochs"],
         "config": config_to_dict(cfg),
     }
-    storage.write_json(storage.join(run_dir, MODEL_CARD), card, ep)
+    store.write_json(storage.join(run_dir, MODEL_CARD), card)
     try:  # curves.png (and confusion.png), refreshed every epoch; a drawing problem never stops training
         from raycv.outputs.report import write_plots
 
-        write_plots(run_dir, card, record["history"], storage.Storage(endpoint_url=ep))
+        write_plots(run_dir, card, record["history"], store)
     except Exception as exc:
         log.warning("could not draw the training curves: %s", exc)
