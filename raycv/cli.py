@@ -60,9 +60,7 @@ def _add_results_parsers(sub: Any) -> None:
     sub.add_parser("inspect", help="counts, classes, scores and errors of an annotation output").add_argument(
         "output", metavar="OUTPUT"
     )
-    where_help = (
-        'filter, e.g. "score < 0.5" or "label_name == \'cat\' and score >= 0.9" (see raycv.outputs.read)'
-    )
+    where_help = 'filter, e.g. "score < 0.5" or "label_name == \'cat\' and score >= 0.9"; see README'
     render = sub.add_parser("render", help="draw masks/boxes/labels (and Grad-CAM) on the images, PNG")
     render.add_argument("output", metavar="OUTPUT")
     render.add_argument("--out", required=True, metavar="DIR", help="folder (or s3:// prefix) for the PNGs")

@@ -145,11 +145,11 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _task_supported(self) -> TrainConfig:
-        from raycv.models import get_model_info
+        from raycv.models import get_model_info, list_models
         from raycv.tasks.registry import get_task
 
         info = get_model_info(self.model.arch)
-        if info.task != self.task:
+        if self.model.arch not in list_models(task=self.task):
             raise ValueError(
                 f"model.arch '{self.model.arch}' is a {info.task} model but task is '{self.task}'; "
                 f"pick one from `raycv models --task {self.task}`"

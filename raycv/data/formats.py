@@ -79,16 +79,8 @@ def read_masks(root: str, store: Storage, num_classes: int | None = None) -> Dat
         DatasetError: no images, an image without a mask, or no way to know the classes.
     """
     root = storage.canonical_uri(root)
-    images = {
-        stem(e.uri): e.uri
-        for e in store.iter_files(storage.join(root, "images"), extensions=IMAGE_EXTENSIONS)
-    }
-    try:
-        masks = {
-            stem(e.uri): e.uri for e in store.iter_files(storage.join(root, "masks"), extensions=(".png",))
-        }
-    except FileNotFoundError:
-        masks = {}
+    images = _by_stem(store, storage.join(root, "images"), IMAGE_EXTENSIONS)
+    masks = _by_stem(store, storage.join(root, "masks"), (".png",), missing_ok=True)
     if not images:
         raise DatasetError(
             f"No images under {root}/images: the masks format expects ROOT/images and ROOT/masks."
@@ -129,6 +121,18 @@ def split_train_val(
         val += [group[i] for i in order[:n_val]]
         train += [group[i] for i in order[n_val:]]
     return train, val
+
+
+def _by_stem(
+    store: Storage, folder: str, extensions: tuple[str, ...], *, missing_ok: bool = False
+) -> dict[str, str]:
+    """The files of ``folder`` (one listing) by file stem: how images pair with their masks or labels."""
+    try:
+        return {stem(e.uri): e.uri for e in store.iter_files(folder, extensions=extensions)}
+    except FileNotFoundError:
+        if missing_ok:
+            return {}
+        raise
 
 
 def stem(uri: str) -> str:
@@ -225,16 +229,8 @@ def read_yolo(root: str, store: Storage) -> DetectionDataset:
     except FileNotFoundError:
         raise DatasetError(f"No {root}/classes.txt: the yolo format needs one class name per line.") from None
     names = [line.strip() for line in text.splitlines() if line.strip()]
-    images = {
-        stem(e.uri): e.uri
-        for e in store.iter_files(storage.join(root, "images"), extensions=IMAGE_EXTENSIONS)
-    }
-    try:
-        label_files = {
-            stem(e.uri): e.uri for e in store.iter_files(storage.join(root, "labels"), extensions=(".txt",))
-        }
-    except FileNotFoundError:
-        label_files = {}
+    images = _by_stem(store, storage.join(root, "images"), IMAGE_EXTENSIONS)
+    label_files = _by_stem(store, storage.join(root, "labels"), (".txt",), missing_ok=True)
     samples = []
     for s in sorted(images):
         boxes: list[tuple[float, float, float, float]] = []

@@ -18,8 +18,12 @@ from torch import nn
 
 from raycv.errors import UnknownModelError
 
-# The tasks models can be registered for: the built-in ones, and any that raycv.tasks.register_task adds.
-TASKS: list[str] = ["classification", "semantic_segmentation", "detection", "instance_segmentation"]
+# Model names by task, for the tasks models can be registered for: the built-in ones, and any that
+# raycv.tasks.register_task adds (allow_task).
+_BY_TASK: dict[str, set[str]] = {
+    t: set() for t in ("classification", "semantic_segmentation", "detection", "instance_segmentation")
+}
+TASKS = _BY_TASK.keys()  # a live view: the task names models can be registered for
 SOURCES: tuple[str, ...] = ("raycv", "torchvision")
 
 Builder = Callable[..., nn.Module]
@@ -27,8 +31,7 @@ Builder = Callable[..., nn.Module]
 
 def allow_task(name: str) -> None:
     """Let models be registered for the task ``name`` (called when the task is registered)."""
-    if name not in TASKS:
-        TASKS.append(name)
+    _BY_TASK.setdefault(name, set())
 
 
 B = TypeVar("B", bound=Builder)
@@ -83,7 +86,8 @@ def register_model(
     Raises:
         ValueError: ``name`` is already registered, or ``task``, ``source`` or ``min_input_size`` is invalid.
     """
-    if task not in TASKS:
+    of_task = _BY_TASK.get(task)
+    if of_task is None:
         raise ValueError(f"Unknown task {task!r} for model {name!r}. Use one of {', '.join(TASKS)}.")
     if source not in SOURCES:
         raise ValueError(f"Unknown source {source!r} for model {name!r}. Use one of {', '.join(SOURCES)}.")
@@ -106,6 +110,7 @@ def register_model(
             min_input_size=min_input_size,
             description=description or doc.split("\n", 1)[0],
         )
+        of_task.add(name)
         return builder
 
     return decorator
@@ -143,13 +148,10 @@ def list_models(pattern: str = "*", task: str | None = None) -> list[str]:
     Raises:
         ValueError: ``task`` is not one of :data:`TASKS`.
     """
-    if task is not None and task not in TASKS:
+    names = _REGISTRY.keys() if task is None else _BY_TASK.get(task)
+    if names is None:
         raise ValueError(f"Unknown task {task!r}. Use one of {', '.join(TASKS)}.")
-    return sorted(
-        name
-        for name, info in _REGISTRY.items()
-        if fnmatch.fnmatchcase(name, pattern) and (task is None or info.task == task)
-    )
+    return sorted(name for name in names if fnmatch.fnmatchcase(name, pattern))
 
 
 def create_model(
