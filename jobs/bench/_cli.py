@@ -130,6 +130,21 @@ def report(name: str, args: argparse.Namespace, results: dict[str, Any], *, targ
     return doc
 
 
+def print_and_report(
+    name: str,
+    args: argparse.Namespace,
+    results: dict[str, Any],
+    *,
+    title: str,
+    rows: Sequence[tuple[str, Any]],
+    target: str,
+) -> dict[str, Any]:
+    """A benchmark's last step: :func:`print_table` of ``rows`` and a last row naming the target, then
+    :func:`report`'s JSON document (returned)."""
+    print_table(title, [*rows, ("target", target)])
+    return report(name, args, results, target=target)
+
+
 def fmt(value: float | None, spec: str = ".1f") -> str:
     return "n/a" if value is None else format(value, spec)
 

@@ -79,16 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
             bare_nice = max(worker_nice, os.nice(0))
             bare_kw["niceness"] = worker_nice
             bare_before = C.bare_model_rate(run_dir, pixels, device=args.device, **bare_kw)
-            summary = C.annotate(
+            summary = C.annotate_as_args(
+                args,
                 run_dir,
                 source,
                 os.path.join(wd, "out"),
-                batch_size=args.batch_size,
-                actors=args.actors,
-                cpus_per_actor=args.cpus_per_actor,
                 gpus_per_actor=gpus,
-                endpoint_url=ep,
-                address=args.address,
                 speed={**speed, "decode": args.decode},
             )
             bare_after = C.bare_model_rate(run_dir, pixels, device=args.device, **bare_kw)
@@ -112,9 +108,12 @@ def main(argv: list[str] | None = None) -> dict:
         "decode": args.decode,
         "layout": f"{args.actors} actor(s) x {threads} thread(s), bare model: same",
     }
-    C.print_table(
-        f"annotate efficiency: {args.arch} @ {size}, batch {args.batch_size}, {results['layout']}",
-        [
+    return C.print_and_report(
+        "annotate_efficiency",
+        args,
+        results,
+        title=f"annotate efficiency: {args.arch} @ {size}, batch {args.batch_size}, {results['layout']}",
+        rows=[
             ("images", len(uris)),
             ("bare model img/s (before, after)", f"{bare_before:.2f}, {bare_after:.2f}"),
             ("pipeline img/s (end to end)", summary["images_per_s"]),
@@ -124,10 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
             ("niceness: Ray workers, bare model", f"{worker_nice}, {bare_nice}"),
             ("precision, channels_last, compile", f"{args.precision}, {args.channels_last}, {args.compile}"),
             ("decode", args.decode),
-            ("target", TARGET),
         ],
+        target=TARGET,
     )
-    return C.report("annotate_efficiency", args, results, target=TARGET)
 
 
 if __name__ == "__main__":

@@ -136,16 +136,12 @@ def main(argv: list[str] | None = None) -> dict:
                 threads=args.threads,
                 like_raycv=args.naive_like_raycv,
             )
-            summary = C.annotate(
+            summary = C.annotate_as_args(
+                args,
                 run_dir,
                 root,
                 os.path.join(wd, "out"),
-                batch_size=args.batch_size,
-                actors=args.actors,
-                cpus_per_actor=args.cpus_per_actor,
                 gpus_per_actor=1.0 if args.device == "cuda" else 0.0,
-                endpoint_url=args.endpoint_url,
-                address=args.address,
                 speed={"channels_last": args.channels_last},
             )
     results = {
@@ -165,10 +161,13 @@ def main(argv: list[str] | None = None) -> dict:
         "steady_speedup": C.ratio(summary["steady_images_per_s"], naive_steady),
         "layout": f"pipeline: {args.actors} actor(s) x {args.cpus_per_actor} CPU; naive: 1 process x {threads} threads",
     }
-    C.print_table(
-        f"pipeline vs naive script: {args.arch} @ {args.image_size} from {args.src_size} px {args.format}, "
-        f"batch {args.batch_size}",
-        [
+    return C.print_and_report(
+        "naive_baseline",
+        args,
+        results,
+        title=f"pipeline vs naive script: {args.arch} @ {args.image_size} from {args.src_size} px "
+        f"{args.format}, batch {args.batch_size}",
+        rows=[
             ("images", len(uris)),
             ("naive script img/s (end to end)", naive),
             ("naive script img/s (steady state)", naive_steady),
@@ -180,10 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
             ("pipeline channels_last", args.channels_last),
             ("naive script like raycv (reduced JPEG decode, NHWC)", args.naive_like_raycv),
             ("niceness: Ray workers, naive script", f"{worker_nice}, {naive_nice}"),
-            ("target", TARGET),
         ],
+        target=TARGET,
     )
-    return C.report("naive_baseline", args, results, target=TARGET)
 
 
 if __name__ == "__main__":

@@ -256,11 +256,14 @@ def main(argv: list[str] | None = None) -> dict:
         "plain_niceness": plain_nice,
         "driver_niceness": os.nice(0),
     }
-    C.print_table(
-        f"train throughput: {args.arch} @ {args.image_size}, batch {args.batch_size}/worker "
+    return C.print_and_report(
+        "train_throughput",
+        args,
+        results,
+        title=f"train throughput: {args.arch} @ {args.image_size}, batch {args.batch_size}/worker "
         f"(a step every {args.grad_accum_steps}), "
         f"{args.workers} DDP worker(s) x {args.cpus_per_worker} CPU vs 1 process x {threads} thread(s)",
-        [
+        rows=[
             ("train images / epoch", n_train),
             ("plain loop epoch s", " ".join(f"{s:.1f}" for s in plain_s)),
             ("Ray Train epoch s", " ".join(f"{s:.1f}" for s in ray_s)),
@@ -281,10 +284,9 @@ def main(argv: list[str] | None = None) -> dict:
             ("per CPU-second ratio", results["per_cpu_second_ratio"]),
             ("raycv train total s (incl. start-up)", result.duration_s),
             ("niceness: Ray workers, plain loop", f"{worker_nice}, {plain_nice}"),
-            ("target", TARGET),
         ],
+        target=TARGET,
     )
-    return C.report("train_throughput", args, results, target=TARGET)
 
 
 if __name__ == "__main__":

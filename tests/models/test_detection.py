@@ -14,6 +14,7 @@ import raycv.models.detection as detection
 from raycv.data.synthetic_scenes import render_scene
 from raycv.models.registry import create_model, get_model_info, list_models
 from raycv.models.transfer import freeze_backbone, head_module_names, load_weights
+from tests._util import torch_threads
 
 NUM_CLASSES = 3
 HEADS = {
@@ -60,10 +61,8 @@ SEGMENTERS = ours("instance_segmentation")
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
     """One intra-op thread: on a loaded 2-core box two threads fight over the cores and run slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def fast_options(name: str) -> dict[str, int]:

@@ -17,6 +17,7 @@ from raycv.models import (
     list_models,
     load_weights,
 )
+from tests._util import torch_threads
 
 TASK = "semantic_segmentation"
 HEADS = {
@@ -33,10 +34,8 @@ HEADS = {
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
     """One intra-op thread: on a loaded 2-core box two threads fight over the cores and run slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def make_masks(n: int, *, size: int = 32, n_objects: int = 2, seed: int = 0) -> tuple[Tensor, Tensor]:

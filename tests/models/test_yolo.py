@@ -17,6 +17,7 @@ import raycv.models.yolo  # registers the YOLO models
 from raycv.data.synthetic_scenes import render_scene
 from raycv.models import create_model, list_models
 from raycv.models.yolo_v1 import yolo_v1_loss
+from tests._util import torch_threads
 
 NUM_CLASSES = 3
 YOLO_MODELS = list_models("yolo*", task="detection")
@@ -24,10 +25,8 @@ YOLO_MODELS = list_models("yolo*", task="detection")
 
 @pytest.fixture(autouse=True)
 def two_threads() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(2):
+        yield
 
 
 def _empty_target() -> dict[str, Tensor]:
