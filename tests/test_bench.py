@@ -117,6 +117,7 @@ def registry_restored(monkeypatch):
     from raycv.models import registry
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_BY_TASK", {t: set(names) for t, names in registry._BY_TASK.items()})
 
 
 def test_fixed_cost_model_sleeps_per_image(tmp_path, registry_restored):

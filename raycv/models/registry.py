@@ -88,7 +88,7 @@ def register_model(
     """
     of_task = _BY_TASK.get(task)
     if of_task is None:
-        raise ValueError(f"Unknown task {task!r} for model {name!r}. Use one of {', '.join(TASKS)}.")
+        raise ValueError(f"Unknown task {task!r} for model {name!r}. Use one of {', '.join(_BY_TASK)}.")
     if source not in SOURCES:
         raise ValueError(f"Unknown source {source!r} for model {name!r}. Use one of {', '.join(SOURCES)}.")
     if min_input_size < 1:
@@ -150,7 +150,7 @@ def list_models(pattern: str = "*", task: str | None = None) -> list[str]:
     """
     names = _REGISTRY.keys() if task is None else _BY_TASK.get(task)
     if names is None:
-        raise ValueError(f"Unknown task {task!r}. Use one of {', '.join(TASKS)}.")
+        raise ValueError(f"Unknown task {task!r}. Use one of {', '.join(_BY_TASK)}.")
     return sorted(name for name in names if fnmatch.fnmatchcase(name, pattern))
 
 

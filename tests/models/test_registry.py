@@ -40,6 +40,7 @@ REPRESENTATIVE = [
 def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registrations made by a test vanish after it."""
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_BY_TASK", {t: set(names) for t, names in registry._BY_TASK.items()})
 
 
 def _forward(model: nn.Module, size: int, in_channels: int = 3) -> list[torch.Tensor]:
