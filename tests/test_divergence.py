@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from raycv import storage
 from raycv.cli import main
 from raycv.config import TrainConfig
 from raycv.data.synthetic import write_imagefolder
@@ -243,7 +242,7 @@ def test_a_run_that_keeps_diverging_stops_with_exit_1_naming_the_epoch_and_the_f
         "train.clip_grad_norm (now off)",
     ):
         assert fix in err
-    history = [json.loads(x) for x in storage.read_bytes(str(run / "metrics.jsonl")).decode().splitlines()]
+    history = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]  # it stopped at once, not after every epoch
     assert sum(h["lr_halved"] for h in history) == MAX_HALVINGS
     assert sum(h["nonfinite_steps"] for h in history) == PATIENCE * (MAX_HALVINGS + 1)

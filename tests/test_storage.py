@@ -124,16 +124,6 @@ def test_handles_with_one_endpoint_share_the_cached_filesystem(s3_endpoint):
         Storage(s3_endpoint)  # keyword-only
 
 
-def test_module_functions_taking_endpoint_url_still_work(bucket, s3_endpoint, monkeypatch):
-    """The forms raycv/training and raycv/config call until they are handed a Storage."""
-    monkeypatch.delenv("AWS_ENDPOINT_URL")
-    storage.write_json(f"{bucket}/old/a.json", {"a": 1}, s3_endpoint)
-    assert json.loads(storage.read_bytes(f"{bucket}/old/a.json", s3_endpoint)) == {"a": 1}
-    assert storage.exists(f"{bucket}/old/a.json", s3_endpoint)
-    fs, path = storage.pyarrow_filesystem(f"{bucket}/old/a.json", s3_endpoint)
-    assert fs.get_file_info(path).size > 0
-
-
 def test_every_spelling_of_a_local_path_has_one_canonical_form(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
