@@ -72,7 +72,7 @@ class Brightness(Task):
     metrics = ("neg_mae", "mae")
     image_fields = (pa.field("value", pa.float32()),)
     unit_pixels = True  # the model takes 0..1 pixels (written in the card: the annotator feeds it the same)
-    annotator = "tests.test_custom_task:BrightnessAnnotator"
+    annotator = "tests.tasks.test_custom_task:BrightnessAnnotator"
 
     def read_dataset(self, fmt: str, root: str, store: Any, num_classes: int | None) -> BrightnessDataset:
         text = store.read_bytes(storage.join(root, "targets.csv")).decode()
