@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from raycv.data.formats import Dataset, read_imagefolder
+from raycv.data.loader import Transform
 from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, to_tensor_resized
 from raycv.data.transforms import augment as augment_image
 from raycv.tasks.confusion import ConfusionEvaluator
-from raycv.tasks.registry import LOSS_IS_SEGMENTATION_ONLY, StepContext, Task, Transform, register_task
+from raycv.tasks.registry import LOSS_IS_SEGMENTATION_ONLY, StepContext, Task, register_task
 
 
 def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:

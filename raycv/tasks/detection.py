@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
 from raycv.data.formats import DetectionDataset, DetectionSample, read_coco, read_yolo
+from raycv.data.loader import Transform
 from raycv.tasks.coco import coco_metrics
 from raycv.tasks.registry import (
     LOSS_IS_SEGMENTATION_ONLY,
@@ -25,7 +26,6 @@ from raycv.tasks.registry import (
     STAGED_OBJECTS,
     StepContext,
     Task,
-    Transform,
     register_task,
 )
 

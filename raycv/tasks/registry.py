@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from raycv.data.loader import Transform
+
 _BUILTIN_MODULES = ("raycv.tasks.classification", "raycv.tasks.segmentation", "raycv.tasks.detection")
 _TASKS: dict[str, Task] = {}
 
@@ -39,8 +41,6 @@ STAGED_OBJECTS = (pa.field("objects", OBJECTS_TYPE),)
 
 LOSS_IS_SEGMENTATION_ONLY = "train.loss applies to semantic_segmentation only (detectors compute their own)"
 MIXUP_IS_CLASSIFICATION_ONLY = "train.augment.mixup applies to classification only; set it to 0"
-# (decoded image [H, W, C] uint8, the sample's target, rng) -> (model input tensor, training target)
-Transform = Callable[[np.ndarray, Any, np.random.Generator], tuple[Any, Any]]
 
 
 @dataclass(frozen=True)

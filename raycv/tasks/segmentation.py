@@ -17,6 +17,7 @@ from torch import nn
 
 from raycv.data.formats import Dataset, read_masks
 from raycv.data.images import decode_png_mask
+from raycv.data.loader import Transform
 from raycv.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -26,7 +27,7 @@ from raycv.data.transforms import (
     to_tensor_resized,
 )
 from raycv.tasks.confusion import ConfusionEvaluator
-from raycv.tasks.registry import MIXUP_IS_CLASSIFICATION_ONLY, StepContext, Task, Transform, register_task
+from raycv.tasks.registry import MIXUP_IS_CLASSIFICATION_ONLY, StepContext, Task, register_task
 
 IGNORE_INDEX = 255
 
