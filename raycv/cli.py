@@ -126,8 +126,13 @@ def check_paths(cfg: Any) -> None:
             ("data.val", cfg.data.val),
             ("model.weights", cfg.model.weights),
         ]
-    else:
+    elif isinstance(cfg.model, str):
         needed = [("model", cfg.model)]
+    else:
+        m = cfg.model
+        needed = [("model.run", m.run), ("model.weights", m.weights), ("model.file", m.file)]
+        if isinstance(m.classes, str):
+            needed.append(("model.classes", m.classes))
     for field, uri in needed:
         if uri is None:
             continue

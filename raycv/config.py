@@ -148,13 +148,15 @@ class TrainConfig(_Strict):
         from raycv.models import get_model_info, list_models
         from raycv.tasks.registry import get_task
 
+        task = get_task(self.task)
+        if not task.formats:  # an annotation-only task
+            raise ValueError(f"task {self.task!r}: {task.check_train_config(self)}")
         info = get_model_info(self.model.arch)
         if self.model.arch not in list_models(task=self.task):
             raise ValueError(
                 f"model.arch '{self.model.arch}' is a {info.task} model but task is '{self.task}'; "
                 f"pick one from `raycv models --task {self.task}`"
             )
-        task = get_task(self.task)
         if self.data.format is not None and self.data.format not in task.formats:
             raise ValueError(
                 f"data.format '{self.data.format}' is not a dataset format of {self.task}: "
@@ -209,10 +211,101 @@ class GeoConfig(_Strict):
         return value
 
 
+_ANNOTATE_TASKS = "classification, semantic_segmentation, detection, instance_segmentation or embedding"
+
+
+class PreprocessConfig(_Strict):
+    """How images become a foreign model's input: resize, centre crop, pixels / 255, then mean/std.
+
+    ``resize``: an int resizes the shorter side to it (torchvision's ``Resize(int)``), ``[h, w]`` resizes
+    exactly; null keeps the image's size. Left out, each comes from the weights' metadata
+    (``torchvision_weights``, a timm model's pretrained config) or the task's default.
+    """
+
+    resize: int | tuple[int, int] | None = None
+    crop: int | tuple[int, int] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    @field_validator("resize", "crop")
+    @classmethod
+    def _positive(cls, value: Any) -> Any:
+        sizes = [value] if isinstance(value, int) else list(value or [])
+        if any(v < 1 for v in sizes):
+            raise ValueError("sizes are positive pixel counts: an int, or [height, width]")
+        return value
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> PreprocessConfig:
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError("preprocess.mean and preprocess.std need one value per channel each")
+        if self.std is not None and any(v <= 0 for v in self.std):
+            raise ValueError("preprocess.std values must be positive")
+        return self
+
+
+class ModelSourceConfig(_Strict):
+    """``model:`` of ``raycv annotate`` as a mapping: a raycv run, or a model from outside raycv.
+
+    Exactly one of ``run`` (a run or export directory), ``arch`` (with ``weights`` or
+    ``torchvision_weights``) or ``file`` (TorchScript, ``torch.export`` ``.pt2`` or ONNX).
+    """
+
+    task: str | None = None
+    run: str | None = None
+    arch: str | None = None
+    weights: str | None = None
+    file: str | None = None
+    classes: list[str] | str | None = None
+    torchvision_weights: str | None = None
+    num_classes: int | None = Field(default=None, ge=1)
+    in_channels: int = Field(default=3, ge=1)
+    preprocess: PreprocessConfig = PreprocessConfig()
+
+    @field_validator("task")
+    @classmethod
+    def _annotatable(cls, value: str | None) -> str | None:
+        from raycv.tasks.registry import get_task
+
+        if value is not None and get_task(value).annotator is None:
+            raise ValueError(f"task '{value}' cannot annotate; use {_ANNOTATE_TASKS}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSourceConfig:
+        given = [k for k in ("run", "arch", "file") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                f"model needs exactly one of run, arch (with weights) or file; got {given or 'none'}"
+            )
+        if self.run is None and self.task is None:
+            raise ValueError(f"model.task is required for a model from outside raycv: {_ANNOTATE_TASKS}")
+        if self.arch and not (self.weights or self.torchvision_weights):
+            raise ValueError(
+                f"model.arch '{self.arch}' needs weights: a state_dict (.pt/.pth) or .safetensors URI "
+                "in model.weights, or model.torchvision_weights (e.g. ResNet50_Weights.IMAGENET1K_V2)"
+            )
+        if self.weights and not self.arch:
+            raise ValueError("model.weights needs model.arch, the architecture they belong to")
+        if self.torchvision_weights and not (self.arch or "").startswith("torchvision:"):
+            raise ValueError(
+                "model.torchvision_weights needs model.arch: torchvision:<builder> (e.g. torchvision:resnet50)"
+            )
+        if self.arch and ":" not in self.arch:
+            from raycv.models import list_models
+
+            if self.arch not in list_models():
+                raise ValueError(
+                    f"model.arch '{self.arch}' is neither a raycv model (`raycv models`) nor "
+                    "torchvision:<builder> nor timm:<name>"
+                )
+        return self
+
+
 class AnnotateConfig(_Strict):
     """``raycv annotate``."""
 
-    model: str
+    model: str | ModelSourceConfig  # a run or export directory, or a mapping (ModelSourceConfig)
     input: str | list[str]
     output: str
     batch_size: int = Field(default=32, gt=0)

@@ -15,7 +15,8 @@ from torch import nn
 from raycv.data.images import DEFAULT_MAX_PIXELS
 from raycv.data.transforms import normalize
 from raycv.errors import ConfigError
-from raycv.models import saved
+from raycv.models import source as model_source
+from raycv.models.source import ModelSource
 from raycv.outputs import schema as outputs
 from raycv.storage import Storage
 
@@ -56,7 +57,7 @@ class ActorSpec:
     """What a model actor is built from: one per run, the same for every actor (Ray pickles it to each).
 
     Attributes:
-        run_dir: the saved model (``model.json`` + ``model.pt``).
+        model: the model to load (:mod:`raycv.models.source`: a raycv run or export, or a foreign model).
         store: the run's storage handle.
         run_id: written in every row.
         threads: torch threads of the actor (its CPUs).
@@ -71,7 +72,7 @@ class ActorSpec:
         score_threshold, iou_threshold: detection: the scores kept and the NMS overlap.
     """
 
-    run_dir: str
+    model: ModelSource
     store: Storage
     run_id: str
     threads: int = 1
@@ -135,13 +136,19 @@ class Annotator:
         torch.set_num_threads(max(1, spec.threads))
         self.device = "cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu"
         check_precision(spec.precision, self.device)
-        self.precision, self.channels_last = spec.precision, spec.channels_last
+        self.precision = spec.precision
         self.store = spec.store
-        self.run = saved.load_run(spec.run_dir, spec.store, self.device)
-        if spec.channels_last:
+        self.run = model_source.load(spec.model, spec.store, self.device)
+        self.preprocess = spec.model.preprocess
+        torch_module = isinstance(self.run.model, nn.Module) and not isinstance(
+            self.run.model, torch.jit.ScriptModule
+        )
+        self.channels_last = spec.channels_last and torch_module
+        if self.channels_last:
             to_channels_last(self.run.model)
         # What the batches go through; self.run.model stays the eager module (Grad-CAM needs its hooks).
-        self.model: Any = _CompiledOrEager(self.run.model) if spec.compile else self.run.model
+        compiled = spec.compile and torch_module
+        self.model: Any = _CompiledOrEager(self.run.model) if compiled else self.run.model
         norm = self.run.card.get("normalization", {})
         self.mean = tuple(norm.get("mean", (0.0, 0.0, 0.0)))
         self.std = tuple(norm.get("std", (1.0, 1.0, 1.0)))
@@ -161,13 +168,31 @@ class Annotator:
 
     def _forward(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """The model's output (logits), float32 on the CPU, for a batch: [B, H, W, 3] uint8, or [B, 3, H, W]
-        float in 0..1 already on the device (decoded there)."""
+        float in 0..1 already on the device (decoded there); an object array of images of several sizes
+        runs one forward pass per size. A ``{"out": ...}`` output (torchvision's segmenters) gives "out"."""
+        if isinstance(pixels, np.ndarray) and pixels.dtype == object:
+            return self._forward_ragged(list(pixels))
         x = pixels if isinstance(pixels, torch.Tensor) else self._to_device(pixels)
         x = normalize(x, self.mean, self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(self.device, self.precision):
-            return self.model(x).float().cpu()  # type: ignore[no-any-return]
+            out = self.model(x)
+        if isinstance(out, dict):
+            out = out["out"]
+        return out.float().cpu()  # type: ignore[no-any-return]
+
+    def _forward_ragged(self, images: list[np.ndarray]) -> Any:
+        """Images of several sizes: a forward pass per size, outputs back in order (stacked when they have
+        one shape, e.g. logits, else a list, e.g. score maps)."""
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, im in enumerate(images):
+            by_shape.setdefault(im.shape, []).append(i)
+        outs: list[Any] = [None] * len(images)
+        for idx in by_shape.values():
+            for i, o in zip(idx, self._forward(np.stack([images[i] for i in idx])), strict=True):
+                outs[i] = o
+        return torch.stack(outs) if len({o.shape for o in outs}) == 1 else outs
 
     def _common(
         self, batch: dict[str, np.ndarray], errors: list[tuple[str, str, str] | None]

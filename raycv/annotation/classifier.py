@@ -38,16 +38,26 @@ class Classifier(Annotator):
             self.cam_layer = find_target_layer(self.run.model)
             self.schema = self.schema.append(pa.field("gradcam_png", pa.binary()))
 
-    def _explained(self, x: torch.Tensor) -> tuple[torch.Tensor, list[bytes]]:
+    def _explained(self, x: Any) -> tuple[torch.Tensor, list[bytes]]:
         """Logits and Grad-CAM PNGs of a [B, 3, H, W] batch in 0..1 (one forward and one backward pass)."""
         from raycv.models.gradcam import gradcam, heatmap_png
+
+        if isinstance(x, np.ndarray):  # images of several sizes: one at a time
+            parts = [self._explained(self._to_device(im[None])) for im in x]
+            return torch.cat([p[0] for p in parts]), [png for p in parts for png in p[1]]
 
         logits, cams = gradcam(self.run.model, normalize(x, self.mean, self.std), target_layer=self.cam_layer)
         return logits.cpu(), [heatmap_png(c.numpy()) for c in cams]
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        size = self.spec.model.fixed_size
+        assert size is not None, "decode: actor needs a fixed input size (checked by the pipeline)"
+        return size
+
     def _decoded(
         self, batch: dict[str, np.ndarray], errors: list[tuple[str, str, str] | None]
-    ) -> tuple[torch.Tensor | None, list[int]]:
+    ) -> tuple[Any, list[int]]:
         """The good images of a batch as [B, 3, H, W] in 0..1 on the device, and their row indices.
 
         Decodes ``data`` (``decode: actor``) first: its failures become the rows' errors, and the original
@@ -56,12 +66,17 @@ class Classifier(Annotator):
         n = len(errors)
         if "data" not in batch:
             good = [i for i in range(n) if errors[i] is None]
-            return (self._to_device(batch["pixels"][good]) if good else None), good
+            if not good:
+                return None, good
+            pixels = batch["pixels"][good]
+            if pixels.dtype == object:  # several sizes (resize of the shorter side, no crop)
+                return pixels, good
+            return self._to_device(pixels), good
         todo = [i for i in range(n) if errors[i] is None]
         decoded = decode_batch(
             [bytes(batch["data"][i]) for i in todo],
             [str(batch["image_uri"][i]) for i in todo],
-            self.run.size_hw,
+            self.input_size,
             self.device,
             max_pixels=self.max_pixels,
         )

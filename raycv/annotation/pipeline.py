@@ -37,7 +37,7 @@ from raycv.annotation.read import read_bytes_batch, read_decode_batch, read_stag
 from raycv.annotation.write import Tally, write_blocks
 from raycv.config import AnnotateConfig
 from raycv.errors import ConfigError, TooManyErrorsError
-from raycv.models import saved
+from raycv.models.source import ModelSource, resolve
 from raycv.outputs import schema as outputs
 from raycv.runtime import ensure_ray
 from raycv.storage import Storage
@@ -75,16 +75,16 @@ class AnnotateSummary:
 
 
 def _stages(
-    cfg: AnnotateConfig, card: dict[str, Any], run_id: str, store: Storage
+    cfg: AnnotateConfig, model: ModelSource, run_id: str, store: Storage
 ) -> tuple[Any, dict[str, Any], type[Annotator], ActorSpec]:
     """(read function, its kwargs, the task's model actor class, the actors' spec) of the run."""
-    task = get_task(card["task"])
+    task = get_task(model.task)
     if task.annotator is None:
-        raise ConfigError("model", cfg.model, f"This run's task '{task.name}' cannot be annotated yet.")
+        raise ConfigError("model", model.uri, f"This run's task '{task.name}' cannot be annotated yet.")
     module, _, name = task.annotator.partition(":")
     annotator: type[Annotator] = getattr(importlib.import_module(module), name)
     spec = ActorSpec(
-        run_dir=cfg.model,
+        model=model,
         store=store,
         run_id=run_id,
         threads=int(cfg.cpus_per_actor),
@@ -105,15 +105,15 @@ def _stages(
     read_kw: dict[str, Any] = {"store": store, "max_pixels": cfg.max_pixels}
     # decode: actor ships the encoded files; the actor decodes them on its device (nvJPEG on a GPU)
     if annotator.reads == "pixels" and cfg.decode != "actor":
-        size = card["image_size"]
-        read_kw["size_hw"] = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        prep = model.preprocess
+        resize = prep["resize"]
+        read_kw["size_hw"] = resize if resize is None or isinstance(resize, int) else tuple(resize)
+        read_kw["crop"] = prep.get("crop")
         return read_decode_batch, read_kw, annotator, spec
     return read_bytes_batch, {**read_kw, "skip_geotiff": annotator.skip_geotiff}, annotator, spec
 
 
-def _run_pipeline(
-    cfg: AnnotateConfig, todo: Plan, card: dict[str, Any], run_id: str, store: Storage
-) -> Tally:
+def _run_pipeline(cfg: AnnotateConfig, todo: Plan, model: ModelSource, run_id: str, store: Storage) -> Tally:
     """Run the pipeline over ``todo`` into the run's staging folder; stop early past ``max_error_fraction``.
 
     The driver iterates over references to the actors' output blocks (never their rows) and hands each to
@@ -121,7 +121,7 @@ def _run_pipeline(
     shuts Ray Data's executor down (its actors included); the writes already started are awaited, so the
     staging folder holds only whole files.
     """
-    read_fn, read_kw, annotator, spec = _stages(cfg, card, run_id, store)
+    read_fn, read_kw, annotator, spec = _stages(cfg, model, run_id, store)
     with _actor_placement(cfg, f"raycv-annotate-{run_id}") as placement:
         # from_blocks, not from_arrow: no task runs before the group is placed. from_arrow runs a 1-CPU
         # task per block, and the cluster's view of free CPUs lags behind their end: a group placed right
@@ -279,14 +279,9 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
     """
     t0 = time.time()
     store = Storage(endpoint_url=cfg.storage.endpoint_url)
-    card = saved.read_card(cfg.model, store)
-    if cfg.explain and not get_task(card["task"]).image_labels:  # checked before anything starts (exit 2)
-        raise ConfigError(
-            "explain",
-            cfg.explain,
-            f"Grad-CAM explains classifiers only, this run is {card['task']}: remove it.",
-        )
-    model_id = saved.model_id_of(store.read_bytes(storage.join(cfg.model, saved.WEIGHTS)))
+    model = resolve(cfg.model, store)
+    _check_model_options(cfg, model)
+    model_id = model.model_id
     recovered = outputs_commit.recover(cfg.output, store)
     todo = plan_inputs(cfg.input, store)
     files = len(todo)
@@ -296,7 +291,7 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
     tally, reached = Tally(), 0
     if len(todo):
         ensure_ray(address)
-        tally = _run_pipeline(cfg, todo, card, run_id, store)
+        tally = _run_pipeline(cfg, todo, model, run_id, store)
         sources = outputs_commit.staged_sources(cfg.output, run_id, store)
         reached = len(sources)
         outputs_commit.commit(cfg.output, run_id, index.superseded(sources), store)
@@ -320,6 +315,32 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
     if tally.exceeds(cfg.max_error_fraction):
         raise TooManyErrorsError(_stop_message(cfg, tally, stopped))
     return summary
+
+
+def _check_model_options(cfg: AnnotateConfig, model: ModelSource) -> None:
+    """Options the model cannot take exit 2 before anything starts."""
+    task = get_task(model.task)
+    if cfg.explain and (not task.image_labels or model.kind == "file"):
+        raise ConfigError(
+            "explain",
+            cfg.explain,
+            f"Grad-CAM explains torch classifiers only, this model is a {model.kind} {task.name} model: "
+            "remove it.",
+        )
+    bands = int(model.card.get("in_channels", 3))
+    if bands != 3:
+        raise ConfigError(
+            "model.in_channels",
+            bands,
+            "Annotation feeds the model 3 bands (RGB; geo.bands picks a GeoTIFF's): use a 3-band model.",
+        )
+    if cfg.decode == "actor" and model.fixed_size is None and task.image_labels:
+        raise ConfigError(
+            "decode",
+            cfg.decode,
+            "decode: actor needs one input size for every image: set model.preprocess.crop (or an exact "
+            "[h, w] resize), or use decode: tasks.",
+        )
 
 
 def _stop_message(cfg: AnnotateConfig, tally: Tally, stopped: bool) -> str:

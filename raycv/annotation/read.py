@@ -14,7 +14,7 @@ import numpy as np
 
 from raycv.data import geotiff, medical
 from raycv.data.files import decode_file, decode_file_resized
-from raycv.data.images import encode_png
+from raycv.data.images import Resize, encode_png
 from raycv.errors import error_fields
 from raycv.outputs import schema as outputs
 from raycv.storage import Storage
@@ -59,15 +59,25 @@ def _expanded(
 
 
 def read_decode_batch(
-    batch: dict[str, np.ndarray], *, size_hw: tuple[int, int], store: Storage, max_pixels: int
+    batch: dict[str, np.ndarray],
+    *,
+    size_hw: Resize,
+    store: Storage,
+    max_pixels: int,
+    crop: Resize = None,
 ) -> dict[str, np.ndarray]:
-    """Fetch and decode a batch of files into fixed-size uint8 pixels, catching each file's failure.
+    """Fetch and decode a batch of files into the model's input pixels, catching each file's failure.
 
-    Returns one row per image (a multi-frame DICOM or NIfTI volume gives one per frame or slice, see
-    :func:`_expanded`) with ``pixels`` [N, h, w, 3] uint8 (zeros for failed files), ``width`` and
-    ``height`` (original, -1 when unknown) and ``error_stage/error_type/error_message`` ("" when fine).
+    ``size_hw`` is ``[h, w]`` (exact) or an int (the shorter side, as torchvision's ``Resize``), then an
+    optional centre ``crop`` (:func:`raycv.data.images.prepare_rgb`). Returns one row per image (a
+    multi-frame DICOM or NIfTI volume gives one per frame or slice, see :func:`_expanded`) with ``pixels``
+    [N, h, w, 3] uint8 (an object array of [h_i, w_i, 3] when the sizes differ; zeros for failed files),
+    ``width`` and ``height`` (original, -1 when unknown) and ``error_stage/error_type/error_message`` (""
+    when fine).
     """
-    blank = np.zeros((*size_hw, 3), np.uint8)
+    fixed = crop if crop is not None else (None if isinstance(size_hw, int) else size_hw)
+    blank_hw = (fixed, fixed) if isinstance(fixed, int) else tuple(fixed or (1, 1))
+    blank = np.zeros((*blank_hw, 3), np.uint8)
 
     def one(uri: str) -> list[tuple[np.ndarray, int, int, tuple[str, str, str]]]:
         try:
@@ -75,7 +85,7 @@ def read_decode_batch(
         except Exception as exc:
             return [(blank, -1, -1, error_fields("read", exc))]
         try:
-            images = decode_file_resized(data, uri, size_hw, max_pixels=max_pixels)
+            images = decode_file_resized(data, uri, size_hw, max_pixels=max_pixels, crop=crop)
         except Exception as exc:
             return [(blank, -1, -1, error_fields("decode", exc))]
         return [(pixels, width, height, _OK) for pixels, width, height in images]
@@ -83,10 +93,22 @@ def read_decode_batch(
     results = _fetch_all([str(u) for u in batch["image_uri"]], one)
     out = _expanded(batch, results, [[r[3] for r in per_file] for per_file in results])
     flat = [r for per_file in results for r in per_file]
-    out["pixels"] = np.stack([r[0] for r in flat]) if flat else np.zeros((0, *size_hw, 3), np.uint8)
+    out["pixels"] = stack_images([r[0] for r in flat], blank.shape)
     out["width"] = np.array([r[1] for r in flat], np.int32)
     out["height"] = np.array([r[2] for r in flat], np.int32)
     return out
+
+
+def stack_images(images: list[np.ndarray], empty_shape: tuple[int, ...]) -> np.ndarray:
+    """[N, h, w, 3] when every image has one size, else an object array of the [h_i, w_i, 3] images."""
+    if not images:
+        return np.zeros((0, *empty_shape), np.uint8)
+    if len({im.shape for im in images}) == 1:
+        return np.stack(images)
+    ragged = np.empty(len(images), dtype=object)
+    for i, image in enumerate(images):
+        ragged[i] = image
+    return ragged
 
 
 def read_bytes_batch(

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from raycv import storage
 from raycv.annotation.actor import ActorSpec, Annotator, incoming_errors, window_reader
+from raycv.annotation.read import stack_images
 from raycv.data import cog, geotiff
-from raycv.data.images import decode_image, encode_png, resize_rgb
+from raycv.data.images import decode_image, encode_png, prepare_rgb
 from raycv.errors import error_fields
 
 # Above this many logits ([K, H, W] float32 = 4 bytes each) an untiled image is labelled at the model's
@@ -64,8 +65,8 @@ class Segmenter(Annotator):
 
     def _whole(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Label maps for small images: one batch at the model's size, scores resized to each original."""
-        size = self.run.size_hw
-        logits = self._forward(np.stack([resize_rgb(im, size) for im in images]))
+        resize = self.preprocess.get("resize")
+        logits = self._forward(stack_images([prepare_rgb(im, resize) for im in images], (1, 1, 3)))
         maps = []
         for im, lg in zip(images, logits, strict=True):
             h, w = im.shape[:2]

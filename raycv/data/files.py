@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from raycv.data import medical
-from raycv.data.images import decode_image, decode_reduced, resize_rgb
+from raycv.data.images import Resize, decode_image, decode_reduced, prepare_rgb, resized_size
 from raycv.errors import DecodeError
 
 
@@ -33,15 +33,24 @@ def decode_file(data: bytes, uri: str, *, max_pixels: int) -> list[np.ndarray]:
 
 
 def decode_file_resized(
-    data: bytes, uri: str, size_hw: tuple[int, int], *, max_pixels: int
+    data: bytes, uri: str, size_hw: Resize, *, max_pixels: int, crop: Resize = None
 ) -> list[tuple[np.ndarray, int, int]]:
-    """:func:`decode_file`, each image resized to ``size_hw`` (:func:`resize_rgb`): ``(pixels, width, height)``
-    with the original size. A large JPEG is decoded at reduced DCT scale (:func:`decode_reduced`)."""
+    """:func:`decode_file`, each image resized to ``size_hw`` (``[h, w]``, or an int: the shorter side) and
+    centre-cropped to ``crop`` (:func:`prepare_rgb`): ``(pixels, width, height)`` with the original size.
+    A large JPEG is decoded at reduced DCT scale (:func:`decode_reduced`)."""
     if not is_volume(data, uri):
-        image, width, height = decode_reduced(data, uri, size_hw, max_pixels=max_pixels)
-        return [(resize_rgb(image, size_hw), width, height)]
+        if size_hw is None:
+            image = decode_image(data, uri, max_pixels=max_pixels)
+            width, height = image.shape[1], image.shape[0]
+        else:
+            draft = (size_hw, size_hw) if isinstance(size_hw, int) else (int(size_hw[0]), int(size_hw[1]))
+            image, width, height = decode_reduced(data, uri, draft, max_pixels=max_pixels)
+            if isinstance(size_hw, int) and (image.shape[1], image.shape[0]) != (width, height):
+                # decoded at reduced scale: the shorter side's target from the full size, as torchvision
+                size_hw = resized_size(height, width, size_hw)
+        return [(prepare_rgb(image, size_hw, crop), width, height)]
     return [
-        (resize_rgb(im, size_hw), im.shape[1], im.shape[0])
+        (prepare_rgb(im, size_hw, crop), im.shape[1], im.shape[0])
         for im in decode_file(data, uri, max_pixels=max_pixels)
     ]
 

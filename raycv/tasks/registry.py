@@ -24,7 +24,12 @@ if TYPE_CHECKING:
 
     from raycv.data.loader import Transform
 
-_BUILTIN_MODULES = ("raycv.tasks.classification", "raycv.tasks.segmentation", "raycv.tasks.detection")
+_BUILTIN_MODULES = (
+    "raycv.tasks.classification",
+    "raycv.tasks.segmentation",
+    "raycv.tasks.detection",
+    "raycv.tasks.embedding",
+)
 _TASKS: dict[str, Task] = {}
 
 OBJECT_FIELDS = (
