@@ -56,7 +56,7 @@ def _add_submit_parser(sub: Any) -> None:
 
 
 def _add_results_parsers(sub: Any) -> None:
-    """``inspect``, ``render``, ``export`` (annotation outputs) and ``report`` (training runs)."""
+    """``inspect``, ``render``, ``export``, ``similar`` (annotation outputs) and ``report`` (training runs)."""
     sub.add_parser("inspect", help="counts, classes, scores and errors of an annotation output").add_argument(
         "output", metavar="OUTPUT"
     )
@@ -76,6 +76,13 @@ def _add_results_parsers(sub: Any) -> None:
     export.add_argument("--where", default=None, help=where_help)
     export.add_argument("--crs", default=None, help="geojson: reproject to this CRS (e.g. EPSG:4326)")
     export.add_argument("--copy-images", action="store_true", help="yolo: copy the images into PATH/images")
+    similar = sub.add_parser("similar", help="the images nearest to one image by embedding (cosine)")
+    similar.add_argument("output", metavar="OUTPUT", help="an output annotated with `task: embedding`")
+    query = similar.add_mutually_exclusive_group(required=True)
+    query.add_argument("--image", default=None, metavar="URI", help="the query image, as it was annotated")
+    query.add_argument("--id", default=None, metavar="IMAGE_ID", help="the query's image_id")
+    similar.add_argument("--k", type=int, default=10, help="how many neighbours (default 10)")
+    similar.add_argument("--json", action="store_true", help="a JSON list of {image_id, image_uri, score}")
     sub.add_parser("report", help="a run's model card and best metrics; writes curves.png").add_argument(
         "run_dir", metavar="RUN_DIR"
     )
@@ -293,6 +300,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_similar(args: argparse.Namespace) -> int:
+    from raycv.outputs.similar import nearest, print_neighbours
+    from raycv.storage import Storage
+
+    found = nearest(args.output, Storage(), image_id=args.id, image_uri=args.image, k=args.k)
+    print_neighbours(found, as_json=args.json)
+    return EXIT_OK
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from raycv.outputs.report import report_run
     from raycv.storage import Storage
@@ -311,6 +327,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "inspect": cmd_inspect,
     "render": cmd_render,
     "export": cmd_export,
+    "similar": cmd_similar,
     "report": cmd_report,
 }
 

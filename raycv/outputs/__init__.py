@@ -1,2 +1,2 @@
 """What an annotation output and a training run hold, and the commands that read them: the Parquet schema,
-readers and the ``--where`` filter, inspect, render, export and report."""
+readers and the ``--where`` filter, inspect, render, export, similar and report."""
