@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 from typing import Any
@@ -44,7 +45,7 @@ def build_arch(arch: str, *, task: str, num_classes: int, in_channels: int = 3) 
                 "model.arch", arch, "Use a torchvision.models builder name, e.g. torchvision:resnet50."
             ) from None
         kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
-        if "weights_backbone" in builder.__code__.co_varnames:
+        if "weights_backbone" in inspect.signature(builder).parameters:
             kwargs["weights_backbone"] = None  # never a download
         model = builder(**kwargs)
         if in_channels != 3:

@@ -278,3 +278,71 @@ def test_embeddings_from_a_torchvision_classifier_are_its_pooled_features(tmp_pa
         got = np.array(rows[uri]["embedding"], np.float32)
         assert np.linalg.norm(got) == pytest.approx(1.0, abs=1e-5)
         assert np.abs(got - want.numpy()).max() < 2e-3
+
+
+def test_torchvision_segmenter_with_dict_output_gives_label_maps_at_full_size(tmp_path, images, ray_local):
+    """lraspp returns {"out": [N, K, h, w]}: scores upsampled to each original size, then argmax."""
+    from raycv.data.images import decode_png_mask
+
+    torch.manual_seed(3)
+    model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=3
+    ).eval()
+    path = tmp_path / "seg.pth"
+    torch.save(model.state_dict(), path)
+    spec = {
+        "task": "semantic_segmentation",
+        "arch": "torchvision:lraspp_mobilenet_v3_large",
+        "weights": str(path),
+        "classes": CLASSES,
+        "preprocess": {"resize": 64},
+    }
+    code, rows = _annotate(tmp_path, spec, images, str(tmp_path / "seg"))
+    assert code == 0
+    tf = v2.Compose(
+        [v2.PILToTensor(), v2.Resize(64), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    )
+    for uri, im in images.items():
+        with torch.inference_mode():
+            out = model(tf(Image.fromarray(im))[None])["out"]
+            want = torch.nn.functional.interpolate(out, size=im.shape[:2], mode="bilinear").argmax(1)[0]
+        got = decode_png_mask(rows[uri]["mask_png"])
+        assert got.shape == im.shape[:2]
+        assert (got == want.numpy()).mean() >= 0.999
+
+
+def test_torchvision_detector_boxes_in_original_pixels(tmp_path, images, ray_local):
+    """A detector resizes inside: it takes each image at its own size and its boxes are the image's."""
+    torch.manual_seed(4)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+        weights=None, weights_backbone=None, num_classes=4, min_size=128, max_size=128
+    ).eval()
+    path = tmp_path / "det.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), str(path))
+    spec = {
+        "task": "detection",
+        "arch": "torchvision:fasterrcnn_mobilenet_v3_large_fpn",
+        "weights": str(path),
+        "classes": CLASSES,
+    }
+    code = main(
+        [
+            "annotate",
+            write_yaml(
+                tmp_path,
+                "det.yaml",
+                {"model": {**spec, "preprocess": {"resize": 64}}, "input": sorted(images), "output": "x"},
+            ),
+        ]
+    )
+    assert code == 2  # detectors resize themselves: a resize is refused
+    code, _ = _annotate(tmp_path, spec, images, str(tmp_path / "det"), score_threshold=0.0)
+    assert code == 0
+    objects = pq.read_table(str(tmp_path / "det" / "objects")).to_pylist()
+    assert objects, "a random detector still proposes boxes at score_threshold 0"
+    for o in objects:
+        h, w = images[o["image_uri"]].shape[:2]
+        x1, y1, x2, y2 = o["box"]
+        assert 0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h and o["label_name"] in CLASSES
