@@ -154,3 +154,22 @@ def test_scaling_starts_and_stops_only_its_own_node(tmp_path):
     finally:
         cluster.stop()
     assert not cluster.pids() and not os.path.exists(cluster.temp_dir)
+
+
+def test_onnx_vs_torch(tmp_path):
+    out = tmp_path / "onnx.json"
+    argv = ["--model", "test_classifier", "--size", "32", "--images", "10", "--batch-size", "4"]
+    _script("onnx_vs_torch").main([*argv, "--threads", "1", "--warmup", "1", "--no-cuda", "--json", str(out)])
+    r = _read(out, "onnx_vs_torch")
+    assert r["arch"] == "test_classifier" and r["image_size"] == 32 and r["images"] == 10
+    assert r["threads"] == 1 and r["rounds"] == 2 and r["onnxruntime"]
+    cpu = {"torch_eager", "torch_channels_last", "onnxruntime_cpu"}
+    assert set(r["backends"]) == cpu and "onnxruntime_cuda" in r["skipped"]
+    for name, row in r["backends"].items():
+        assert row["device"] == "cpu" and len(row["images_per_s_rounds"]) == 2
+        _positive(row, "images_per_s", "ratio_vs_torch_eager", "ratio_vs_torch_channels_last")
+        # the same logits from every backend, ONNX Runtime included (10 images, last batch of 2: dynamic batch)
+        assert row["max_abs_diff_vs_torch_eager"] < 1e-4, (name, row["max_abs_diff_vs_torch_eager"])
+    assert r["backends"]["torch_eager"]["ratio_vs_torch_eager"] == 1.0
+    assert r["cpu_outputs_agree"] is True and r["max_abs_diff_cpu"] < 1e-4
+    _positive(r, "onnx_export_s", "onnx_file_mib")
