@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 
@@ -73,6 +74,10 @@ def _annotate(tmp_path, model, images, out: str, **extra) -> tuple[int, dict]:
     return code, rows
 
 
+def _summary(out: str) -> dict:
+    return json.loads(STORE.read_bytes(f"{out}/_summary.json"))
+
+
 def _check_labels(rows: dict, reference: dict, tol: float = 2e-3) -> None:
     assert len(rows) == len(reference)
     for uri, probs in reference.items():
@@ -99,6 +104,8 @@ def test_torchvision_arch_with_safetensors_and_pth_weights_on_s3(tmp_path, bucke
     assert code == 0
     _check_labels(rows, _reference(model, images))
     assert {r["model_id"] for r in rows.values()} == {hashlib.sha256(data).hexdigest()[:16]}
+    code, _ = _annotate(tmp_path, spec, images, f"{bucket}/out/st")  # incremental: nothing new
+    assert code == 0 and _summary(f"{bucket}/out/st")["skipped"] == len(images)
     # a .pth state_dict and the classes from a text file on S3, with a centre crop
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
@@ -109,8 +116,8 @@ def test_torchvision_arch_with_safetensors_and_pth_weights_on_s3(tmp_path, bucke
         classes=f"{bucket}/m/classes.txt",
         preprocess={"resize": 72, "crop": 56},
     )
-    code, rows = _annotate(tmp_path, spec, images, f"{bucket}/out/pth")
-    assert code == 0
+    code, rows = _annotate(tmp_path, spec, images, f"{bucket}/out/st")  # new weights: new work
+    assert code == 0 and _summary(f"{bucket}/out/st")["skipped"] == 0 and len(rows) == len(images)
     _check_labels(rows, _reference(model, images, resize=72, crop=56))
 
 
