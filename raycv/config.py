@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -309,9 +309,11 @@ class AnnotateConfig(_Strict):
     input: str | list[str]
     output: str
     batch_size: int = Field(default=32, gt=0)
-    actors: int = Field(default=2, ge=1)
-    gpus_per_actor: float = Field(default=0.0, ge=0.0)
-    cpus_per_actor: float = Field(default=1.0, gt=0.0)
+    # The model stage: "auto" sizes it from the cluster (raycv.annotation.sizing: GPUs first, else the CPUs
+    # that decoding does not need); numbers are kept as given.
+    actors: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    gpus_per_actor: Annotated[float, Field(ge=0.0)] | Literal["auto"] = "auto"
+    cpus_per_actor: Annotated[float, Field(gt=0.0)] | Literal["auto"] = "auto"
     # Speed options of the model actors: autocast precision (fp16 needs a GPU; bf16 also runs on CPU),
     # NHWC weights and inputs, torch.compile at the first batch (warns and runs eagerly if it fails).
     # channels_last is on by default: oneDNN's CPU convolutions and tensor cores prefer NHWC (measured on
@@ -349,7 +351,7 @@ class AnnotateConfig(_Strict):
     @field_validator("precision")
     @classmethod
     def _fp16_on_gpu(cls, value: str, info: ValidationInfo) -> str:
-        if value == "fp16" and info.data.get("gpus_per_actor", 0.0) == 0:
+        if value == "fp16" and info.data.get("gpus_per_actor", "auto") == 0:
             raise ValueError(
                 "fp16 runs on CUDA GPUs only and gpus_per_actor is 0 (CPU actors): use precision: bf16 "
                 "(or fp32) on CPU, or set gpus_per_actor: 1"

@@ -48,15 +48,13 @@ def run_demo(workdir: str) -> None:
         }
     )
     result = run_training(train_cfg)
-    print("[demo] 3/3 annotating the archive with 2 model actors", flush=True)
+    print("[demo] 3/3 annotating the archive (model actors sized from the machine: actors auto)", flush=True)
     ann_cfg = AnnotateConfig.model_validate(
         {
             "model": run_dir,
             "input": archive,
             "output": out,
             "batch_size": 32,
-            "actors": 2,
-            "cpus_per_actor": 0.5,
         }
     )
     summary = run_annotation(ann_cfg)

@@ -34,6 +34,7 @@ from raycv.annotation import commit as outputs_commit
 from raycv.annotation.actor import ActorSpec, Annotator
 from raycv.annotation.plan import Plan, plan_inputs, skip_current
 from raycv.annotation.read import read_bytes_batch, read_decode_batch, read_stage
+from raycv.annotation.sizing import Sizing, size_actors
 from raycv.annotation.write import Tally, write_blocks
 from raycv.config import AnnotateConfig
 from raycv.errors import ConfigError, TooManyErrorsError
@@ -75,7 +76,7 @@ class AnnotateSummary:
 
 
 def _stages(
-    cfg: AnnotateConfig, model: ModelSource, run_id: str, store: Storage
+    cfg: AnnotateConfig, model: ModelSource, run_id: str, store: Storage, sz: Sizing
 ) -> tuple[Any, dict[str, Any], type[Annotator], ActorSpec]:
     """(read function, its kwargs, the task's model actor class, the actors' spec) of the run."""
     task = get_task(model.task)
@@ -87,8 +88,8 @@ def _stages(
         model=model,
         store=store,
         run_id=run_id,
-        threads=int(cfg.cpus_per_actor),
-        use_gpu=cfg.gpus_per_actor > 0,
+        threads=sz.threads,
+        use_gpu=sz.gpus_per_actor > 0,
         precision=cfg.precision,
         channels_last=cfg.channels_last,
         compile=cfg.compile,
@@ -113,7 +114,9 @@ def _stages(
     return read_bytes_batch, {**read_kw, "skip_geotiff": annotator.skip_geotiff}, annotator, spec
 
 
-def _run_pipeline(cfg: AnnotateConfig, todo: Plan, model: ModelSource, run_id: str, store: Storage) -> Tally:
+def _run_pipeline(
+    cfg: AnnotateConfig, todo: Plan, model: ModelSource, run_id: str, store: Storage, sz: Sizing
+) -> Tally:
     """Run the pipeline over ``todo`` into the run's staging folder; stop early past ``max_error_fraction``.
 
     The driver iterates over references to the actors' output blocks (never their rows) and hands each to
@@ -121,15 +124,15 @@ def _run_pipeline(cfg: AnnotateConfig, todo: Plan, model: ModelSource, run_id: s
     shuts Ray Data's executor down (its actors included); the writes already started are awaited, so the
     staging folder holds only whole files.
     """
-    read_fn, read_kw, annotator, spec = _stages(cfg, model, run_id, store)
-    with _actor_placement(cfg, f"raycv-annotate-{run_id}") as placement:
+    read_fn, read_kw, annotator, spec = _stages(cfg, model, run_id, store, sz)
+    with _actor_placement(sz, f"raycv-annotate-{run_id}") as placement:
         # from_blocks, not from_arrow: no task runs before the group is placed. from_arrow runs a 1-CPU
         # task per block, and the cluster's view of free CPUs lags behind their end: a group placed right
         # after them could find a node busy and put all its bundles on another.
-        ds: ray.data.Dataset = ray.data.from_blocks(todo.blocks(cfg.actors))
+        ds: ray.data.Dataset = ray.data.from_blocks(todo.blocks(sz.actors))
         # Neither stage may merge the plan's blocks: a small archive (or a few large scenes) would reach the
         # model stage as one batch, and all of it would go to one actor while the others idle.
-        rows = todo.rows_per_block(cfg.actors)
+        rows = todo.rows_per_block(sz.actors)
         ds = ds.map_batches(
             read_stage,  # type: ignore[arg-type]  # a generator taking keyword arguments (fn_kwargs)
             batch_size=rows,
@@ -146,16 +149,16 @@ def _run_pipeline(cfg: AnnotateConfig, todo: Plan, model: ModelSource, run_id: s
                 annotator,
                 batch_size=min(cfg.batch_size, rows),
                 batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-                num_cpus=cfg.cpus_per_actor,
-                num_gpus=cfg.gpus_per_actor or None,
+                compute=ray.data.ActorPoolStrategy(size=sz.actors),
+                num_cpus=sz.cpus_per_actor,
+                num_gpus=sz.gpus_per_actor or None,
                 fn_constructor_kwargs={"spec": spec},
                 scheduling_strategy=placement,
             )
-        return _write_all(ds, cfg, run_id, store)
+        return _write_all(ds, cfg, sz, run_id, store)
 
 
-def _write_all(ds: ray.data.Dataset, cfg: AnnotateConfig, run_id: str, store: Storage) -> Tally:
+def _write_all(ds: ray.data.Dataset, cfg: AnnotateConfig, sz: Sizing, run_id: str, store: Storage) -> Tally:
     """Hand the blocks of ``ds`` to write tasks as they come (see :func:`_run_pipeline`)."""
     staging = outputs_commit.staging_dir(cfg.output, run_id)
     bundles = ds.iter_internal_ref_bundles()
@@ -165,14 +168,14 @@ def _write_all(ds: ray.data.Dataset, cfg: AnnotateConfig, run_id: str, store: St
         for entry in bundle.blocks
     )
     try:
-        in_flight = 2 * cfg.actors + 2
+        in_flight = 2 * sz.actors + 2
         return write_blocks(blocks, staging, store, cfg.max_error_fraction, in_flight, cfg.rows_per_file)
     finally:
         del blocks, bundles  # the last references: the executor shuts down, releasing its actors' CPUs/GPUs
 
 
 @contextlib.contextmanager
-def _actor_placement(cfg: AnnotateConfig, name: str) -> Iterator[PlacementGroupSchedulingStrategy]:
+def _actor_placement(sz: Sizing, name: str) -> Iterator[PlacementGroupSchedulingStrategy]:
     """Reserve one bundle per model actor in a "SPREAD" placement group for the run; remove it after.
 
     Ray Data starts its actors with the best-effort "SPREAD" strategy at the same time as the read tasks,
@@ -184,19 +187,19 @@ def _actor_placement(cfg: AnnotateConfig, name: str) -> Iterator[PlacementGroupS
     Raises:
         ConfigError: when the cluster cannot place the bundles within :data:`PLACEMENT_TIMEOUT_S`.
     """
-    bundle = {"CPU": cfg.cpus_per_actor, **({"GPU": cfg.gpus_per_actor} if cfg.gpus_per_actor > 0 else {})}
-    _check_read_room(cfg)  # before anything is reserved: nothing started on the cluster
-    pg = placement_group([bundle] * cfg.actors, strategy="SPREAD", name=name)
+    bundle = {"CPU": sz.cpus_per_actor, **({"GPU": sz.gpus_per_actor} if sz.gpus_per_actor > 0 else {})}
+    _check_read_room(sz)  # before anything is reserved: nothing started on the cluster
+    pg = placement_group([bundle] * sz.actors, strategy="SPREAD", name=name)
     try:
-        if not _wait_placed(pg, cfg.actors, bundle):
-            raise ConfigError("actors", cfg.actors, _no_room_message(cfg, bundle))
-        _check_read_room(cfg)  # again: an autoscaling cluster may have grown while the group waited
+        if not _wait_placed(pg, sz.actors, bundle):
+            raise ConfigError("actors", sz.actors, _no_room_message(sz, bundle))
+        _check_read_room(sz)  # again: an autoscaling cluster may have grown while the group waited
         yield PlacementGroupSchedulingStrategy(pg)
     finally:
         remove_placement_group(pg)
 
 
-def _check_read_room(cfg: AnnotateConfig) -> None:
+def _check_read_room(sz: Sizing) -> None:
     """Refuse model actors that fit the cluster but leave its read stage no CPU.
 
     Ray Data starts a read task only where :data:`DECODE_CPUS` is free outside the actors' group: with
@@ -207,17 +210,17 @@ def _check_read_room(cfg: AnnotateConfig) -> None:
         ConfigError: naming ``actors``/``cpus_per_actor``, the cluster's CPUs and a setting that fits.
     """
     total = ray.cluster_resources().get("CPU", 0.0)
-    asked = cfg.actors * cfg.cpus_per_actor
+    asked = sz.actors * sz.cpus_per_actor
     if not asked <= total < asked + DECODE_CPUS:
         return
     room = total - DECODE_CPUS
-    fits = [f"cpus_per_actor: {math.floor(room / cfg.actors * 4) / 4:g}"] if room / cfg.actors >= 0.25 else []
-    if room >= cfg.cpus_per_actor:
-        fits.append(f"actors: {math.floor(room / cfg.cpus_per_actor)}")
+    fits = [f"cpus_per_actor: {math.floor(room / sz.actors * 4) / 4:g}"] if room / sz.actors >= 0.25 else []
+    if room >= sz.cpus_per_actor:
+        fits.append(f"actors: {math.floor(room / sz.cpus_per_actor)}")
     raise ConfigError(
         "actors",
-        cfg.actors,
-        f"{cfg.actors} model actors x cpus_per_actor {cfg.cpus_per_actor:g} reserve {asked:g} of the "
+        sz.actors,
+        f"{sz.actors} model actors x cpus_per_actor {sz.cpus_per_actor:g} reserve {asked:g} of the "
         f"cluster's {total:g} CPUs and leave less than the {DECODE_CPUS:g} CPU a read task needs, so no "
         f"image would ever be read. Set {' or '.join(fits) or 'fewer actors'} (or add nodes).",
     )
@@ -250,12 +253,12 @@ def _text(resources: dict[str, float]) -> str:
     return f"{resources.get('CPU', 0.0):g} CPU, {resources.get('GPU', 0.0):g} GPU"
 
 
-def _no_room_message(cfg: AnnotateConfig, bundle: dict[str, float]) -> str:
+def _no_room_message(sz: Sizing, bundle: dict[str, float]) -> str:
     total, free = _cpu_gpu()
-    asked = _text({k: cfg.actors * v for k, v in bundle.items()})
-    knobs = "cpus_per_actor" + ("/gpus_per_actor" if cfg.gpus_per_actor > 0 else "")
+    asked = _text({k: sz.actors * v for k, v in bundle.items()})
+    knobs = "cpus_per_actor" + ("/gpus_per_actor" if sz.gpus_per_actor > 0 else "")
     return (
-        f"The cluster could not place {cfg.actors} model actors of {bundle} each ({asked} in all) within "
+        f"The cluster could not place {sz.actors} model actors of {bundle} each ({asked} in all) within "
         f"{PLACEMENT_TIMEOUT_S:.0f} s: it has {total} in all ({free} free now). Lower actors or {knobs} "
         "to fit, add nodes, or wait for other jobs to release theirs."
     )
@@ -291,7 +294,7 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
     tally, reached = Tally(), 0
     if len(todo):
         ensure_ray(address)
-        tally = _run_pipeline(cfg, todo, model, run_id, store)
+        tally = _run_pipeline(cfg, todo, model, run_id, store, _sized(cfg))
         sources = outputs_commit.staged_sources(cfg.output, run_id, store)
         reached = len(sources)
         outputs_commit.commit(cfg.output, run_id, index.superseded(sources), store)
@@ -315,6 +318,15 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
     if tally.exceeds(cfg.max_error_fraction):
         raise TooManyErrorsError(_stop_message(cfg, tally, stopped))
     return summary
+
+
+def _sized(cfg: AnnotateConfig) -> Sizing:
+    """The run's model stage, sized from the cluster (``auto`` values filled, numbers kept); printed."""
+    resources = ray.cluster_resources()
+    sizing = size_actors(cfg.actors, cfg.cpus_per_actor, cfg.gpus_per_actor, resources)
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    print(f"[raycv] annotate: {sizing.describe(cpus, gpus)}", flush=True)
+    return sizing
 
 
 def _check_model_options(cfg: AnnotateConfig, model: ModelSource) -> None:

@@ -318,13 +318,14 @@ def test_actors_that_cannot_fit_the_cluster_fail_fast_with_exit_2(
     assert ray_local.available_resources().get("CPU", 0) == 2
 
 
-def test_default_actors_that_leave_no_cpu_for_reading_exit_2_at_once(tiny, tmp_path, ray_local, capsys):
-    """The defaults (2 actors x 1 CPU) on the 2-CPU Ray would reserve every CPU and the read stage would wait
-    forever: refused before anything is reserved, naming the setting, what the cluster has and what fits."""
+def test_actors_that_leave_no_cpu_for_reading_exit_2_at_once_and_auto_fits(tiny, tmp_path, ray_local, capsys):
+    """2 actors x 1 CPU on the 2-CPU Ray would reserve every CPU and the read stage would wait forever:
+    refused before anything is reserved, naming the setting, what the cluster has and what fits. The
+    defaults (actors, cpus_per_actor, gpus_per_actor: auto) size the stage from the cluster and run."""
     defaults = AnnotateConfig(model="m", input="i", output="o")
-    assert (defaults.actors, defaults.cpus_per_actor) == (2, 1.0)
+    assert (defaults.actors, defaults.cpus_per_actor, defaults.gpus_per_actor) == ("auto", "auto", "auto")
     before = _raycv_groups()
-    cfg = write_yaml(tmp_path, "annotate.yaml", tiny)  # only model, input, output (and a batch size)
+    cfg = write_yaml(tmp_path, "annotate.yaml", {**tiny, "actors": 2, "cpus_per_actor": 1})
     t0 = time.time()
     assert main(["annotate", cfg]) == 2
     assert time.time() - t0 < 60
@@ -335,5 +336,10 @@ def test_default_actors_that_leave_no_cpu_for_reading_exit_2_at_once(tiny, tmp_p
     assert _raycv_groups() == before  # no placement group was made
     assert not os.path.exists(tiny["output"] + "/images")
     # the suggested setting fits: the run goes to the end
-    summary = annotation.run_annotation(AnnotateConfig(**tiny, cpus_per_actor=0.75))
+    summary = annotation.run_annotation(AnnotateConfig(**tiny, actors=2, cpus_per_actor=0.75))
     assert summary.ok == 8 and summary.error == 0
+    # and so do the defaults: one actor with the 1.5 CPUs reading does not need, on 2 torch threads
+    assert main(["annotate", write_yaml(tmp_path, "auto.yaml", {**tiny, "incremental": False})]) == 0
+    out = capsys.readouterr().out
+    assert "[raycv] annotate: 1 model actor(s) x 1.5 CPU, 2 torch thread(s) each; 0.5 CPU for reading" in out
+    assert "(auto: gpus_per_actor, actors, cpus_per_actor); cluster: 2 CPUs, 0 GPUs" in out
