@@ -112,9 +112,11 @@ class TrainParams(_Strict):
 
 
 class ScalingConfig(_Strict):
-    num_workers: int = Field(default=2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    # "auto": sized from the cluster when the run starts (raycv.training.loop.size_workers): one worker per
+    # GPU, else one per ~8 CPUs sharing every CPU; numbers are kept as given.
+    num_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: Annotated[float, Field(gt=0.0)] | Literal["auto"] = "auto"
 
 
 class OutputConfig(_Strict):

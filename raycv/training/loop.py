@@ -141,7 +141,7 @@ def _setup(loop_config: dict[str, Any]) -> tuple[_Worker, int]:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Ray sets OMP_NUM_THREADS, but a reused worker keeps the thread count of its first torch import.
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(float(cfg.scaling.cpus_per_worker))))
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank before DDP broadcasts
     model = _build_model(cfg, info["num_classes"])
     opt = _make_optimizer(cfg, model)
@@ -163,7 +163,7 @@ def _loaders(cfg: TrainConfig, task: Task, info: dict[str, Any]) -> tuple[BatchL
     # (measured on 1 CPU, resnet18 @ 64: 8 or 2 threads give the same epoch time; loading is ~2% of it).
     kw: dict[str, Any] = {
         "batch_size": cfg.train.batch_size,
-        "threads": max(2, round(2 * cfg.scaling.cpus_per_worker)),
+        "threads": max(2, round(2 * float(cfg.scaling.cpus_per_worker))),
         "store": Storage(endpoint_url=cfg.storage.endpoint_url),
         "load_target": task.load_target,
         "collate": task.collate,
@@ -249,6 +249,35 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------- driver side
 
 
+CPUS_PER_CPU_WORKER = 8  # torch's intra-op threads scale well up to about this many cores
+
+
+def size_workers(cfg: TrainConfig, resources: dict[str, Any]) -> TrainConfig:
+    """``cfg`` with its ``auto`` scaling values sized from the cluster's ``resources`` (printed): GPUs first
+    (one worker per GPU, the CPUs shared among them), else one worker per ~8 CPUs sharing every CPU (on a
+    2-CPU machine one worker on 2 threads, not two workers all-reducing every step)."""
+    sc = cfg.scaling
+    cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
+    use_gpu = gpus >= 1 if sc.use_gpu == "auto" else bool(sc.use_gpu)
+    if sc.num_workers == "auto":
+        n = max(1, int(gpus)) if use_gpu else max(1, round(cpus / CPUS_PER_CPU_WORKER))
+    else:
+        n = int(sc.num_workers)
+    if sc.cpus_per_worker == "auto":
+        each = max(0.25, math.floor(cpus / n * 4) / 4) if cpus else 1.0
+    else:
+        each = float(sc.cpus_per_worker)
+    auto = [k for k in ("num_workers", "use_gpu", "cpus_per_worker") if getattr(sc, k) == "auto"]
+    if auto:
+        print(  # the driver: a plain print (say() is for Ray Train workers)
+            f"[raycv] train: {n} worker(s) x {each:g} CPU{' + 1 GPU' if use_gpu else ''} "
+            f"(auto: {', '.join(auto)}); cluster: {cpus:g} CPUs, {gpus:g} GPUs",
+            flush=True,
+        )
+    scaling = sc.model_copy(update={"num_workers": int(n), "use_gpu": use_gpu, "cpus_per_worker": float(each)})
+    return cfg.model_copy(update={"scaling": scaling})
+
+
 def run_training(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     """Train ``cfg`` on Ray (a cluster at ``address``, or local) and write the run directory.
 
@@ -263,15 +292,16 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     task = get_task(cfg.task)
     plan = plan_dataset(cfg)
     ensure_ray(address)
+    cfg = size_workers(cfg, ray.cluster_resources())
     store = Storage(endpoint_url=cfg.storage.endpoint_url)
     fs, path = store.pyarrow_filesystem(storage.join(cfg.output.dir, "checkpoints"))
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": config_to_dict(cfg), "dataset": plan, "task": task},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            num_workers=int(cfg.scaling.num_workers),
+            use_gpu=bool(cfg.scaling.use_gpu),
+            resources_per_worker={"CPU": float(cfg.scaling.cpus_per_worker)},
         ),
         run_config=ray.train.RunConfig(
             name="ray_train",
