@@ -15,6 +15,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def per_band(values: tuple[float, ...] | list[float], bands: int) -> tuple[float, ...]:
+    """RGB statistics (a mean or std) for ``bands`` input channels: repeated cyclically (R, G, B, R, ...), or
+    their average for one band.
+
+    This matches :func:`raycv.models.transfer.adapt_input_conv`, which repeats the RGB kernels the same way:
+    an image whose bands repeat R, G, B, normalised so, gives an adapted model the RGB model's output.
+    """
+    if bands == 1:
+        return (sum(values) / len(values),)
+    return tuple(values[i % len(values)] for i in range(bands))
+
+
 def to_tensor_resized(image: np.ndarray, size_hw: tuple[int, int]) -> torch.Tensor:
     """[H, W, 3] uint8 -> [3, h, w] float in 0..1, resized to ``size_hw`` by :func:`resize_rgb` (the same
     uint8 pixels the annotation read stage ships to the model actors)."""

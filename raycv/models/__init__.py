@@ -12,12 +12,21 @@ from raycv.models import segmentation as segmentation  # registers the segmenter
 from raycv.models import yolo as yolo  # registers the YOLO detectors
 from raycv.models import yolo_v1 as yolo_v1  # registers yolo_v1
 from raycv.models.registry import TASKS, ModelInfo, create_model, get_model_info, list_models, register_model
-from raycv.models.transfer import LoadReport, freeze_backbone, head_module_names, load_weights
+from raycv.models.transfer import (
+    Adapted,
+    LoadReport,
+    adapt_input_conv,
+    freeze_backbone,
+    head_module_names,
+    load_weights,
+)
 
 __all__ = [
     "TASKS",
+    "Adapted",
     "LoadReport",
     "ModelInfo",
+    "adapt_input_conv",
     "create_model",
     "freeze_backbone",
     "get_model_info",

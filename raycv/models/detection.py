@@ -49,6 +49,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
+from raycv.data.transforms import per_band
 from raycv.models.classification import replace_first_conv
 from raycv.models.registry import register_model
 
@@ -129,11 +130,10 @@ def _adapt_in_channels(model: nn.Module, in_channels: int) -> None:
     """Swaps the first conv for one taking ``in_channels`` and sets a per-channel normalisation to match."""
     replace_first_conv(model, in_channels)
     transform = _transform(model)
-    # The RGB statistics mean nothing for other bands: use their average for every channel.
-    mean = sum(transform.image_mean) / len(transform.image_mean)
-    std = sum(transform.image_std) / len(transform.image_std)
-    transform.image_mean = [mean] * in_channels
-    transform.image_std = [std] * in_channels
+    # Repeated over the bands as load_weights repeats RGB kernels into this conv (adapt_input_conv), so an
+    # RGB-pretrained stem sees the statistics it was trained with; one band gets their average.
+    transform.image_mean = list(per_band(transform.image_mean, in_channels))
+    transform.image_std = list(per_band(transform.image_std, in_channels))
 
 
 def _check_options(name: str, options: dict[str, Any]) -> None:

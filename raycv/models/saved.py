@@ -83,12 +83,13 @@ def load_run(run_dir: str, store: Storage, device: str = "cpu") -> LoadedRun:
     card = read_card(run_dir, store)
     data = store.read_bytes(storage.join(run_dir, WEIGHTS))
     size = card["image_size"]
+    # A run trained on N bands has in_channels both in its options and in the card: pass it once.
+    options = {"in_channels": int(card.get("in_channels", 3)), **card.get("options", {})}
     model = create_model(
         card["arch"],
         num_classes=int(card["num_classes"]),
-        in_channels=int(card.get("in_channels", 3)),
         image_size=size if isinstance(size, int) else int(size[0]),
-        **card.get("options", {}),
+        **options,
     )
     model.load_state_dict(load_state_dict(data, run_dir))
     model.to(device).eval()

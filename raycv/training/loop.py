@@ -48,7 +48,7 @@ from raycv.training.guard import (
     clip_grad_norm_of,
     divergence_message,
 )
-from raycv.training.run_directory import write_run_dir
+from raycv.training.run_directory import first_conv_adapted, write_run_dir
 from raycv.training.step import say
 
 log = logging.getLogger(__name__)
@@ -69,23 +69,27 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------- worker side
 
 
-def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+def _build_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The model, with ``model.weights`` loaded; and the card's ``first_conv_adapted`` (None if none)."""
     from raycv.models import create_model, freeze_backbone, load_weights
 
     h, _ = cfg.data.size_hw
     model = create_model(cfg.model.arch, num_classes=num_classes, image_size=h, **cfg.model.options)
+    adapted = None
     if cfg.model.weights:
         store = Storage(endpoint_url=cfg.storage.endpoint_url)
         state = saved.load_state_dict(store.read_bytes(cfg.model.weights), cfg.model.weights)
         report = load_weights(model, state)
+        adapted = first_conv_adapted(report)
         if ray.train.get_context().get_world_rank() == 0:
             say(
                 f"[raycv] weights {cfg.model.weights}: {len(report.loaded)} tensors loaded, "
                 f"{len(report.skipped)} skipped (shape differs, e.g. the head)"
+                + (f", {len(report.adapted)} adapted to the input bands" if report.adapted else "")
             )
     if cfg.model.freeze_backbone:
         freeze_backbone(model)
-    return model
+    return model, adapted
 
 
 def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -143,9 +147,11 @@ def _setup(loop_config: dict[str, Any]) -> tuple[_Worker, int]:
     # Ray sets OMP_NUM_THREADS, but a reused worker keeps the thread count of its first torch import.
     torch.set_num_threads(max(1, int(float(cfg.scaling.cpus_per_worker))))
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank before DDP broadcasts
-    model = _build_model(cfg, info["num_classes"])
+    model, adapted = _build_model(cfg, info["num_classes"])
     opt = _make_optimizer(cfg, model)
     start, record, guard_state = restore(model, opt)
+    if adapted:  # set after restore, which rebuilds the record; the card reads it from there
+        record["first_conv_adapted"] = adapted
     unused = {"find_unused_parameters": task.find_unused_parameters}
     ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=unused)
     schedule = LrSchedule.from_config(cfg, _steps_per_epoch(cfg, len(info["train"]), world))

@@ -18,6 +18,7 @@ from raycv.tasks.registry import get_task
 
 if TYPE_CHECKING:
     from raycv.config import TrainConfig
+    from raycv.models.transfer import LoadReport
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +41,32 @@ def write_metrics(run_dir: str, history: list[dict[str, Any]], store: Storage | 
     (store or Storage()).write_bytes(storage.join(run_dir, METRICS), text.encode())
 
 
+def first_conv_adapted(report: LoadReport) -> dict[str, Any] | None:
+    """The card's record of an input conv that :func:`~raycv.models.load_weights` adapted to the bands, e.g.
+    ``{"layer": "conv1.weight", "from_channels": 3, "to_channels": 6}``; the first one (the stem) if several,
+    None if none."""
+    if not report.adapted:
+        return None
+    first = report.adapted[0]
+    return {"layer": first.name, "from_channels": first.from_channels, "to_channels": first.to_channels}
+
+
 def write_run_dir(cfg: TrainConfig, info: dict[str, Any], record: dict[str, Any]) -> None:
     """What rank 0 writes after every epoch (SPEC §5): metrics.jsonl, model.json, curves.png (+ confusion.png).
 
     ``info`` is the planned dataset (class names, image counts); ``record`` holds ``history``, ``best``
-    (epoch, metrics, confusion) and ``resumed_at_epochs``. The weights are written by the loop itself.
+    (epoch, metrics, confusion), ``resumed_at_epochs`` and, when ``model.weights`` had another band count,
+    ``first_conv_adapted`` (:func:`first_conv_adapted`). The weights are written by the loop itself.
     """
     from raycv.config import config_to_dict
-    from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD, per_band
 
     run_dir, store = cfg.output.dir, Storage(endpoint_url=cfg.storage.endpoint_url)
     write_metrics(run_dir, record["history"], store)
     best = record["best"]
     if best is None:  # no epoch with a finite loss yet: no weights worth a model card
         return
+    bands = int(cfg.model.options.get("in_channels", 3))
     card = {
         "task": cfg.task,
         "arch": cfg.model.arch,
@@ -61,11 +74,14 @@ def write_run_dir(cfg: TrainConfig, info: dict[str, Any], record: dict[str, Any]
         "num_classes": info["num_classes"],
         "class_names": info["class_names"],
         "image_size": cfg.data.image_size,
-        "in_channels": 3,
-        # Detectors take 0..1 pixels (torchvision's normalise inside); the others ImageNet-normalised ones.
-        "normalization": {"mean": [0.0] * 3, "std": [1.0] * 3}
+        "in_channels": bands,
+        # Detectors take 0..1 pixels (torchvision's normalise inside); the others ImageNet-normalised ones,
+        # repeated over the bands as adapt_input_conv repeats the RGB kernels.
+        "normalization": {"mean": [0.0] * bands, "std": [1.0] * bands}
         if get_task(cfg.task).unit_pixels
-        else {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        else {"mean": list(per_band(IMAGENET_MEAN, bands)), "std": list(per_band(IMAGENET_STD, bands))},
+        # e.g. {"layer": "conv1.weight", "from_channels": 3, "to_channels": 6}: RGB weights on N bands
+        **({"first_conv_adapted": record["first_conv_adapted"]} if record.get("first_conv_adapted") else {}),
         "raycv_version": importlib.metadata.version("raycv"),
         "torch_version": torch.__version__,
         "best_epoch": best["epoch"],

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from raycv.data.transforms import augment_pair, normalize, resize_mask, to_tensor_resized
+from raycv.data.transforms import augment_pair, normalize, per_band, resize_mask, to_tensor_resized
 
 
 def test_resize_keeps_labels_and_range():
@@ -87,3 +87,10 @@ def test_the_annotation_read_and_write_tasks_do_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_per_band_statistics_repeat_rgb_cyclically():
+    assert per_band((0.1, 0.2, 0.3), 3) == (0.1, 0.2, 0.3)
+    assert per_band((0.1, 0.2, 0.3), 4) == (0.1, 0.2, 0.3, 0.1)
+    assert per_band([0.1, 0.2, 0.3], 6) == (0.1, 0.2, 0.3) * 2
+    assert per_band((0.1, 0.2, 0.3), 1) == ((0.1 + 0.2 + 0.3) / 3,)

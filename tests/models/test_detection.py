@@ -154,6 +154,10 @@ def test_other_channel_counts() -> None:
         with torch.no_grad():
             (output,) = model([torch.rand(1, 50, 70)])
         assert output["boxes"].shape[1] == 4
+    # normalised per band as load_weights repeats RGB kernels over them (adapt_input_conv)
+    six = create_model("fasterrcnn_mobilenet_v3_large_fpn", num_classes=2, in_channels=6)
+    assert six.transform.image_mean == [0.485, 0.456, 0.406] * 2
+    assert six.transform.image_std == [0.229, 0.224, 0.225] * 2
 
 
 def test_builders_refuse_options_raycv_sets() -> None:

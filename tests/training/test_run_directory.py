@@ -67,3 +67,46 @@ def test_metrics_file_is_rewritten_whole(tmp_path):
     run_directory.write_metrics(str(tmp_path), [{"epoch": 1}])
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1]
+
+
+def test_the_card_records_a_first_conv_adapted_to_the_bands(tmp_path):
+    """RGB weights on a 6-band model: the card says which conv was adapted, and normalises every band."""
+    from raycv.config import TrainConfig
+    from raycv.models import load_weights
+
+    report = load_weights(
+        create_model("test_classifier", num_classes=3, in_channels=6),
+        create_model("test_classifier", num_classes=3).state_dict(),
+    )
+    cfg = TrainConfig.model_validate(
+        {
+            "model": {"arch": "test_classifier", "weights": "rgb.pt", "options": {"in_channels": 6}},
+            "data": {"train": str(tmp_path / "ds"), "image_size": 32},
+            "output": {"dir": str(tmp_path / "run")},
+        }
+    )
+    info = {"num_classes": 3, "class_names": ["a", "b", "c"], "n_train": 8, "n_val": 2}
+    best = {"epoch": 1, "metrics": {"accuracy": 0.5}}
+    record = {"history": [{"epoch": 1, "train_loss": 1.0}], "best": best, "resumed_at_epochs": []}
+    record["first_conv_adapted"] = run_directory.first_conv_adapted(report)
+    run_directory.write_run_dir(cfg, info, record)
+    card = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert card["first_conv_adapted"] == {
+        "layer": "features.0.0.weight",
+        "from_channels": 3,
+        "to_channels": 6,
+    }
+    assert card["in_channels"] == 6 and card["best_epoch"] == 1
+    mean, std = card["normalization"]["mean"], card["normalization"]["std"]
+    assert mean == [0.485, 0.456, 0.406] * 2 and std == [0.229, 0.224, 0.225] * 2
+    # the card rebuilds the 6-band model (in_channels is in its options too)
+    model = create_model("test_classifier", num_classes=3, in_channels=6)
+    run_directory.save_weights(str(tmp_path / "run" / "model.pt"), model.state_dict())
+    assert saved.load_run(str(tmp_path / "run"), STORE).model.features[0][0].in_channels == 6
+
+
+def test_the_card_has_no_adaptation_without_one():
+    from raycv.models import load_weights
+
+    model = create_model("test_classifier", num_classes=3)
+    assert run_directory.first_conv_adapted(load_weights(model, model.state_dict())) is None
