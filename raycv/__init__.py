@@ -8,7 +8,10 @@ from __future__ import annotations
 import importlib.metadata
 from typing import Any
 
-__version__ = importlib.metadata.version("raycv")
+try:
+    __version__ = importlib.metadata.version("raycv")
+except importlib.metadata.PackageNotFoundError:
+    __version__ = "0+source"  # a checkout on PYTHONPATH, not installed (the GPU machine's image, gpu.sh)
 __all__ = [
     "annotate",
     "create_model",

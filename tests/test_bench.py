@@ -173,3 +173,63 @@ def test_onnx_vs_torch(tmp_path):
     assert r["backends"]["torch_eager"]["ratio_vs_torch_eager"] == 1.0
     assert r["cpu_outputs_agree"] is True and r["max_abs_diff_cpu"] < 1e-4
     _positive(r, "onnx_export_s", "onnx_file_mib")
+
+
+def test_gpu_dry_run_on_cpu_without_ray(tmp_path):
+    """jobs/bench/gpu.py's logic on the CPU (--device cpu --tiny), in a fresh process where Ray, pydantic and
+    moto cannot be imported, as on the GPU machine's image, which has none of them; with a GPU test log
+    merged as gpu.sh does."""
+    import subprocess
+    import sys
+
+    blocked = tmp_path / "blocked"
+    for name in ("ray", "pydantic", "moto"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(
+            f"raise ModuleNotFoundError('no {name} on the GPU image')"
+        )
+    log = tmp_path / "gpu_tests.log"
+    log.write_text("s.\n=== 1 passed, 1 skipped, 2 deselected in 31.20s ===\n")
+    out = tmp_path / "gpu.json"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), str(root)])}
+    argv = ["--device", "cpu", "--tiny", "--out", str(out), "--tests-log", str(log), "--tests-rc", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.bench.gpu", *argv], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "gpu" and doc["target"] and doc["wall_s"] > 0 and doc["skipped"] == []
+    machine = doc["machine"]
+    assert machine["device"].startswith("cpu") and machine["gpu"] is None
+    assert machine["torch"] and machine["torchvision"] and machine["date"]
+
+    rows = {(r["model"], r["precision"], r["channels_last"]): r for r in doc["models"]}
+    models = ["test_classifier", "test_segmenter", "test_instance_segmenter", "test_detector"]
+    variants = [("fp32", False), ("fp32", True), ("bf16", True)]
+    assert set(rows) == {(m, *v) for m in models for v in variants}
+    for row in rows.values():
+        assert row["task"] and row["batch"] == 2 and row["image_size"] == 32 and row["iters"] >= 1
+        _positive(row, "img_s", "ratio_vs_fp32")
+    for m in models:
+        assert rows[(m, "fp32", False)]["ratio_vs_fp32"] == 1.0
+    # R-CNNs autocast their backbone only, as raycv's detector actor does; the others the whole forward
+    scopes = {m: rows[(m, "bf16", True)]["autocast_scope"] for m in models}
+    assert scopes == {
+        "test_classifier": "whole",
+        "test_segmenter": "whole",
+        "test_instance_segmenter": "backbone",
+        "test_detector": "backbone",
+    }
+
+    decode = {r["decoder"]: r for r in doc["decode"]}
+    assert list(decode) == ["cpu_raycv", "cpu_raycv_threads", "nvjpeg"]
+    for name in ("cpu_raycv", "cpu_raycv_threads"):
+        assert decode[name]["images"] == 8 and decode[name]["out_size"] == 32
+        _positive(decode[name], "img_s", "ratio_vs_cpu")
+    nvjpeg = decode["nvjpeg"]
+    assert nvjpeg["img_s"] is None and "CUDA" in nvjpeg["skipped"] and nvjpeg["ratio_vs_cpu"] is None
+
+    tests = doc["gpu_tests"]
+    assert tests["ran"] is True and tests["exit_code"] == 0
+    assert tests["summary"] == "1 passed, 1 skipped, 2 deselected in 31.20s"
