@@ -14,7 +14,8 @@ import numpy as np
 
 from raycv.data import geotiff, medical
 from raycv.data.files import decode_file, decode_file_resized
-from raycv.data.images import Resize, encode_png
+from raycv.data.images import encode_png
+from raycv.data.preprocess import Resize
 from raycv.errors import error_fields
 from raycv.outputs import schema as outputs
 from raycv.storage import Storage

@@ -13,7 +13,8 @@ from raycv import storage
 from raycv.annotation.actor import ActorSpec, Annotator, incoming_errors, window_reader
 from raycv.annotation.read import stack_images
 from raycv.data import cog, geotiff
-from raycv.data.images import decode_image, encode_png, prepare_rgb
+from raycv.data.images import decode_image, encode_png
+from raycv.data.preprocess import prepare_rgb
 from raycv.errors import error_fields
 
 # Above this many logits ([K, H, W] float32 = 4 bytes each) an untiled image is labelled at the model's

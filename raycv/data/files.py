@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from raycv.data import medical
-from raycv.data.images import Resize, decode_image, decode_reduced, prepare_rgb, resized_size
+from raycv.data.images import decode_image, decode_reduced
+from raycv.data.preprocess import Resize, prepare_rgb, resized_size
 from raycv.errors import DecodeError
 
 

@@ -149,39 +149,6 @@ def resize_rgb(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return np.array(resized)  # writable (np.asarray of a Pillow image is read-only)
 
 
-Resize = int | tuple[int, int] | list[int] | None
-
-
-def resized_size(height: int, width: int, resize: Resize) -> tuple[int, int]:
-    """The size ``resize`` gives an image: an int sets the shorter side (the longer one scaled and truncated,
-    as torchvision's ``Resize(int)``), ``[h, w]`` is exact, None keeps the size."""
-    if resize is None:
-        return height, width
-    if isinstance(resize, int):
-        if height <= width:
-            return resize, int(resize * width / height)
-        return int(resize * height / width), resize
-    return int(resize[0]), int(resize[1])
-
-
-def prepare_rgb(image: np.ndarray, resize: Resize, crop: Resize = None) -> np.ndarray:
-    """[H, W, 3] uint8 resized (:func:`resized_size`, :func:`resize_rgb`), then centre-cropped to ``crop``
-    (an int: a square) as torchvision's ``CenterCrop``."""
-    out = resize_rgb(image, resized_size(image.shape[0], image.shape[1], resize))
-    if crop is None:
-        return out
-    ch, cw = (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
-    h, w = out.shape[:2]
-    if ch > h or cw > w:  # as CenterCrop: pad with zeros first
-        padded = np.zeros((max(h, ch), max(w, cw), 3), np.uint8)
-        top, left = (max(h, ch) - h) // 2, (max(w, cw) - w) // 2
-        padded[top : top + h, left : left + w] = out
-        out = padded
-        h, w = int(out.shape[0]), int(out.shape[1])
-    top, left = round((h - ch) / 2.0), round((w - cw) / 2.0)
-    return np.ascontiguousarray(out[top : top + ch, left : left + cw])
-
-
 def encode_png(array: np.ndarray) -> bytes:
     """Encode [H, W] uint8 (a label map, saved as 8-bit grayscale) or [H, W, 3] uint8 RGB as PNG.
 

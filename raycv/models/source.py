@@ -74,7 +74,7 @@ def resolve(model: str | ModelSourceConfig, store: Storage) -> ModelSource:
     if model.run:
         return _from_dir(model.run, store, task=model.task)
     task = get_task(str(model.task))
-    embed = task.name == "embedding"
+    embed = task.embeds
     uri = str(model.weights or model.file or "")
     meta: dict[str, Any] = {}
     tv_weights = None
@@ -149,19 +149,22 @@ def load(
 
 def _from_dir(run_dir: str, store: Storage, task: str | None) -> ModelSource:
     """A directory written by ``raycv train`` (model.pt) or ``raycv export-model`` (a model file)."""
+    from raycv.tasks.registry import get_task
+
     card = saved.read_card(run_dir, store)
     size = card.get("image_size")
     card.setdefault("preprocess", {"resize": [size, size] if isinstance(size, int) else size, "crop": None})
-    embed = task == "embedding"
-    if task and task != card["task"]:
-        if not (embed and card["task"] == "classification"):
+    asked, own = (get_task(task) if task else None), get_task(card["task"])
+    embed = asked is not None and asked.embeds
+    if asked is not None and asked is not own:
+        if not (embed and own.image_labels):
             raise ConfigError(
                 "model.task",
                 task,
                 f"{run_dir} holds a {card['task']} model; it annotates as {card['task']} (leave model.task "
                 "out) or, a classifier, as embedding.",
             )
-        card = {**card, "task": "embedding", "source_task": card["task"]}
+        card = {**card, "task": task, "source_task": card["task"]}
     export = card.get(EXPORT_CARD_KEY)
     if export:
         uri = storage.join(run_dir, export["file"])

@@ -27,6 +27,7 @@ class Embedding(Task):
     primary_metric = ""
     metrics = ()
     export_formats = ()
+    embeds = True
     annotator = "raycv.annotation.embedder:Embedder"
 
     def check_train_config(self, cfg: Any) -> str | None:

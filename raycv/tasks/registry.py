@@ -88,6 +88,8 @@ class Task:
         warmup_epochs, clip_grad_norm: the defaults of ``train.warmup_epochs`` / ``train.clip_grad_norm``.
         find_unused_parameters: DDP must not wait for gradients of heads a batch may skip.
         decode_at_size: training images may be decoded at reduced size (transforms resize whole images).
+        embeds: its rows hold a feature vector (``embedding``): a classifier annotates as it with its
+            head removed.
         annotator: ``"module:Class"`` of its model actor (a callable class of Ray Data, see
             :mod:`raycv.annotation.actor`).
     """
@@ -107,6 +109,7 @@ class Task:
     clip_grad_norm: ClassVar[float | None] = None
     find_unused_parameters: ClassVar[bool] = False
     decode_at_size: ClassVar[bool] = False
+    embeds: ClassVar[bool] = False
     annotator: ClassVar[str | None] = None
 
     @property

@@ -280,7 +280,9 @@ def size_workers(cfg: TrainConfig, resources: dict[str, Any]) -> TrainConfig:
             f"(auto: {', '.join(auto)}); cluster: {cpus:g} CPUs, {gpus:g} GPUs",
             flush=True,
         )
-    scaling = sc.model_copy(update={"num_workers": int(n), "use_gpu": use_gpu, "cpus_per_worker": float(each)})
+    scaling = sc.model_copy(
+        update={"num_workers": int(n), "use_gpu": use_gpu, "cpus_per_worker": float(each)}
+    )
     return cfg.model_copy(update={"scaling": scaling})
 
 
