@@ -175,7 +175,9 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     s = run_annotation(cfg, args.address)
     print(
         f"\nraycv annotate: {s.total} images: {s.ok} ok, {s.error} error, {s.skipped} skipped "
-        f"in {s.duration_s:.1f}s ({s.images_per_s:.1f} img/s)\n"
+        f"in {s.duration_s:.1f}s ({s.images_per_s:.1f} img/s"
+        + (f"; first rows after {s.first_rows_s:.1f}s" if s.first_rows_s is not None else "")
+        + ")\n"
         f"  output: {s.output}/images (Parquet), summary: {s.output}/_summary.json\n"
         f"  run_id={s.run_id} model_id={s.model_id}"
     )

@@ -73,6 +73,7 @@ class AnnotateSummary:
     recovered: list[str]
     files: int = 0
     stopped: bool = False
+    first_rows_s: float | None = None  # from the start of the run to its first rows written (staged)
 
 
 def _stages(
@@ -313,6 +314,7 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
         recovered=recovered,
         files=files,
         stopped=stopped,
+        first_rows_s=round(tally.first_rows_at - t0, 3) if tally.first_rows_at else None,
     )
     store.write_json(storage.join(cfg.output, outputs.SUMMARY), asdict(summary))
     if tally.exceeds(cfg.max_error_fraction):

@@ -8,6 +8,7 @@ workers import pyarrow and raycv's storage only, not torch: a worker importing t
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +35,11 @@ class Tally:
     ok: int = 0
     error: int = 0
     first_errors: list[str] = field(default_factory=list)
+    first_rows_at: float | None = None  # time.time() when the first rows were written
 
     def add(self, written: dict[str, Any]) -> None:
+        if self.first_rows_at is None and written["ok"] + written["error"]:
+            self.first_rows_at = time.time()
         self.ok += written["ok"]
         self.error += written["error"]
         self.first_errors.extend(written["errors"][: 3 - len(self.first_errors)])
