@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raycv", description="Distributed training and bulk annotation of image archives on Ray."
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add_config_args(sub.add_parser("train", help="train a model with Ray Train (SPEC §3)"))
+    _add_config_args(sub.add_parser("train", help="train a model with Ray Train"))
     _add_config_args(sub.add_parser("annotate", help="annotate an image archive into Parquet with Ray Data"))
     ev = sub.add_parser("evaluate", help="metrics of a trained run on a labelled dataset, as JSON")
     _add_config_args(ev, address=False)
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the model registry")
     models.add_argument("--task", default=None)
     models.add_argument("pattern", nargs="?", default="*")
+    cfg = sub.add_parser("config", help="print a commented example config, or its JSON Schema")
+    cfg.add_argument("action", choices=["example", "schema"])
+    cfg.add_argument("kind", choices=["train", "annotate"])
     _add_results_parsers(sub)
     return parser
 
@@ -319,7 +322,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from raycv.config.examples import EXAMPLES, schema_json
+
+    print(EXAMPLES[args.kind] if args.action == "example" else schema_json(args.kind), end="")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "config": cmd_config,
     "train": cmd_train,
     "annotate": cmd_annotate,
     "evaluate": cmd_evaluate,

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from raycv.annotation import source as model_source
+from raycv.annotation.source import ModelSource
 from raycv.data.images import DEFAULT_MAX_PIXELS
 from raycv.data.transforms import normalize
 from raycv.errors import ConfigError
-from raycv.models import source as model_source
-from raycv.models.source import ModelSource
 from raycv.outputs import schema as outputs
 from raycv.storage import Storage
 
@@ -57,7 +57,7 @@ class ActorSpec:
     """What a model actor is built from: one per run, the same for every actor (Ray pickles it to each).
 
     Attributes:
-        model: the model to load (:mod:`raycv.models.source`: a raycv run or export, or a foreign model).
+        model: the model to load (:mod:`raycv.annotation.source`: a raycv run or export, or a foreign model).
         store: the run's storage handle.
         run_id: written in every row.
         threads: torch threads of the actor (its CPUs).

@@ -35,10 +35,10 @@ from raycv.annotation.actor import ActorSpec, Annotator
 from raycv.annotation.plan import Plan, plan_inputs, skip_current
 from raycv.annotation.read import read_bytes_batch, read_decode_batch, read_stage
 from raycv.annotation.sizing import Sizing, size_actors
+from raycv.annotation.source import ModelSource, resolve
 from raycv.annotation.write import Tally, write_blocks
 from raycv.config import AnnotateConfig
 from raycv.errors import ConfigError, TooManyErrorsError
-from raycv.models.source import ModelSource, resolve
 from raycv.outputs import schema as outputs
 from raycv.runtime import ensure_ray
 from raycv.storage import Storage
