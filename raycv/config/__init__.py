@@ -13,6 +13,7 @@ from raycv.config.train import (
     ModelConfig,
     OutputConfig,
     ScalingConfig,
+    TrackingConfig,
     TrainConfig,
     TrainParams,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "StorageConfig",
     "Strict",
     "TileConfig",
+    "TrackingConfig",
     "TrainConfig",
     "TrainParams",
     "apply_override",

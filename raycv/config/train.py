@@ -108,6 +108,13 @@ class OutputConfig(Strict):
     max_failures: int = Field(default=2, ge=0)
 
 
+class TrackingConfig(Strict):
+    """Every run writes TensorBoard event files to RUN_DIR/tensorboard/; MLflow when mlflow_uri is set."""
+
+    mlflow_uri: str | None = None  # e.g. file:///tmp/mlruns or http://mlflow:5000
+    experiment: str = "raycv"
+
+
 class TrainConfig(Strict):
     """``raycv train`` / ``raycv evaluate``."""
 
@@ -120,6 +127,7 @@ class TrainConfig(Strict):
     scaling: ScalingConfig = ScalingConfig()
     storage: StorageConfig = StorageConfig()
     output: OutputConfig
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("task")
     @classmethod

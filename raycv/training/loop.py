@@ -50,6 +50,7 @@ from raycv.training.guard import (
 )
 from raycv.training.run_directory import first_conv_adapted, write_run_dir
 from raycv.training.step import say
+from raycv.training.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class _Worker:
     record: dict[str, Any]
     rank: int
     world: int
+    tracker: Tracker | None = None  # rank 0
 
 
 def _setup(loop_config: dict[str, Any]) -> tuple[_Worker, int]:
@@ -159,7 +161,10 @@ def _setup(loop_config: dict[str, Any]) -> tuple[_Worker, int]:
     guard.load_state_dict(guard_state)
     device = ray.train.torch.get_device()
     amp, loaders = _amp(device, cfg.train.amp), _loaders(cfg, task, info)
-    return _Worker(cfg, info, model, ddp, opt, guard, amp, device, task, loaders, record, rank, world), start
+    w = _Worker(cfg, info, model, ddp, opt, guard, amp, device, task, loaders, record, rank, world)
+    if rank == 0:
+        w.tracker = Tracker(cfg, Storage(endpoint_url=cfg.storage.endpoint_url), len(info["train"]))
+    return w, start
 
 
 def _loaders(cfg: TrainConfig, task: Task, info: dict[str, Any]) -> tuple[BatchLoader, BatchLoader]:
@@ -236,6 +241,8 @@ def _epoch(w: _Worker, epoch: int) -> None:
             state = {"model": w.model.state_dict(), "optimizer": opt_state, "guard": w.guard.state_dict()}
             state.update(epoch=epoch, **w.record)
         say_epoch(w.cfg, metrics)
+        if w.tracker is not None:
+            w.tracker.epoch(metrics)
     report(metrics, state)
 
 
@@ -250,6 +257,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             break
     for loader in w.loaders:
         loader.close()
+    if w.tracker is not None:
+        w.tracker.finish(_card_or_none(w.cfg))
+
+
+def _card_or_none(cfg: TrainConfig) -> dict[str, Any] | None:
+    from raycv.models.saved import read_card
+
+    try:
+        return read_card(cfg.output.dir, Storage(endpoint_url=cfg.storage.endpoint_url))
+    except Exception:  # no finite epoch: no card
+        return None
 
 
 # --------------------------------------------------------------------------------------------- driver side
