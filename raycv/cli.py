@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the model registry")
     models.add_argument("--task", default=None)
     models.add_argument("pattern", nargs="?", default="*")
+    sub.add_parser("status", help="how far a running annotate or train job is").add_argument(
+        "uri", metavar="OUTPUT|RUN_DIR"
+    )
     cfg = sub.add_parser("config", help="print a commented example config, or its JSON Schema")
     cfg.add_argument("action", choices=["example", "schema"])
     cfg.add_argument("kind", choices=["train", "annotate"])
@@ -322,6 +325,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from raycv.outputs.progress import progress_line, read_progress
+    from raycv.storage import Storage
+
+    try:
+        record = read_progress(args.uri, Storage())
+    except FileNotFoundError:
+        raise ConfigError(
+            "OUTPUT|RUN_DIR",
+            args.uri,
+            "No job has written its progress there: give an annotation output or a run directory.",
+        ) from None
+    print(progress_line(record))
+    return EXIT_OK
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from raycv.config.examples import EXAMPLES, schema_json
 
@@ -331,6 +350,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "config": cmd_config,
+    "status": cmd_status,
     "train": cmd_train,
     "annotate": cmd_annotate,
     "evaluate": cmd_evaluate,

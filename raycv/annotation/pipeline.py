@@ -40,6 +40,7 @@ from raycv.annotation.write import Tally, write_blocks
 from raycv.config import AnnotateConfig
 from raycv.errors import ConfigError, TooManyErrorsError
 from raycv.outputs import schema as outputs
+from raycv.outputs.progress import OUTPUT_RECORD, ProgressWriter, rate_and_eta
 from raycv.runtime import ensure_ray
 from raycv.storage import Storage
 from raycv.tasks.registry import get_task
@@ -116,7 +117,13 @@ def _stages(
 
 
 def _run_pipeline(
-    cfg: AnnotateConfig, todo: Plan, model: ModelSource, run_id: str, store: Storage, sz: Sizing
+    cfg: AnnotateConfig,
+    todo: Plan,
+    model: ModelSource,
+    run_id: str,
+    store: Storage,
+    sz: Sizing,
+    tally: Tally,
 ) -> Tally:
     """Run the pipeline over ``todo`` into the run's staging folder; stop early past ``max_error_fraction``.
 
@@ -156,10 +163,12 @@ def _run_pipeline(
                 fn_constructor_kwargs={"spec": spec},
                 scheduling_strategy=placement,
             )
-        return _write_all(ds, cfg, sz, run_id, store)
+        return _write_all(ds, cfg, sz, run_id, store, tally)
 
 
-def _write_all(ds: ray.data.Dataset, cfg: AnnotateConfig, sz: Sizing, run_id: str, store: Storage) -> Tally:
+def _write_all(
+    ds: ray.data.Dataset, cfg: AnnotateConfig, sz: Sizing, run_id: str, store: Storage, tally: Tally
+) -> Tally:
     """Hand the blocks of ``ds`` to write tasks as they come (see :func:`_run_pipeline`)."""
     staging = outputs_commit.staging_dir(cfg.output, run_id)
     bundles = ds.iter_internal_ref_bundles()
@@ -170,7 +179,9 @@ def _write_all(ds: ray.data.Dataset, cfg: AnnotateConfig, sz: Sizing, run_id: st
     )
     try:
         in_flight = 2 * sz.actors + 2
-        return write_blocks(blocks, staging, store, cfg.max_error_fraction, in_flight, cfg.rows_per_file)
+        return write_blocks(
+            blocks, staging, store, cfg.max_error_fraction, in_flight, cfg.rows_per_file, tally
+        )
     finally:
         del blocks, bundles  # the last references: the executor shuts down, releasing its actors' CPUs/GPUs
 
@@ -293,12 +304,24 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
     skipped = skip_current(todo, index.current(model_id)) if cfg.incremental else 0
     run_id = new_run_id()
     tally, reached = Tally(), 0
-    if len(todo):
-        ensure_ray(address)
-        tally = _run_pipeline(cfg, todo, model, run_id, store, _sized(cfg))
-        sources = outputs_commit.staged_sources(cfg.output, run_id, store)
-        reached = len(sources)
-        outputs_commit.commit(cfg.output, run_id, index.superseded(sources), store)
+
+    def progress() -> dict[str, Any]:
+        done = tally.ok + tally.error
+        return {
+            "run_id": run_id,
+            "done": skipped + done,
+            "total": skipped + len(todo),  # files; a volume's frames count as rows when written
+            "errors": tally.error,
+            **rate_and_eta(done, len(todo), t0),
+        }
+
+    with ProgressWriter(storage.join(cfg.output, OUTPUT_RECORD), store, progress):
+        if len(todo):
+            ensure_ray(address)
+            tally = _run_pipeline(cfg, todo, model, run_id, store, _sized(cfg), tally)
+            sources = outputs_commit.staged_sources(cfg.output, run_id, store)
+            reached = len(sources)
+            outputs_commit.commit(cfg.output, run_id, index.superseded(sources), store)
     stopped = reached < len(todo)
     duration = time.time() - t0
     summary = AnnotateSummary(

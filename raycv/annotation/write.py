@@ -87,6 +87,7 @@ def write_blocks(
     max_error_fraction: float,
     in_flight: int,
     rows_per_file: int = ROWS_PER_FILE,
+    tally: Tally | None = None,
 ) -> Tally:
     """Write ``blocks`` (``(ref, rows, bytes)`` of each result block) to ``staging`` as ``part-<n>.parquet``
     files of about ``rows_per_file`` rows (fewer when the blocks pass :data:`MAX_FILE_BYTES`, e.g. masks);
@@ -99,7 +100,8 @@ def write_blocks(
     judged after the first few dozen images, not after the first full file. At most ``in_flight`` writes
     run at once, which also holds the pipeline back when storage is slow.
     """
-    tally, pending = Tally(), []
+    tally = Tally() if tally is None else tally  # the caller's: its progress record reads it live
+    pending: list[Any] = []
     group: list[Any] = []
     rows = size = files = 0
 

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from raycv.config import TrainConfig, config_to_dict
 from raycv.data.loader import BatchLoader, shard_indices
 from raycv.errors import RaycvError
 from raycv.models import saved
+from raycv.outputs.progress import RUN_RECORD, ProgressWriter
 from raycv.runtime import ensure_ray
 from raycv.storage import Storage
 from raycv.tasks.registry import Task, get_task
@@ -304,6 +306,27 @@ def size_workers(cfg: TrainConfig, resources: dict[str, Any]) -> TrainConfig:
     return cfg.model_copy(update={"scaling": scaling})
 
 
+def _train_progress(cfg: TrainConfig, plan: dict[str, Any], store: Storage) -> Callable[[], dict[str, Any]]:
+    """The fields of ``RUN_DIR/progress.json``, from the epochs ``metrics.jsonl`` holds so far."""
+    images = len(plan["train"])
+
+    def fields() -> dict[str, Any]:
+        history = _read_history(cfg.output.dir, store)
+        times = [float(h["epoch_s"]) for h in history if h.get("epoch_s")]
+        left = cfg.train.epochs - len(history)
+        return {
+            "unit": "epochs",
+            "done": len(history),
+            "total": cfg.train.epochs,
+            "epoch": len(history),
+            "epochs": cfg.train.epochs,
+            "img_s": round(images / times[-1], 3) if times else None,
+            "eta_s": round(left * sum(times) / len(times), 1) if times else None,
+        }
+
+    return fields
+
+
 def run_training(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     """Train ``cfg`` on Ray (a cluster at ``address``, or local) and write the run directory.
 
@@ -338,7 +361,10 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainResult:
         ),
     )
     try:
-        trainer.fit()
+        with ProgressWriter(
+            storage.join(cfg.output.dir, RUN_RECORD), store, _train_progress(cfg, plan, store)
+        ):
+            trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise TrainingError(
             f"training failed after {cfg.output.max_failures} allowed worker failures: {exc}"

@@ -2,6 +2,7 @@
 placement group (the full pipeline: test_end_to_end.py, test_annotation_medical.py)."""
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -343,3 +344,5 @@ def test_actors_that_leave_no_cpu_for_reading_exit_2_at_once_and_auto_fits(tiny,
     out = capsys.readouterr().out
     assert "[raycv] annotate: 1 model actor(s) x 1.5 CPU, 2 torch thread(s) each; 0.5 CPU for reading" in out
     assert "(auto: gpus_per_actor, actors, cpus_per_actor); cluster: 2 CPUs, 0 GPUs" in out
+    progress = json.loads(open(tiny["output"] + "/_progress.json").read())  # the driver's record, final
+    assert progress["state"] == "done" and progress["done"] == progress["total"] == 8

@@ -69,3 +69,5 @@ def test_a_config_without_scaling_trains_on_the_whole_test_ray(tmp_path, ray_loc
     )
     card = json.loads((run / "model.json").read_text())
     assert card["config"]["scaling"] == {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 2.0}
+    progress = json.loads((run / "progress.json").read_text())  # the driver's record, final
+    assert progress["state"] == "done" and progress["epoch"] == progress["epochs"] == 1
