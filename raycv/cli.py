@@ -86,6 +86,12 @@ def _add_results_parsers(sub: Any) -> None:
     sub.add_parser("report", help="a run's model card and best metrics; writes curves.png").add_argument(
         "run_dir", metavar="RUN_DIR"
     )
+    em = sub.add_parser("export-model", help="a trained run as one ONNX, torch.export or TorchScript file")
+    em.add_argument("run_dir", metavar="RUN_DIR")
+    em.add_argument("--format", required=True, choices=["onnx", "pt2", "torchscript"])
+    em.add_argument(
+        "--out", required=True, metavar="DIR", help="folder (or s3:// prefix): model file + model.json"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,11 +251,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     names = list_models(args.pattern, task=args.task)
     width = max((len(n) for n in names), default=4)
-    print(f"{'name':<{width}}  {'task':<22} {'source':<12} min_size")
+    print(f"{'name':<{width}}  {'task':<22} {'source':<12} {'min_size':<9} exports to")
+    notes = []
     for name in names:
         info = get_model_info(name)
-        print(f"{name:<{width}}  {info.task:<22} {info.source:<12} {info.min_input_size}")
+        formats = ",".join(f for f in ("onnx", "pt2", "torchscript") if f not in info.export_notes)
+        print(f"{name:<{width}}  {info.task:<22} {info.source:<12} {info.min_input_size:<9} {formats or '-'}")
+        notes += [f"  {name} -> {fmt}: {why}" for fmt, why in info.export_notes.items()]
     print(f"\n{len(names)} models")
+    if notes:
+        print("cannot be exported (raycv export-model):", *notes, sep="\n")
     return EXIT_OK
 
 
@@ -317,6 +328,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from raycv.models.export import export_model
+    from raycv.models.saved import read_card
+    from raycv.storage import Storage
+    from raycv.tasks.registry import get_task
+
+    store = Storage()
+    objects = get_task(read_card(args.run_dir, store)["task"]).objects
+    uri = export_model(args.run_dir, args.format, args.out, store, objects=objects)
+    print(f"raycv export-model: {uri} + model.json; annotate it with `model: {args.out}`")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train,
     "annotate": cmd_annotate,
@@ -329,6 +353,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "export": cmd_export,
     "similar": cmd_similar,
     "report": cmd_report,
+    "export-model": cmd_export_model,
 }
 
 

@@ -11,7 +11,7 @@ import difflib
 import fnmatch
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from torch import nn
@@ -50,6 +50,8 @@ class ModelInfo:
             every side from there up; a few fixed-grid ones (ViT, MaxViT) accept only multiples of it, which
             their ``description`` says.
         description: One line for ``raycv models``.
+        export_notes: Why the model cannot be exported to a format (``raycv export-model``), by format
+            (``onnx``, ``pt2``, ``torchscript``); a format not named here exports.
     """
 
     name: str
@@ -58,6 +60,7 @@ class ModelInfo:
     source: Literal["raycv", "torchvision"]
     min_input_size: int
     description: str
+    export_notes: dict[str, str] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -70,6 +73,7 @@ def register_model(
     source: Literal["raycv", "torchvision"] = "raycv",
     min_input_size: int = 32,
     description: str = "",
+    export_notes: dict[str, str] | None = None,
 ) -> Callable[[B], B]:
     """Decorator that adds a builder to the registry under ``name``.
 
@@ -79,6 +83,7 @@ def register_model(
         source: ``"raycv"`` or ``"torchvision"``.
         min_input_size: Smallest square input side, in pixels, the model accepts.
         description: One line for listings; defaults to the first line of the builder's docstring.
+        export_notes: Format -> why the model cannot be exported to it (see :class:`ModelInfo`).
 
     Returns:
         The decorator; it returns the builder unchanged.
@@ -109,6 +114,7 @@ def register_model(
             source=source,
             min_input_size=min_input_size,
             description=description or doc.split("\n", 1)[0],
+            export_notes=dict(export_notes or {}),
         )
         of_task.add(name)
         return builder
