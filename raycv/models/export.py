@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from typing import Any
 
 import torch
@@ -77,11 +78,9 @@ def export_model(run_dir: str, fmt: str, out: str, store: Storage, *, objects: b
     data = export_module(run.model, fmt, (int(card.get("in_channels", 3)), h, w), objects=objects)
     uri = storage.join(out, FILES[fmt])
     store.write_bytes(uri, data)
-    size_key = card.get("image_size")
     exported = {
         **card,
-        "preprocess": card.get("preprocess")
-        or {"resize": [h, w] if isinstance(size_key, int) else size_key, "crop": None},
+        "preprocess": card.get("preprocess") or {"resize": [h, w], "crop": None},
         "export": {"format": fmt, "file": FILES[fmt], "from_run": run_dir, **extra},
     }
     store.write_json(storage.join(out, saved.MODEL_CARD), exported)
@@ -96,7 +95,7 @@ def _lower_thresholds(model: nn.Module) -> dict[str, Any]:
             part.score_thresh = EXPORT_SCORE_THRESHOLD
             baked["score_threshold"] = EXPORT_SCORE_THRESHOLD
         if part is not None and hasattr(part, "nms_thresh"):
-            baked["nms_threshold"] = float(part.nms_thresh)
+            baked["nms_threshold"] = float(part.nms_thresh)  # type: ignore[arg-type]
     return baked
 
 
@@ -165,6 +164,12 @@ def _onnx(module: nn.Module, example: Tensor, path: str, *, objects: bool) -> No
         torch.onnx.export(program, (example,), path, dynamo=True, external_data=False, optimize=True)
         return
     names = ["boxes", "labels", "scores", "masks"][: 4 if getattr(module, "masks", False) else 3]
+    with warnings.catch_warnings():  # the legacy exporter, on purpose: the new one cannot trace detectors
+        warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based", DeprecationWarning)
+        _legacy_onnx(module, example, path, names)
+
+
+def _legacy_onnx(module: nn.Module, example: Tensor, path: str, names: list[str]) -> None:
     torch.onnx.export(
         module,
         (example,),
