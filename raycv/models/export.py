@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from raycv import storage
-from raycv.errors import ConfigError
+from raycv.errors import ConfigError, RaycvError
 from raycv.models import portable, saved
 from raycv.models.registry import get_model_info
 from raycv.storage import Storage
@@ -62,6 +62,7 @@ def export_model(run_dir: str, fmt: str, out: str, store: Storage, *, objects: b
 
     Raises:
         ConfigError: an unknown format, or a model that cannot be exported to it (the registry says why).
+        RaycvError: the export failed for a reason the registry does not record.
     """
     if fmt not in FILES:
         raise ConfigError("--format", fmt, f"Choose one of {', '.join(FILES)}.")
@@ -75,7 +76,13 @@ def export_model(run_dir: str, fmt: str, out: str, store: Storage, *, objects: b
     extra: dict[str, Any] = {}
     if objects:
         extra = _lower_thresholds(run.model)
-    data = export_module(run.model, fmt, (int(card.get("in_channels", 3)), h, w), objects=objects)
+    try:
+        data = export_module(run.model, fmt, (int(card.get("in_channels", 3)), h, w), objects=objects)
+    except Exception as exc:  # a model the registry does not know to fail yet: say which, and what failed
+        raise RaycvError(
+            f"{card['arch']} could not be exported to {fmt} ({type(exc).__name__}: {str(exc)[:300]}); "
+            f"try another --format"
+        ) from exc
     uri = storage.join(out, FILES[fmt])
     store.write_bytes(uri, data)
     exported = {
