@@ -86,6 +86,12 @@ def _add_results_parsers(sub: Any) -> None:
     sub.add_parser("report", help="a run's model card and best metrics; writes curves.png").add_argument(
         "run_dir", metavar="RUN_DIR"
     )
+    em = sub.add_parser("export-model", help="a trained run as one ONNX, torch.export or TorchScript file")
+    em.add_argument("run_dir", metavar="RUN_DIR")
+    em.add_argument("--format", required=True, choices=["onnx", "pt2", "torchscript"])
+    em.add_argument(
+        "--out", required=True, metavar="DIR", help="folder (or s3:// prefix): model file + model.json"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,15 +255,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             get_task(args.task)
         except ValueError:
             raise ConfigError("--task", args.task, f"Choose one of {', '.join(list_tasks())}.") from None
-    from raycv.models import get_model_info, list_models
+    from raycv.models.registry import print_models
 
-    names = list_models(args.pattern, task=args.task)
-    width = max((len(n) for n in names), default=4)
-    print(f"{'name':<{width}}  {'task':<22} {'source':<12} min_size")
-    for name in names:
-        info = get_model_info(name)
-        print(f"{name:<{width}}  {info.task:<22} {info.source:<12} {info.min_input_size}")
-    print(f"\n{len(names)} models")
+    print_models(args.pattern, task=args.task)
     return EXIT_OK
 
 
@@ -326,18 +326,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from raycv.outputs.progress import progress_line, read_progress
+    from raycv.outputs.progress import print_status
     from raycv.storage import Storage
 
-    try:
-        record = read_progress(args.uri, Storage())
-    except FileNotFoundError:
-        raise ConfigError(
-            "OUTPUT|RUN_DIR",
-            args.uri,
-            "No job has written its progress there: give an annotation output or a run directory.",
-        ) from None
-    print(progress_line(record))
+    print_status(args.uri, Storage())
     return EXIT_OK
 
 
@@ -345,6 +337,19 @@ def cmd_config(args: argparse.Namespace) -> int:
     from raycv.config.examples import EXAMPLES, schema_json
 
     print(EXAMPLES[args.kind] if args.action == "example" else schema_json(args.kind), end="")
+    return EXIT_OK
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from raycv.models.export import export_model
+    from raycv.models.saved import read_card
+    from raycv.storage import Storage
+    from raycv.tasks.registry import get_task
+
+    store = Storage()
+    objects = get_task(read_card(args.run_dir, store)["task"]).objects
+    uri = export_model(args.run_dir, args.format, args.out, store, objects=objects)
+    print(f"raycv export-model: {uri} + model.json; annotate it with `model: {args.out}`")
     return EXIT_OK
 
 
@@ -362,6 +367,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "export": cmd_export,
     "similar": cmd_similar,
     "report": cmd_report,
+    "export-model": cmd_export_model,
 }
 
 

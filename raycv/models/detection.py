@@ -93,6 +93,13 @@ _TORCHVISION_MODELS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "Mask R-CNN v2 (conv heads, GroupNorm) on a ResNet-50 FPN. 46.4M params.",
     ),
 }
+# What `raycv export-model` cannot do with torchvision's detectors (measured with torch 2.14, torchvision 0.29).
+_PT2_GUARDS = (
+    "cannot, because torch.export stops on torchvision's data-dependent post-processing (a guard on the "
+    "number of boxes in batched_nms, and on the image's aspect ratio in the resize); export to onnx or "
+    "torchscript"
+)
+_DETECTOR_EXPORT_NOTES = {"pt2": _PT2_GUARDS}
 # ssd300_vgg16 resizes every input to 300 x 300 whatever image_size says.
 _FIXED_SIZE = {"ssd300_vgg16"}
 
@@ -170,9 +177,14 @@ def _wrap_torchvision(name: str, heads: tuple[str, ...]) -> Callable[..., nn.Mod
 
 def _register_torchvision_detectors() -> None:
     for name, (task, heads, description) in _TORCHVISION_MODELS.items():
-        register_model(name, task=task, source="torchvision", min_input_size=64, description=description)(
-            _wrap_torchvision(name, heads)
-        )
+        register_model(
+            name,
+            task=task,
+            source="torchvision",
+            min_input_size=64,
+            description=description,
+            export_notes=_DETECTOR_EXPORT_NOTES,
+        )(_wrap_torchvision(name, heads))
 
 
 _register_torchvision_detectors()
@@ -228,14 +240,16 @@ def _tiny_rcnn_kwargs(num_classes: int, in_channels: int, image_size: int | None
     }
 
 
-@register_model("test_detector", task=_DETECTION, min_input_size=16)
+@register_model("test_detector", task=_DETECTION, min_input_size=16, export_notes=_DETECTOR_EXPORT_NOTES)
 def test_detector(*, num_classes: int, in_channels: int = 3, image_size: int | None = None) -> nn.Module:
     """Tiny Faster R-CNN (3-conv stride-4 backbone, 16 channels) for CI: trains in seconds on 64 px images."""
     model = tv_detection.FasterRCNN(**_tiny_rcnn_kwargs(num_classes, in_channels, image_size))
     return declare_heads(model, _RCNN_HEADS)
 
 
-@register_model("test_instance_segmenter", task=_INSTANCE, min_input_size=16)
+@register_model(
+    "test_instance_segmenter", task=_INSTANCE, min_input_size=16, export_notes=_DETECTOR_EXPORT_NOTES
+)
 def test_instance_segmenter(
     *, num_classes: int, in_channels: int = 3, image_size: int | None = None
 ) -> nn.Module:

@@ -2,10 +2,14 @@
 
 :func:`load_model_file` turns one into a callable with the calling convention of a torch model in eval
 mode: a ``[N, C, H, W]`` float batch gives ``[N, K]`` logits (or ``[N, K, H, W]`` scores, or ``[N, D]``
-features); a detector takes a list of ``[C, H, W]`` images and gives torchvision's list of
+features); a detector is called with a list of ``[C, H, W]`` images and gives torchvision's list of
 ``{boxes, labels, scores[, masks]}``. ONNX models run in ONNX Runtime (CPU execution provider; CUDA's when
-onnxruntime-gpu and a GPU are present), batched like the torch path; an ONNX detector runs one image per
-call and returns ``boxes, labels, scores[, masks]`` (torchvision's ONNX export).
+onnxruntime-gpu and a GPU are present), batched like the torch path.
+
+Detector files, in every format, take ONE image ``[C, H, W]`` per call and return ``(boxes [N, 4], labels
+[N], scores [N][, masks [N, 1, H, W]])`` (``raycv export-model``'s convention, and torchvision's ONNX
+export); a TorchScript file of a whole torchvision detector (``torch.jit.script(model)``, which takes the
+list of images and returns ``(losses, detections)``) loads too.
 """
 
 from __future__ import annotations
@@ -55,10 +59,15 @@ def load_model_file(data: bytes, uri: str, device: str = "cpu", *, objects: bool
         if fmt == "pt2":
             program = torch.export.load(io.BytesIO(data))
             module = program.module()
-            return _Detections(module) if objects else module.to(device)
+            if objects:
+                return _Detections(module, one_image=_first_input_is_a_tensor(program))
+            return module.to(device)
         module = torch.jit.load(io.BytesIO(data), map_location=device)
         module.eval()
-        return _Detections(module) if objects else module
+        if objects:
+            args = module.forward.schema.arguments  # (self, images or image)
+            return _Detections(module, one_image=len(args) > 1 and str(args[1].type) == "Tensor")
+        return module
     except ConfigError:
         raise
     except Exception as exc:
@@ -72,13 +81,26 @@ def load_model_file(data: bytes, uri: str, device: str = "cpu", *, objects: bool
         ) from None
 
 
-class _Detections:
-    """A scripted or exported torchvision detector: a scripted one returns ``(losses, detections)``."""
+def _first_input_is_a_tensor(program: Any) -> bool:
+    """Whether an exported program's first argument is one tensor (not a list of images)."""
+    args_spec = program.call_spec.in_spec.children_specs[0]  # ((args), {kwargs})
+    return bool(args_spec.children_specs[0].is_leaf())
 
-    def __init__(self, module: Any) -> None:
+
+class _Detections:
+    """A detector file called like torchvision's detectors: a list of images in, a list of dicts out.
+
+    ``one_image``: the file takes one image and returns ``(boxes, labels, scores[, masks])``; else it takes
+    the list (a scripted torchvision detector, which returns ``(losses, detections)``).
+    """
+
+    def __init__(self, module: Any, *, one_image: bool = False) -> None:
         self.module = module
+        self.one_image = one_image
 
     def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        if self.one_image:
+            return [dict(zip(_DETECTION_OUTPUTS, self.module(image), strict=False)) for image in images]
         out = self.module(images)
         if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], list):
             out = out[1]

@@ -11,7 +11,7 @@ import difflib
 import fnmatch
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from torch import nn
@@ -50,6 +50,8 @@ class ModelInfo:
             every side from there up; a few fixed-grid ones (ViT, MaxViT) accept only multiples of it, which
             their ``description`` says.
         description: One line for ``raycv models``.
+        export_notes: Why the model cannot be exported to a format (``raycv export-model``), by format
+            (``onnx``, ``pt2``, ``torchscript``); a format not named here exports.
     """
 
     name: str
@@ -58,6 +60,7 @@ class ModelInfo:
     source: Literal["raycv", "torchvision"]
     min_input_size: int
     description: str
+    export_notes: dict[str, str] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -70,6 +73,7 @@ def register_model(
     source: Literal["raycv", "torchvision"] = "raycv",
     min_input_size: int = 32,
     description: str = "",
+    export_notes: dict[str, str] | None = None,
 ) -> Callable[[B], B]:
     """Decorator that adds a builder to the registry under ``name``.
 
@@ -79,6 +83,7 @@ def register_model(
         source: ``"raycv"`` or ``"torchvision"``.
         min_input_size: Smallest square input side, in pixels, the model accepts.
         description: One line for listings; defaults to the first line of the builder's docstring.
+        export_notes: Format -> why the model cannot be exported to it (see :class:`ModelInfo`).
 
     Returns:
         The decorator; it returns the builder unchanged.
@@ -109,6 +114,7 @@ def register_model(
             source=source,
             min_input_size=min_input_size,
             description=description or doc.split("\n", 1)[0],
+            export_notes=dict(export_notes or {}),
         )
         of_task.add(name)
         return builder
@@ -206,3 +212,19 @@ def _accepts(builder: Builder, argument: str) -> bool:
 def _check_positive_int(argument: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{argument} must be an integer >= 1, got {value!r}.")
+
+
+def print_models(pattern: str = "*", task: str | None = None) -> None:
+    """``raycv models``: the registry as a table, with the formats each model exports to and why not."""
+    names = list_models(pattern, task=task)
+    width = max((len(n) for n in names), default=4)
+    print(f"{'name':<{width}}  {'task':<22} {'source':<12} {'min_size':<9} exports to")
+    notes = []
+    for name in names:
+        info = get_model_info(name)
+        formats = ",".join(f for f in ("onnx", "pt2", "torchscript") if f not in info.export_notes)
+        print(f"{name:<{width}}  {info.task:<22} {info.source:<12} {info.min_input_size:<9} {formats or '-'}")
+        notes += [f"  {name} -> {fmt}: {why}" for fmt, why in info.export_notes.items()]
+    print(f"\n{len(names)} models")
+    if notes:
+        print("cannot be exported (raycv export-model):", *notes, sep="\n")

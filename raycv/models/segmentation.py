@@ -210,7 +210,15 @@ def unet(
     )
 
 
-@register_model("segnet", task=_TASK, min_input_size=16)
+@register_model(
+    "segnet",
+    task=_TASK,
+    min_input_size=16,
+    export_notes={
+        "torchscript": "cannot, because neither scripting nor tracing gets through its max-unpooling "
+        "(a tensor used as a Python bool); export to onnx or pt2"
+    },
+)
 def segnet(
     *,
     num_classes: int,

@@ -27,6 +27,16 @@ from raycv.models.registry import register_model
 
 _TASK = "detection"
 MAX_STRIDE = 32
+# What `raycv export-model` cannot do with the YOLOs (measured with torch 2.14); yolo_v1 shares it.
+EXPORT_NOTES = {
+    "onnx": "cannot, because tracing its letterbox calls Python's round() on a traced size (TypeError)",
+    "pt2": (
+        "cannot, because torch.export stops on the data-dependent number of boxes before NMS (a guard in "
+        "torchvision's batched_nms)"
+    ),
+    "torchscript": "cannot, because torch.jit.script does not compile its Python forward (lists of modules "
+    "and tensors iterated together)",
+}
 _PRE_NMS_TOP_K = 1000
 
 
@@ -360,7 +370,7 @@ def _points(sizes: list[torch.Size], strides: tuple[int, ...], like: Tensor) -> 
 # -- Builders ------------------------------------------------------------------------------------------------
 
 
-@register_model("yolo_n", task=_TASK, min_input_size=MAX_STRIDE, source="raycv")
+@register_model("yolo_n", task=_TASK, min_input_size=MAX_STRIDE, source="raycv", export_notes=EXPORT_NOTES)
 def yolo_n(*, num_classes: int, in_channels: int = 3, image_size: int | None = None) -> YoloAnchorFree:
     """Anchor-free YOLO, nano: strides 8/16/32, PAN neck, centre sampling, CIoU + BCE; trains on a CPU."""
     return YoloAnchorFree(
@@ -372,7 +382,7 @@ def yolo_n(*, num_classes: int, in_channels: int = 3, image_size: int | None = N
     )
 
 
-@register_model("yolo_s", task=_TASK, min_input_size=MAX_STRIDE, source="raycv")
+@register_model("yolo_s", task=_TASK, min_input_size=MAX_STRIDE, source="raycv", export_notes=EXPORT_NOTES)
 def yolo_s(*, num_classes: int, in_channels: int = 3, image_size: int | None = None) -> YoloAnchorFree:
     """Anchor-free YOLO, small: strides 8/16/32, PAN neck, centre sampling, CIoU + BCE."""
     return YoloAnchorFree(

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from torchvision import ops
 
 from raycv.models.registry import register_model
-from raycv.models.yolo import MAX_STRIDE, YoloDetector, conv
+from raycv.models.yolo import EXPORT_NOTES, MAX_STRIDE, YoloDetector, conv
 
 # -- YOLOv1 --------------------------------------------------------------------------------------------------
 
@@ -168,7 +168,9 @@ def yolo_v1_loss(
     }
 
 
-@register_model("yolo_v1", task="detection", min_input_size=MAX_STRIDE, source="raycv")
+@register_model(
+    "yolo_v1", task="detection", min_input_size=MAX_STRIDE, source="raycv", export_notes=EXPORT_NOTES
+)
 def yolo_v1(
     *,
     num_classes: int,

@@ -124,3 +124,22 @@ def progress_line(record: dict[str, Any]) -> str:
 
 def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def print_status(uri: str, store: Storage) -> None:
+    """``raycv status``: the record's line.
+
+    Raises:
+        ConfigError: no job has written its progress at ``uri``.
+    """
+    from raycv.errors import ConfigError
+
+    try:
+        record = read_progress(uri, store)
+    except FileNotFoundError:
+        raise ConfigError(
+            "OUTPUT|RUN_DIR",
+            uri,
+            "No job has written its progress there: give an annotation output or a run directory.",
+        ) from None
+    print(progress_line(record))
