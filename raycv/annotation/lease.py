@@ -1,26 +1,17 @@
 """One run per annotation output at a time (SPEC §6): the lease ``OUTPUT/_lease.json``.
 
-A run takes the lease before it recovers or writes anything, renews it from a background thread while it
-runs and deletes it when it ends. A second run on the same output finds it and stops with a
-:class:`~raycv.errors.ConfigError` (exit 2) naming the holder. A lease not renewed for
-:data:`STALE_AFTER_S` (its holder died: SIGKILL, lost node) is stale: the next run takes it over and then
-recovers what the dead run left (:func:`raycv.annotation.commit.recover`).
+A run takes the lease before it recovers or writes anything, renews it from a thread while it runs and
+deletes it at the end. A second run finds it and stops with a ConfigError (exit 2) naming the holder. A
+lease not renewed for :data:`STALE_AFTER_S` belongs to a dead run (SIGKILL, lost node): the next run takes
+it over, then recovers what the dead run left (:func:`raycv.annotation.commit.recover`).
 
-How each store makes "only one run wins" hold:
-
-- S3: conditional writes. The lease is created with ``If-None-Match: *`` (a second create answers 412),
-  and renewed, taken over and deleted with ``If-Match: <ETag>`` of the version the run last saw, so a run
-  never overwrites a lease that changed since it read it. AWS S3 and moto (the tests' server) support both;
-  a store that answers that it does not (501 NotImplemented, or refuses the header) falls back to write,
-  wait :data:`SETTLE_S`, read back: the run whose record is there after the wait holds the lease.
-- Local folders: the lease is created with an exclusive ``link`` of a complete temporary file (fails when
-  one exists), and every read-check-write (renew, take over, release) holds ``fcntl.flock`` on
-  ``_lease.json.lock`` for its few milliseconds. Shared network filesystems without working locks are not
-  supported for concurrent runs.
-
-Staleness is judged on the reader's clock against the holder's ``renewed_at`` (UTC): hosts whose clocks
-differ by more than the stale time can misjudge it. The reader's stale time decides, not the holder's
-(``expires_after_s`` in the file is for people).
+Only one run wins. On S3 the lease is created with ``If-None-Match: *`` and renewed, taken over and
+deleted with ``If-Match: <ETag>`` of the version the run saw last (AWS S3 and moto support both); a store
+that refuses them (501 NotImplemented) falls back to write, wait :data:`SETTLE_S`, read back. Locally it
+is created by an exclusive ``link`` of a complete file, and each read-check-write holds ``fcntl.flock`` on
+``_lease.json.lock`` (network filesystems without working locks are not supported for concurrent runs).
+Staleness is the reader's clock minus the holder's ``renewed_at`` (UTC), against the reader's stale time
+(clocks apart by more than that misjudge it; ``expires_after_s`` in the file is for people).
 """
 
 from __future__ import annotations
@@ -38,7 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from types import TracebackType
+from pathlib import Path
 from typing import Any
 
 from raycv import storage
@@ -60,33 +51,30 @@ class _Conflict(Exception):
     """The lease is not the version this run last saw (another run wrote it, or it is gone)."""
 
 
+class _Unsupported(Exception):
+    """The store refused a conditional request as not supported."""
+
+
 def default_stale_after_s() -> float:
     """:data:`STALE_AFTER_S`, or ``RAYCV_LEASE_STALE_S`` when set."""
-    value = os.environ.get(STALE_ENV)
-    if not value:
-        return STALE_AFTER_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ConfigError(STALE_ENV, value, "Give the stale time of a lease in seconds, e.g. 120.") from None
-    if seconds <= 0:
-        raise ConfigError(STALE_ENV, value, "Give a positive number of seconds, e.g. 120.")
-    return seconds
+    value = os.environ.get(STALE_ENV) or str(STALE_AFTER_S)
+    with contextlib.suppress(ValueError):
+        if float(value) > 0:
+            return float(value)
+    raise ConfigError(STALE_ENV, value, "Give a lease's stale time in seconds, e.g. 120.")
 
 
 class Lease:
-    """The lease of one run on ``output``, as a context manager: taken on enter, released on exit.
+    """The lease of one run on ``output``: taken on enter, renewed meanwhile, released on exit.
 
     Args:
-        output: the annotation output (local folder or ``s3://`` prefix).
-        store: the run's storage handle.
-        run_id: the run taking the lease.
+        output, store, run_id: the annotation output (local folder or ``s3://`` prefix), the run's storage
+            handle and the id of the run taking the lease.
         stale_after_s: how old another run's ``renewed_at`` must be to take its lease over; default
             :func:`default_stale_after_s` (:data:`STALE_AFTER_S` or ``RAYCV_LEASE_STALE_S``).
         renew_every_s: period of the renewing thread; default ``min(RENEW_EVERY_S, stale_after_s / 4)``.
 
-    Attributes:
-        taken_over: the record of the stale lease this run took over, else None.
+    ``taken_over`` is the record of the stale lease this run took over, else None.
     """
 
     def __init__(
@@ -125,9 +113,7 @@ class Lease:
         self._thread.start()
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -137,8 +123,7 @@ class Lease:
         """Take the lease: create it, or take over a stale one.
 
         Raises:
-            ConfigError: (``output``) another run holds a fresh lease, naming it; or the output cannot be
-                written.
+            ConfigError: (``output``) another run holds a fresh lease, naming it; or it cannot be written.
         """
         for _ in range(5):  # each round loses only to another run that changed the lease meanwhile
             try:
@@ -147,12 +132,8 @@ class Lease:
             except FileExistsError:
                 pass
             except Exception as exc:
-                raise ConfigError(
-                    "output",
-                    self.output,
-                    f"Cannot write {self.uri} ({type(exc).__name__}: {exc}). Check that the folder or bucket "
-                    "exists and that this run may write there.",
-                ) from exc
+                fix = "Check that the folder or bucket exists and that this run may write there."
+                raise ConfigError("output", self.output, f"Cannot write {self.uri} ({exc!r}). {fix}") from exc
             found = self._file.read()
             if found is None:
                 continue  # released between our create and our read: create again
@@ -162,13 +143,9 @@ class Lease:
             with contextlib.suppress(_Conflict):
                 self._tag = self._file.replace(self._encoded(), tag)
                 self.taken_over = holder
-                log.warning(
-                    "Took over the stale lease of run %s (host %s, last renewed %s ago) on %s; recovering.",
-                    holder.get("run_id"),
-                    holder.get("host"),
-                    _ago(_age_s(holder)),
-                    self.output,
-                )
+                h = holder.get
+                who = f"run {h('run_id')} (host {h('host')}, last renewed {_ago(_age_s(holder))} ago)"
+                log.warning("Took over the stale lease of %s on %s.", who, self.output)
                 return
         raise ConfigError("output", self.output, "Other runs keep changing its lease; try again later.")
 
@@ -185,11 +162,7 @@ class Lease:
                 raise LeaseLostError(self._lost) from None
 
     def check(self) -> None:
-        """Make sure this run still holds the lease (before committing).
-
-        Raises:
-            LeaseLostError: another run took it over (this run was too slow to renew it), or it is gone.
-        """
+        """Raise :class:`LeaseLostError` unless this run still holds the lease (checked before committing)."""
         with self._lock:
             if not self._lost:
                 found = self._file.read()
@@ -219,12 +192,7 @@ class Lease:
                 log.error("%s", exc)
                 return
             except Exception as exc:  # a flaky store: the next renewal may succeed before it goes stale
-                log.warning(
-                    "Could not renew the lease %s (%s); retrying in %.0f s.",
-                    self.uri,
-                    exc,
-                    self.renew_every_s,
-                )
+                log.warning("Could not renew the lease %s (%s); trying again.", self.uri, exc)
 
     def _encoded(self) -> bytes:
         return (json.dumps(self._record, indent=2) + "\n").encode()
@@ -238,10 +206,8 @@ class Lease:
         )
 
     def _lost_message(self) -> str:
-        found = self._file.read()
-        who = (
-            f"run {found[0].get('run_id')} on {found[0].get('host')}" if found else "nobody (it was deleted)"
-        )
+        now = self._file.read()
+        who = f"run {now[0].get('run_id')} on {now[0].get('host')}" if now else "nobody (it was deleted)"
         return (
             f"Run {self.run_id} lost its lease on {self.output}: it now belongs to {who}, so this run stops "
             f"without committing. It could not renew the lease within {_ago(self.stale_after_s)}; "
@@ -263,22 +229,33 @@ def _age_s(record: dict[str, Any]) -> float:
 
 
 def _ago(seconds: float) -> str:
+    """A duration for people: "0.4 s", "35 s", "2 minutes"; "never" for an unreadable record."""
     if seconds == float("inf"):
         return "never"
-    if seconds >= 120:
-        return f"{seconds / 60:.0f} minutes"
-    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    return f"{seconds / 60:.0f} minutes" if seconds >= 120 else f"{seconds:.{0 if seconds >= 10 else 1}f} s"
 
 
 def _decode(data: bytes) -> dict[str, Any]:
-    try:
-        record = json.loads(data)
-    except ValueError:
-        return {}
-    return record if isinstance(record, dict) else {}
+    with contextlib.suppress(ValueError):
+        if isinstance(record := json.loads(data), dict):
+            return record
+    return {}
 
 
-class _LocalLease:
+class _LeaseFile:
+    """The lease as stored: ``read`` gives (record, version tag), None when there is none."""
+
+    def read(self) -> tuple[dict[str, Any], str] | None:
+        raise NotImplementedError
+
+    def _expect(self, tag: str | None) -> None:
+        """Raise :class:`_Conflict` unless the stored lease is the version ``tag``."""
+        found = self.read()
+        if found is None or found[1] != tag:
+            raise _Conflict
+
+
+class _LocalLease(_LeaseFile):
     """The lease file in a local folder (see the module's docstring)."""
 
     def __init__(self, uri: str) -> None:
@@ -287,8 +264,7 @@ class _LocalLease:
     def read(self) -> tuple[dict[str, Any], str] | None:
         """(record, content hash), None when there is no lease."""
         try:
-            with open(self.path, "rb") as f:
-                data = f.read()
+            data = Path(self.path).read_bytes()
         except FileNotFoundError:
             return None
         return _decode(data), hashlib.sha256(data).hexdigest()
@@ -307,24 +283,18 @@ class _LocalLease:
     def replace(self, data: bytes, tag: str | None) -> str:
         """Overwrite the lease if its hash is still ``tag``, else :class:`_Conflict`."""
         with self._locked():
-            found = self.read()
-            if found is None or found[1] != tag:
-                raise _Conflict
+            self._expect(tag)
             os.replace(self._write_tmp(data), self.path)
         return hashlib.sha256(data).hexdigest()
 
     def delete(self, tag: str) -> None:
         with self._locked():
-            found = self.read()
-            if found is None or found[1] != tag:
-                raise _Conflict
+            self._expect(tag)
             os.unlink(self.path)
 
     def _write_tmp(self, data: bytes) -> str:
-        tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        return tmp
+        (tmp := Path(f"{self.path}.tmp-{uuid.uuid4().hex[:8]}")).write_bytes(data)
+        return str(tmp)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -337,12 +307,11 @@ class _LocalLease:
             os.close(fd)
 
 
-class _S3Lease:
+class _S3Lease(_LeaseFile):
     """The lease object on S3 (see the module's docstring)."""
 
     def __init__(self, uri: str, store: Storage) -> None:
-        fs, path = store.filesystem(uri)
-        self.fs = fs
+        self.fs, path = store.filesystem(uri)
         self.uri = uri
         self.bucket, _, self.key = path.partition("/")
         self.conditional = True  # until the store says it does not support conditional writes
@@ -363,41 +332,37 @@ class _S3Lease:
         return _decode(data), etag
 
     def create(self, data: bytes) -> str:
-        if self.conditional:
-            try:
-                return self._put(data, IfNoneMatch="*")
-            except _Conflict:
-                raise FileExistsError(self.uri) from None
-            except _Unsupported:
-                self._fall_back("If-None-Match")
-        if self.read() is not None:
-            raise FileExistsError(self.uri)
-        return self._put_and_check(data)
+        try:
+            tag: str | None = self._if_supported(self._put, data, IfNoneMatch="*")
+        except _Conflict:
+            raise FileExistsError(self.uri) from None
+        if tag is None:
+            if self.read() is not None:
+                raise FileExistsError(self.uri)
+            tag = self._put_and_check(data)
+        return tag
 
     def replace(self, data: bytes, tag: str | None) -> str:
-        if tag is None:
-            raise _Conflict
-        if self.conditional:
-            try:
-                return self._put(data, IfMatch=tag)
-            except _Unsupported:
-                self._fall_back("If-Match")
-        found = self.read()
-        if found is None or found[1] != tag:
-            raise _Conflict
-        return self._put_and_check(data)
+        new: str | None = self._if_supported(self._put, data, IfMatch=tag) if tag else None
+        if new is None:
+            self._expect(tag)
+            new = self._put_and_check(data)
+        return new
 
     def delete(self, tag: str) -> None:
+        if self._if_supported(self._call, "delete_object", IfMatch=tag) is None:
+            self._expect(tag)
+            self._call("delete_object")
+
+    def _if_supported(self, fn: Any, *args: Any, **condition: str) -> Any:
+        """``fn(*args, **condition)`` while the store takes conditional requests; None once it refused one."""
         if self.conditional:
             try:
-                self._call("delete_object", IfMatch=tag)
-                return
+                return fn(*args, **condition)
             except _Unsupported:
-                self._fall_back("If-Match on DeleteObject")
-        found = self.read()
-        if found is None or found[1] != tag:
-            raise _Conflict
-        self._call("delete_object")
+                self.conditional = False
+                log.warning("%s: the store refuses %s; falling back to write-then-read.", self.uri, condition)
+        return None
 
     def _put(self, data: bytes, **condition: str) -> str:
         return str(self._call("put_object", Body=data, **condition)["ETag"])
@@ -418,34 +383,17 @@ class _S3Lease:
             raise _Conflict from None  # s3fs's reading of a 412 to If-None-Match
         except Exception as exc:
             code = _s3_code(exc)
-            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
                 raise _Conflict from None
-            if code in ("NotImplemented", "501") or (code == "InvalidArgument" and "If-" in str(exc)):
+            if code == "NotImplemented" or (code == "InvalidArgument" and "If-" in str(exc)):
                 raise _Unsupported from exc
             raise
-
-    def _fall_back(self, header: str) -> None:
-        log.warning(
-            "The store of %s does not support conditional writes (%s): the lease falls back to "
-            "write-then-read, which waits %.0f s per write.",
-            self.uri,
-            header,
-            SETTLE_S,
-        )
-        self.conditional = False
-
-
-class _Unsupported(Exception):
-    """The store refused a conditional request as not supported."""
 
 
 def _s3_code(exc: BaseException) -> str:
     """The S3 error code of ``exc`` or its cause (s3fs wraps botocore's ClientError), else ""."""
-    for e in (exc, exc.__cause__, exc.__context__):
+    for e in (exc, exc.__cause__):
         response = getattr(e, "response", None)
         if isinstance(response, dict):
-            error = response.get("Error", {})
-            return str(error.get("Code") or response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSYS:
-        return "NotImplemented"
-    return ""
+            return str(response.get("Error", {}).get("Code", ""))
+    return "NotImplemented" if isinstance(exc, OSError) and exc.errno == errno.ENOSYS else ""
