@@ -51,3 +51,7 @@ class TooManyErrorsError(RaycvError, RuntimeError):
 def error_fields(stage: str, exc: BaseException) -> tuple[str, str, str]:
     """(error_stage, error_type, error_message) of one image's failure, for its error row."""
     return stage, type(exc).__name__, str(exc)[:2000]
+
+
+class LeaseLostError(RaycvError, RuntimeError):
+    """A run whose lease on its output was taken over by another run: it stops before committing."""

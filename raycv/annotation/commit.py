@@ -75,7 +75,8 @@ def commit(
 def recover(output: str, store: Storage) -> list[str]:
     """Finish the commits a crashed run left half-done, and drop what runs killed before committing staged.
 
-    Runs on one output are sequential, so a staging folder without a journal belongs to a run that died
+    Runs on one output are sequential (the lease, :mod:`raycv.annotation.lease`, is taken before this
+    runs), so a staging folder without a journal belongs to a run that died
     before its commit: its rows were never visible and are annotated again. Returns the finished run ids.
     """
     try:

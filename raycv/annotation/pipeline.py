@@ -32,6 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raycv import storage
 from raycv.annotation import commit as outputs_commit
 from raycv.annotation.actor import ActorSpec, Annotator
+from raycv.annotation.lease import Lease
 from raycv.annotation.plan import Plan, plan_inputs, skip_current
 from raycv.annotation.read import read_bytes_batch, read_decode_batch, read_stage
 from raycv.annotation.sizing import Sizing, size_actors
@@ -196,8 +197,12 @@ def _actor_placement(sz: Sizing, name: str) -> Iterator[PlacementGroupScheduling
     nodes. An actor takes exactly one bundle's resources, so each actor (and each restart of a killed
     one) fills a bundle of its own.
 
+    The run holds the output's lease (:mod:`raycv.annotation.lease`) from before it recovers what a
+    crashed run left until its summary is written.
+
     Raises:
-        ConfigError: when the cluster cannot place the bundles within :data:`PLACEMENT_TIMEOUT_S`.
+        ConfigError: when another run holds the output's lease (naming it), or the output cannot be
+            written; when the cluster cannot place the bundles within :data:`PLACEMENT_TIMEOUT_S`.
     """
     bundle = {"CPU": sz.cpus_per_actor, **({"GPU": sz.gpus_per_actor} if sz.gpus_per_actor > 0 else {})}
     _check_read_room(sz)  # before anything is reserved: nothing started on the cluster
@@ -286,23 +291,44 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
     What a run wrote is committed even when it stops early: each input file's old rows are superseded by
     the rows this run wrote for it (all its frames), so ``OUTPUT/images`` never holds an image twice.
 
+    The run holds the output's lease (:mod:`raycv.annotation.lease`) from before it recovers what a
+    crashed run left until its summary is written.
+
     Raises:
-        ConfigError: when the cluster cannot place the model actors (``actors`` x ``cpus_per_actor`` /
+        ConfigError: when another run holds the output's lease (naming it), or the output cannot be
+            written; when the cluster cannot place the model actors (``actors`` x ``cpus_per_actor`` /
             ``gpus_per_actor``) within :data:`PLACEMENT_TIMEOUT_S`; this run writes nothing then.
         TooManyErrorsError: after committing, when more than ``max_error_fraction`` of at least
             :data:`MIN_IMAGES_FOR_ERROR_CHECK` images failed; a re-run resumes (``incremental``).
+        LeaseLostError: when another run took the lease over meanwhile; this run commits nothing.
     """
     t0 = time.time()
     store = Storage(endpoint_url=cfg.storage.endpoint_url)
     model = resolve(cfg.model, store)
     _check_model_options(cfg, model)
+    run_id = new_run_id()
+    # The lease first: nothing of this output is read for planning, recovered or written before this run
+    # is the only one on it.
+    with Lease(cfg.output, store, run_id=run_id) as lease:
+        return _annotate(cfg, address, store, model, run_id, lease, t0)
+
+
+def _annotate(
+    cfg: AnnotateConfig,
+    address: str | None,
+    store: Storage,
+    model: ModelSource,
+    run_id: str,
+    lease: Lease,
+    t0: float,
+) -> AnnotateSummary:
+    """The body of :func:`run_annotation`, run while this run holds the output's lease."""
     model_id = model.model_id
     recovered = outputs_commit.recover(cfg.output, store)
     todo = plan_inputs(cfg.input, store)
     files = len(todo)
     index = outputs.read_index(cfg.output, store)
     skipped = skip_current(todo, index.current(model_id)) if cfg.incremental else 0
-    run_id = new_run_id()
     tally, reached = Tally(), 0
 
     def progress() -> dict[str, Any]:
@@ -321,6 +347,7 @@ def run_annotation(cfg: AnnotateConfig, address: str | None = None) -> AnnotateS
             tally = _run_pipeline(cfg, todo, model, run_id, store, _sized(cfg), tally)
             sources = outputs_commit.staged_sources(cfg.output, run_id, store)
             reached = len(sources)
+            lease.check()  # a run that lost its lease leaves its staging to the new holder's recovery
             outputs_commit.commit(cfg.output, run_id, index.superseded(sources), store)
     stopped = reached < len(todo)
     duration = time.time() - t0
