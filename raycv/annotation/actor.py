@@ -57,7 +57,8 @@ class ActorSpec:
     """What a model actor is built from: one per run, the same for every actor (Ray pickles it to each).
 
     Attributes:
-        model: the model to load (:mod:`raycv.annotation.source`: a raycv run or export, or a foreign model).
+        model: the model to load (:mod:`raycv.annotation.source`: a raycv run or export, or a foreign model),
+            or the URI of a run or export directory.
         store: the run's storage handle.
         run_id: written in every row.
         threads: torch threads of the actor (its CPUs).
@@ -72,7 +73,7 @@ class ActorSpec:
         score_threshold, iou_threshold: detection: the scores kept and the NMS overlap.
     """
 
-    model: ModelSource
+    model: ModelSource | str
     store: Storage
     run_id: str
     threads: int = 1
@@ -138,8 +139,12 @@ class Annotator:
         check_precision(spec.precision, self.device)
         self.precision = spec.precision
         self.store = spec.store
-        self.run = model_source.load(spec.model, spec.store, self.device)
-        self.preprocess = spec.model.preprocess
+        source = spec.model
+        if isinstance(source, str):
+            source = model_source.resolve(source, spec.store)
+        self.source = source
+        self.run = model_source.load(source, spec.store, self.device)
+        self.preprocess = source.preprocess
         torch_module = isinstance(self.run.model, nn.Module) and not isinstance(
             self.run.model, torch.jit.ScriptModule
         )

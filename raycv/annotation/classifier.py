@@ -51,7 +51,7 @@ class Classifier(Annotator):
 
     @property
     def input_size(self) -> tuple[int, int]:
-        size = self.spec.model.fixed_size
+        size = self.source.fixed_size
         assert size is not None, "decode: actor needs a fixed input size (checked by the pipeline)"
         return size
 

@@ -24,7 +24,7 @@ class Embedder(Classifier):
 
     def __init__(self, spec: ActorSpec) -> None:
         super().__init__(spec)
-        size = spec.model.fixed_size
+        size = self.source.fixed_size
         if size is None:
             resize = self.preprocess.get("resize") or 224
             size = (resize, resize) if isinstance(resize, int) else (int(resize[0]), int(resize[1]))

@@ -9,7 +9,7 @@ to about :data:`THREADS_PER_ACTOR` cores (beyond, more replicas do better), and 
 
 Measured on the 2-core machine (resnet18 @ 224 from 512 px JPEGs): decoding and resizing takes ~1/8 of
 the model's CPU time per image (reduced-DCT JPEG decode, ~3 ms vs ~25 ms a core), so the read stage gets
-:data:`READ_SHARE` of the CPUs, at least one read task's :data:`~raycv.annotation.pipeline.DECODE_CPUS`.
+:data:`READ_SHARE` of the CPUs, at least one read task's :data:`~raycv.annotation.placement.DECODE_CPUS`.
 Explicit ``actors``, ``cpus_per_actor`` and ``gpus_per_actor`` are kept as given; ``auto`` fills the rest.
 """
 

@@ -98,12 +98,10 @@ def _labels_scores(table) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_bf16_channels_last_classifier_matches_fp32(classifier_run, shapes):
-    ref = Classifier(
-        ActorSpec(run_dir=classifier_run, store=STORE, run_id="r", threads=1, channels_last=False)
-    )
+    ref = Classifier(ActorSpec(model=classifier_run, store=STORE, run_id="r", threads=1, channels_last=False))
     fast = Classifier(
         ActorSpec(
-            run_dir=classifier_run, store=STORE, run_id="r", threads=1, precision="bf16", channels_last=True
+            model=classifier_run, store=STORE, run_id="r", threads=1, precision="bf16", channels_last=True
         )
     )
     assert next(fast.run.model.parameters()).is_contiguous(memory_format=torch.channels_last)
@@ -121,11 +119,11 @@ def test_bf16_channels_last_segmenter_matches_fp32(tmp_path):
     batch = {**_plan(6), "data": np.array([encode_png(s.image) for s in scenes], dtype=object)}
     out = str(tmp_path / "out")
     ref = Segmenter(
-        ActorSpec(run_dir=run, store=STORE, run_id="r", threads=1, output=out, channels_last=False)
+        ActorSpec(model=run, store=STORE, run_id="r", threads=1, output=out, channels_last=False)
     )(batch)
     fast = Segmenter(
         ActorSpec(
-            run_dir=run, store=STORE, run_id="r", threads=1, output=out, precision="bf16", channels_last=True
+            model=run, store=STORE, run_id="r", threads=1, output=out, precision="bf16", channels_last=True
         )
     )(batch)
     assert fast.column("status").to_pylist() == ["ok"] * 6
@@ -139,9 +137,9 @@ def test_channels_last_is_the_default_and_changes_no_label(classifier_run, shape
     """NHWC (the default: faster on CPU too) computes the same function as NCHW, up to summation order."""
     assert build_config(AnnotateConfig, {"model": "r/", "input": "i/", "output": "o/"}).channels_last
     nchw = Classifier(
-        ActorSpec(run_dir=classifier_run, store=STORE, run_id="r", threads=1, channels_last=False)
+        ActorSpec(model=classifier_run, store=STORE, run_id="r", threads=1, channels_last=False)
     )
-    nhwc = Classifier(ActorSpec(run_dir=classifier_run, store=STORE, run_id="r", threads=1))
+    nhwc = Classifier(ActorSpec(model=classifier_run, store=STORE, run_id="r", threads=1))
     assert next(nhwc.run.model.parameters()).is_contiguous(memory_format=torch.channels_last)
     assert next(nchw.run.model.parameters()).is_contiguous()
     labels, scores = _labels_scores(nchw(shapes))
@@ -158,9 +156,9 @@ def test_channels_last_is_the_default_and_changes_no_label(classifier_run, shape
         np.stack([decode_png_mask(m) for m in table.column("mask_png").to_pylist()])
         for table in (
             Segmenter(
-                ActorSpec(run_dir=run, store=STORE, run_id="r", threads=1, output=out, channels_last=False)
+                ActorSpec(model=run, store=STORE, run_id="r", threads=1, output=out, channels_last=False)
             )(batch),
-            Segmenter(ActorSpec(run_dir=run, store=STORE, run_id="r", threads=1, output=out))(batch),
+            Segmenter(ActorSpec(model=run, store=STORE, run_id="r", threads=1, output=out))(batch),
         )
     ]
     assert len(np.unique(masks[0])) == 4 and (masks[0] == masks[1]).mean() >= 0.999
@@ -169,9 +167,9 @@ def test_channels_last_is_the_default_and_changes_no_label(classifier_run, shape
 def test_compile_gives_the_same_labels(classifier_run, shapes):
     small = {k: v[:8] for k, v in shapes.items()}
     labels, scores = _labels_scores(
-        Classifier(ActorSpec(run_dir=classifier_run, store=STORE, run_id="r", threads=1))(small)
+        Classifier(ActorSpec(model=classifier_run, store=STORE, run_id="r", threads=1))(small)
     )
-    compiled = Classifier(ActorSpec(run_dir=classifier_run, store=STORE, run_id="r", threads=1, compile=True))
+    compiled = Classifier(ActorSpec(model=classifier_run, store=STORE, run_id="r", threads=1, compile=True))
     got_labels, got_scores = _labels_scores(compiled(small))
     assert compiled.model.worked, "torch.compile fell back to eager on this platform"
     assert (labels == got_labels).all() and np.allclose(scores, got_scores, atol=1e-4)
@@ -184,11 +182,11 @@ def test_compile_failure_warns_and_runs_eagerly(classifier_run, shapes, monkeypa
     monkeypatch.setattr(torch, "compile", lambda model, **kw: broken)
     small = {k: v[:4] for k, v in shapes.items()}
     labels, _ = _labels_scores(
-        Classifier(ActorSpec(run_dir=classifier_run, store=STORE, run_id="r", threads=1))(small)
+        Classifier(ActorSpec(model=classifier_run, store=STORE, run_id="r", threads=1))(small)
     )
     with caplog.at_level(logging.WARNING, logger="raycv.annotation.actor"):
         got, _ = _labels_scores(
-            Classifier(ActorSpec(run_dir=classifier_run, store=STORE, run_id="r", threads=1, compile=True))(
+            Classifier(ActorSpec(model=classifier_run, store=STORE, run_id="r", threads=1, compile=True))(
                 small
             )
         )
@@ -206,7 +204,7 @@ def test_fp16_is_refused_on_cpu(classifier_run):
     assert build_config(AnnotateConfig, {**data, "precision": "bf16"}).precision == "bf16"
     # an actor that lands on a CPU (no CUDA there) says the same
     with pytest.raises(ConfigError, match="fp16 runs on CUDA GPUs only"):
-        Classifier(ActorSpec(run_dir=classifier_run, store=STORE, run_id="r", threads=1, precision="fp16"))
+        Classifier(ActorSpec(model=classifier_run, store=STORE, run_id="r", threads=1, precision="fp16"))
 
 
 def test_bf16_detector_runs_the_backbone_reduced_and_boxes_in_fp32(tmp_path):
@@ -217,12 +215,12 @@ def test_bf16_detector_runs_the_backbone_reduced_and_boxes_in_fp32(tmp_path):
     batch = {**_plan(4), "data": np.array([encode_png(s.image) for s in scenes], dtype=object)}
     kw = {"score_threshold": 0.0, "iou_threshold": 0.5}
     ref = (
-        Detector(ActorSpec(run_dir=run, store=STORE, run_id="r", threads=1, channels_last=False, **kw))(batch)
+        Detector(ActorSpec(model=run, store=STORE, run_id="r", threads=1, channels_last=False, **kw))(batch)
         .column("objects")
         .to_pylist()
     )
     fast = Detector(
-        ActorSpec(run_dir=run, store=STORE, run_id="r", threads=1, precision="bf16", channels_last=True, **kw)
+        ActorSpec(model=run, store=STORE, run_id="r", threads=1, precision="bf16", channels_last=True, **kw)
     )
     dtypes = set()
     conv = next(m for m in fast.run.model.backbone.modules() if isinstance(m, torch.nn.Conv2d))

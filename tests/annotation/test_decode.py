@@ -19,12 +19,14 @@ from raycv.annotation.classifier import Classifier
 from raycv.annotation.decode import decode_batch, device_decodable
 from raycv.annotation.pipeline import _stages
 from raycv.annotation.read import read_bytes_batch, read_decode_batch
+from raycv.annotation.sizing import size_actors
+from raycv.annotation.source import resolve
 from raycv.cli import main
 from raycv.config import AnnotateConfig, build_config
 from raycv.data import synthetic_scenes
 from raycv.data.special_images import make_special_images
 from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from raycv.models import create_model, saved
+from raycv.models import create_model
 from raycv.outputs import schema as outputs
 from raycv.storage import Storage
 from raycv.training import run_directory
@@ -167,7 +169,7 @@ def test_annotate_with_decode_actor_gives_the_rows_of_decode_tasks(files, tmp_pa
     assert len(rows) == summary["total"] == len(uris) and summary["error"] == len(BAD)
 
     plan = _plan(uris)
-    expected = Classifier(ActorSpec(run_dir=run, store=STORE, run_id="ref", threads=1, topk=3))(
+    expected = Classifier(ActorSpec(model=run, store=STORE, run_id="ref", threads=1, topk=3))(
         read_decode_batch(plan, size_hw=(SIZE, SIZE), store=STORE, max_pixels=178_956_970)
     ).to_pylist()
     score_diffs = []
@@ -180,7 +182,9 @@ def test_annotate_with_decode_actor_gives_the_rows_of_decode_tasks(files, tmp_pa
     assert len(score_diffs) == len(uris) - len(BAD) and max(score_diffs) < 0.01
     # The read tasks shipped the files' bytes, not pixels.
     config = build_config(AnnotateConfig, yaml.safe_load(STORE.read_bytes(cfg)))
-    read, _, _, spec = _stages(config, saved.read_card(run, STORE), "r", STORE)
+    read, _, _, spec = _stages(
+        config, resolve(config.model, STORE), "r", STORE, size_actors(1, 1, 0, {"CPU": 2})
+    )
     assert read is read_bytes_batch and spec.max_pixels == 178_956_970
 
 

@@ -18,6 +18,7 @@ from nibabel.testing import data_path as NIBABEL_DATA
 from pydicom.data import get_testdata_file
 
 from raycv.annotation import pipeline as annotation
+from raycv.annotation import placement
 from raycv.annotation.plan import PLAN_SCHEMA, plan_inputs
 from raycv.annotation.read import read_bytes_batch, read_decode_batch
 from raycv.annotation.write import write_blocks
@@ -300,7 +301,7 @@ def test_actors_that_cannot_fit_the_cluster_fail_fast_with_exit_2(
 ):
     """3 actors x 1 CPU on the session's 2-CPU Ray: a config error naming the ask, the cluster and the fix;
     the group is removed, so the session's Ray gets its CPUs back."""
-    monkeypatch.setattr(annotation, "PLACEMENT_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(placement, "PLACEMENT_TIMEOUT_S", 3.0)
     before = _raycv_groups()
     cfg = write_yaml(tmp_path, "annotate.yaml", {**tiny, "actors": 3, "cpus_per_actor": 1})
     t0 = time.time()

@@ -124,9 +124,9 @@ def test_classifier_writes_gradcam_png_and_render_overlays_it(trained, tmp_path)
         (tmp_path / f"{i}.png").write_bytes(encode_png(s.image))
         uris.append(str(tmp_path / f"{i}.png"))
     batch = _batch(scenes, uris, error_at=5)
-    plain = Classifier(ActorSpec(run_dir=trained["run"], store=STORE, run_id="r1", threads=1, topk=2))(batch)
+    plain = Classifier(ActorSpec(model=trained["run"], store=STORE, run_id="r1", threads=1, topk=2))(batch)
     explained = Classifier(
-        ActorSpec(run_dir=trained["run"], store=STORE, run_id="r1", threads=1, topk=2, explain="gradcam")
+        ActorSpec(model=trained["run"], store=STORE, run_id="r1", threads=1, topk=2, explain="gradcam")
     )(batch)
     assert "gradcam_png" not in plain.column_names
     assert explained.column("label").to_pylist() == plain.column("label").to_pylist()

@@ -126,7 +126,7 @@ def geo(tmp_path_factory):
     STORE.write_json(str(run / "model.json"), card)
     out = str(tmp / "out")
     seg = Segmenter(
-        ActorSpec(run_dir=str(run), store=STORE, run_id="r1", threads=1, output=out, geo={"bands": [1, 2, 3]})
+        ActorSpec(model=str(run), store=STORE, run_id="r1", threads=1, output=out, geo={"bands": [1, 2, 3]})
     )
     blank = np.array([""], dtype=object)
     batch = {
