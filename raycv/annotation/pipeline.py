@@ -26,7 +26,7 @@ from ray.util.annotations import RayDeprecationWarning
 
 from raycv import storage
 from raycv.annotation import commit as outputs_commit
-from raycv.annotation.actor import ActorSpec, Annotator
+from raycv.annotation.actor import ActorSpec, Annotator, check_precision
 from raycv.annotation.lease import Lease
 from raycv.annotation.placement import DECODE_CPUS, actor_placement
 from raycv.annotation.plan import Plan, plan_inputs, skip_current
@@ -274,8 +274,15 @@ def _sized(cfg: AnnotateConfig) -> Sizing:
     resources = ray.cluster_resources()
     sizing = size_actors(cfg.actors, cfg.cpus_per_actor, cfg.gpus_per_actor, resources)
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    check_sized_precision(cfg, sizing)
     print(f"[raycv] annotate: {sizing.describe(cpus, gpus)}", flush=True)
     return sizing
+
+
+def check_sized_precision(cfg: AnnotateConfig, sizing: Sizing) -> None:
+    """fp16 on actors that got no GPU (``gpus_per_actor: auto`` on a CPU-only cluster): exit 2 now."""
+    if cfg.precision == "fp16" and sizing.gpus_per_actor == 0:
+        check_precision("fp16", "cpu")
 
 
 def _check_model_options(cfg: AnnotateConfig, model: ModelSource) -> None:

@@ -195,13 +195,21 @@ def test_compile_failure_warns_and_runs_eagerly(classifier_run, shapes, monkeypa
 
 
 def test_fp16_is_refused_on_cpu(classifier_run):
-    data = {"model": "run/", "input": "in/", "output": "out/", "precision": "fp16"}
+    data = {"model": "run/", "input": "in/", "output": "out/", "precision": "fp16", "gpus_per_actor": 0}
     with pytest.raises(ConfigError) as e:
         build_config(AnnotateConfig, data)
     assert e.value.field == "precision" and e.value.value == "fp16"
     assert "precision: bf16" in e.value.fix and "gpus_per_actor: 1" in e.value.fix
     assert build_config(AnnotateConfig, {**data, "gpus_per_actor": 1}).precision == "fp16"
     assert build_config(AnnotateConfig, {**data, "precision": "bf16"}).precision == "bf16"
+    # gpus_per_actor: auto: decided once the cluster is known (a CPU-only cluster: the same message, exit 2)
+    from raycv.annotation.pipeline import check_sized_precision
+    from raycv.annotation.sizing import size_actors
+
+    auto = build_config(AnnotateConfig, {k: v for k, v in data.items() if k != "gpus_per_actor"})
+    with pytest.raises(ConfigError, match="fp16 runs on CUDA GPUs only"):
+        check_sized_precision(auto, size_actors("auto", "auto", "auto", {"CPU": 2}))
+    check_sized_precision(auto, size_actors("auto", "auto", "auto", {"CPU": 8, "GPU": 1}))
     # an actor that lands on a CPU (no CUDA there) says the same
     with pytest.raises(ConfigError, match="fp16 runs on CUDA GPUs only"):
         Classifier(ActorSpec(model=classifier_run, store=STORE, run_id="r", threads=1, precision="fp16"))
