@@ -22,7 +22,7 @@ from raycv.cli import main
 from raycv.data.synthetic import write_flat_archive, write_imagefolder
 from raycv.errors import StorageError
 from raycv.models import create_model
-from raycv.storage import Storage
+from raycv.storage import Storage, retry
 from tests._fault_proxy import FaultProxy
 from tests._util import write_yaml
 
@@ -38,9 +38,9 @@ def proxy(s3_endpoint):
 @pytest.fixture
 def short_retries(monkeypatch):
     """This process's retries cut short (a permanent failure gives up in about a second), fresh clients."""
-    monkeypatch.setattr(storage, "S3_REQUEST_ATTEMPTS", 2)
-    monkeypatch.setattr(storage, "S3FS_RETRIES", 1)
-    monkeypatch.setattr(storage, "OPERATION_ATTEMPTS", 2)
+    monkeypatch.setattr(retry, "S3_REQUEST_ATTEMPTS", 2)
+    monkeypatch.setattr(retry, "S3FS_RETRIES", 1)
+    monkeypatch.setattr(retry, "OPERATION_ATTEMPTS", 2)
     monkeypatch.setattr(storage, "_FILESYSTEMS", {})
 
 
@@ -100,16 +100,14 @@ def test_is_transient_tells_throttling_and_resets_from_missing_and_denied():
         translated.__cause__ = err
         return translated
 
-    assert storage.is_transient(client_error("SlowDown", 503))
-    assert storage.is_transient(client_error("InternalError", 500))
-    assert storage.is_transient(
-        EndpointConnectionError(endpoint_url="http://x", error=ConnectionResetError())
-    )
-    assert storage.is_transient(ConnectionResetError(104, "reset"))
-    assert not storage.is_transient(client_error("AccessDenied", 403))
-    assert not storage.is_transient(client_error("NoSuchKey", 404))
-    assert not storage.is_transient(FileNotFoundError("s3://b/k"))
-    assert not storage.is_transient(ValueError("bad"))
+    assert retry.is_transient(client_error("SlowDown", 503))
+    assert retry.is_transient(client_error("InternalError", 500))
+    assert retry.is_transient(EndpointConnectionError(endpoint_url="http://x", error=ConnectionResetError()))
+    assert retry.is_transient(ConnectionResetError(104, "reset"))
+    assert not retry.is_transient(client_error("AccessDenied", 403))
+    assert not retry.is_transient(client_error("NoSuchKey", 404))
+    assert not retry.is_transient(FileNotFoundError("s3://b/k"))
+    assert not retry.is_transient(ValueError("bad"))
 
 
 def test_a_file_that_still_cannot_be_read_becomes_an_error_row(proxy, bucket, short_retries):
