@@ -103,7 +103,7 @@ def _filesystem(protocol: str, endpoint: str | None) -> fsspec.AbstractFileSyste
             config_kwargs = {
                 # Standard mode retries throttling, 5xx, timeouts and dropped connections (the legacy
                 # default misses some throttling codes) with jittered backoff and a retry quota.
-                "retries": {"max_attempts": retry.S3_REQUEST_ATTEMPTS, "mode": "standard"},
+                "retries": {"total_max_attempts": retry.S3_REQUEST_ATTEMPTS, "mode": "standard"},
                 "connect_timeout": retry.CONNECT_TIMEOUT_S,
                 "read_timeout": retry.READ_TIMEOUT_S,
             }

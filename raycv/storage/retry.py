@@ -27,7 +27,9 @@ logger = logging.getLogger(__name__)
 
 # Read when a filesystem is opened or an operation starts, so that a test can shorten them in-process.
 S3_REQUEST_ATTEMPTS = 4  # botocore's tries of one HTTP request: backoff rand(0..1 s) x 2^n, at most 20 s
-S3FS_RETRIES = 3  # s3fs's tries of one call (also a GET whose body is cut off), 0.1 x 1.7^n s apart
+# s3fs's tries of one call, 0.1 x 1.7^n s apart: a GET whose body is cut off (botocore cannot retry that),
+# and SlowDown once more after botocore. s3fs nests them (cat_file around _call_s3): 2 is up to 4 tries.
+S3FS_RETRIES = 2
 OPERATION_ATTEMPTS = 3  # raycv's tries of one operation, around the two above
 OPERATION_DEADLINE_S = 120.0  # no new try of an operation starts later than this after its first
 _BACKOFF_S = 0.5  # raycv's backoff: rand(0, 0.5 x 2^n) s, full jitter (spreads the retries of many workers)
