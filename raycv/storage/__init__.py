@@ -4,6 +4,7 @@ A run builds one :class:`Storage` handle (the endpoint, bound once) and passes i
 Ray task and actor that reads, writes or lists. Nothing here holds credentials: they come from the
 standard AWS chain (environment, profile, instance/IRSA role) of whichever process opens the filesystem,
 so the same calls work on the driver and inside Ray workers. URI helpers (:func:`join`) need no handle.
+Every S3 operation is retried on transient errors (throttling, 5xx, timeouts, resets): see :mod:`.retry`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 import fsspec
 
 from raycv.errors import StorageError
+from raycv.storage import retry
+from raycv.storage.retry import retrying
 
 _GLOB_CHARS = set("*?[")
 # This process's filesystems, keyed by (protocol, endpoint): shared by every handle, never pickled.
@@ -97,8 +100,18 @@ def _filesystem(protocol: str, endpoint: str | None) -> fsspec.AbstractFileSyste
             import s3fs
 
             client_kwargs: dict[str, Any] = {"endpoint_url": endpoint} if endpoint else {}
+            config_kwargs = {
+                # Standard mode retries throttling, 5xx, timeouts and dropped connections (the legacy
+                # default misses some throttling codes) with jittered backoff and a retry quota.
+                "retries": {"total_max_attempts": retry.S3_REQUEST_ATTEMPTS, "mode": "standard"},
+                "connect_timeout": retry.CONNECT_TIMEOUT_S,
+                "read_timeout": retry.READ_TIMEOUT_S,
+            }
             # Listings are not cached: an archive grows between runs of the same process (tests, daemons).
-            fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, use_listings_cache=False)
+            fs = s3fs.S3FileSystem(
+                client_kwargs=client_kwargs, config_kwargs=config_kwargs, use_listings_cache=False
+            )
+            fs.retries = retry.S3FS_RETRIES  # a class attribute of s3fs, no constructor argument
         fs = _FILESYSTEMS.setdefault((protocol, endpoint), fs)  # two threads may race: all keep the first
     return fs
 
@@ -146,7 +159,7 @@ class Storage:
         fs, path = self.filesystem(uri)
         if scheme(uri) == "file":
             return pafs.LocalFileSystem(), path
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+        return pafs.PyFileSystem(retry.RetryingHandler(fs)), path
 
     def read_bytes(self, uri: str) -> bytes:
         """The whole content of ``uri``.
@@ -157,7 +170,7 @@ class Storage:
         """
         fs, path = self.filesystem(uri)
         try:
-            return fs.cat_file(path)  # type: ignore[no-any-return]
+            return retrying(lambda: fs.cat_file(path), f"read {uri}")  # type: ignore[no-any-return]
         except FileNotFoundError:
             raise FileNotFoundError(f"No such file: {uri}") from None
         except Exception as exc:
@@ -177,7 +190,7 @@ class Storage:
                     f.write(data)
                 os.replace(tmp, path)
             else:
-                fs.pipe_file(path, data)
+                retrying(lambda: fs.pipe_file(path, data), f"write {uri}")
         except Exception as exc:
             raise _wrap(uri, exc) from exc
 
@@ -189,7 +202,7 @@ class Storage:
         """Whether a file or folder/prefix is stored at ``uri``."""
         fs, path = self.filesystem(uri)
         try:
-            return bool(fs.exists(path))
+            return bool(retrying(lambda: fs.exists(path), f"check {uri}"))
         except Exception as exc:
             raise _wrap(uri, exc) from exc
 
@@ -197,15 +210,15 @@ class Storage:
         """Delete ``uri`` (a folder too with ``recursive``); a missing path is not an error."""
         fs, path = self.filesystem(uri)
         try:
-            if fs.exists(path):
-                fs.rm(path, recursive=recursive)
+            if retrying(lambda: fs.exists(path), f"check {uri}"):
+                retrying(lambda: fs.rm(path, recursive=recursive), f"remove {uri}")
         except FileNotFoundError:
             pass
         except Exception as exc:
             raise _wrap(uri, exc) from exc
 
     def move(self, src: str, dst: str) -> None:
-        """Move one file (a rename locally, copy then delete on S3)."""
+        """Move one file (a rename locally, copy then delete on S3, each step retried by itself)."""
         fs, src_path = self.filesystem(src)
         _, dst_path = self.filesystem(dst)
         try:
@@ -213,8 +226,8 @@ class Storage:
                 os.makedirs(os.path.dirname(dst_path), exist_ok=True)
                 os.replace(src_path, dst_path)
             else:
-                fs.copy(src_path, dst_path)
-                fs.rm(src_path)
+                retrying(lambda: fs.copy(src_path, dst_path), f"copy {src} to {dst}")
+                retrying(lambda: fs.rm(src_path), f"remove {src}")
         except Exception as exc:
             raise _wrap(src, exc) from exc
 
@@ -275,7 +288,7 @@ class Storage:
         """Immediate sub-folders of ``uri`` (names only, sorted, hidden ones skipped)."""
         fs, path = self.filesystem(uri)
         try:
-            entries = fs.ls(path, detail=True)
+            entries = retrying(lambda: fs.ls(path, detail=True), f"list {uri}")
         except FileNotFoundError:
             raise FileNotFoundError(f"No such folder: {uri}") from None
         except Exception as exc:
@@ -297,7 +310,7 @@ def _fingerprint(info: dict[str, Any]) -> str:
 def _info(fs: Any, uri: str, path: str) -> dict[str, Any] | None:
     """``fs.info`` of ``path`` itself (no glob), None when nothing is there."""
     try:
-        return fs.info(path)  # type: ignore[no-any-return]
+        return retrying(lambda: fs.info(path), f"stat {uri}")  # type: ignore[no-any-return]
     except FileNotFoundError:
         return None
     except Exception as exc:
@@ -310,7 +323,7 @@ def _listing(fs: Any, uri: str, path: str) -> Iterator[tuple[str, dict[str, Any]
     if info is None:
         if not _GLOB_CHARS & set(path):
             raise FileNotFoundError(path)
-        found = fs.glob(path, detail=True)
+        found = retrying(lambda: fs.glob(path, detail=True), f"glob {uri}")
         yield from ((p, found[p]) for p in sorted(found) if found[p].get("type") != "directory")
     elif info.get("type") != "directory":
         yield path, info
@@ -341,7 +354,7 @@ def _s3_objects(fs: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
     bucket, _, key = path.partition("/")
     kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key.rstrip("/") + "/" if key else ""}
     while True:
-        page = fs.call_s3("list_objects_v2", **kwargs)
+        page = retrying(lambda: fs.call_s3("list_objects_v2", **kwargs), f"list s3://{path}")
         for obj in page.get("Contents", []):
             if not obj["Key"].endswith("/"):  # folder placeholders made by consoles and some tools
                 yield f"{bucket}/{obj['Key']}", {"size": obj["Size"], "ETag": obj.get("ETag"), "type": "file"}
