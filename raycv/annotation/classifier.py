@@ -92,6 +92,15 @@ class Classifier(Annotator):
                 tensors.append(d.pixels)
         return (torch.stack(tensors) if tensors else None), good
 
+    def _sized_common(
+        self, batch: dict[str, np.ndarray], errors: list[tuple[str, str, str] | None]
+    ) -> dict[str, list]:
+        """The common columns, and each image's original ``width``/``height`` (null when unknown)."""
+        cols = self._common(batch, errors)
+        cols["width"] = [int(w) if w >= 0 else None for w in batch["width"]]
+        cols["height"] = [int(h) if h >= 0 else None for h in batch["height"]]
+        return cols
+
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = incoming_errors(batch)
         n = len(errors)
@@ -112,9 +121,7 @@ class Classifier(Annotator):
             except Exception as exc:  # a model failure marks this batch's images; the run goes on
                 for i in good:
                     errors[i] = error_fields("model", exc)
-        cols = self._common(batch, errors)
-        cols["width"] = [int(w) if w >= 0 else None for w in batch["width"]]
-        cols["height"] = [int(h) if h >= 0 else None for h in batch["height"]]
+        cols = self._sized_common(batch, errors)
         cols["label"] = [r[0]["label"] if r and not errors[i] else None for i, r in enumerate(rows)]
         cols["label_name"] = [r[0]["label_name"] if r and not errors[i] else None for i, r in enumerate(rows)]
         cols["score"] = [r[0]["score"] if r and not errors[i] else None for i, r in enumerate(rows)]

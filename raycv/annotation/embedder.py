@@ -52,8 +52,6 @@ class Embedder(Classifier):
             except Exception as exc:  # a model failure marks this batch's images; the run goes on
                 for i in good:
                     errors[i] = error_fields("model", exc)
-        cols = self._common(batch, errors)
-        cols["width"] = [int(w) if w >= 0 else None for w in batch["width"]]
-        cols["height"] = [int(h) if h >= 0 else None for h in batch["height"]]
+        cols = self._sized_common(batch, errors)
         cols["embedding"] = [v if not errors[i] else None for i, v in enumerate(vectors)]
         return pa.table(cols, schema=self.schema)

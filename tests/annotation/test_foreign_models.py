@@ -221,15 +221,19 @@ def _exit2(tmp_path, capsys, spec, images) -> str:
     return capsys.readouterr().err
 
 
+def _r18_spec(weights) -> dict:
+    return {
+        "task": "classification",
+        "arch": "torchvision:resnet18",
+        "weights": str(weights),
+        "classes": CLASSES,
+    }
+
+
 def test_weights_that_do_not_fit_exit_2_naming_the_key(tmp_path, capsys, images):
     path = tmp_path / "r34.pth"
     torch.save(torchvision.models.resnet34(num_classes=3).state_dict(), path)
-    spec = {
-        "task": "classification",
-        "arch": "torchvision:resnet18",
-        "weights": str(path),
-        "classes": CLASSES,
-    }
+    spec = _r18_spec(path)
     err = _exit2(tmp_path, capsys, spec, images)
     assert "unexpected key 'layer1.2." in err and "model.weights" in err, err
     torch.save(_r18().state_dict(), path)
@@ -245,12 +249,7 @@ class _Payload:
 def test_weights_are_data_a_pickled_model_or_code_is_refused_without_running(tmp_path, capsys, images):
     whole = tmp_path / "whole.pt"
     torch.save(_r18(), whole)  # a pickled nn.Module, not a state_dict
-    spec = {
-        "task": "classification",
-        "arch": "torchvision:resnet18",
-        "weights": str(whole),
-        "classes": CLASSES,
-    }
+    spec = _r18_spec(whole)
     err = _exit2(tmp_path, capsys, spec, images)
     assert "save model.state_dict()" in err and "export the model" in err, err
     flag = tmp_path / "pwned"
