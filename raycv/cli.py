@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,13 @@ def _add_config_args(p: argparse.ArgumentParser, address: bool = True) -> None:
         p.add_argument(
             "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)"
         )
+        _add_verbose(p)
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verbose", action="store_true", help="also show Ray's own output (worker logs, Ray Data)"
+    )
 
 
 def _add_submit_parser(sub: Any) -> None:
@@ -106,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["val", "all"], default="val")
     demo = sub.add_parser("demo", help="end to end on generated data with a local Ray (minutes on a CPU)")
     demo.add_argument("--workdir", default="raycv-demo")
+    _add_verbose(demo)
     _add_submit_parser(sub)
     models = sub.add_parser("models", help="list the model registry")
     models.add_argument("--task", default=None)
@@ -122,49 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validated(args: argparse.Namespace, kind: str) -> Any:
     from raycv.config import load_config
+    from raycv.config.paths import check_paths
 
     cfg = load_config(args.config, args.overrides, kind=kind)  # type: ignore[arg-type]
     check_paths(cfg)
     return cfg
-
-
-def check_paths(cfg: Any) -> None:
-    """Check that the paths a config reads from exist, before anything starts on the cluster.
-
-    Raises:
-        ConfigError: naming the first missing path.
-    """
-    from raycv.storage import Storage
-
-    store = Storage(endpoint_url=cfg.storage.endpoint_url)
-    from raycv.config import TrainConfig
-
-    if isinstance(cfg, TrainConfig):
-        needed = [
-            ("data.train", cfg.data.train),
-            ("data.val", cfg.data.val),
-            ("model.weights", cfg.model.weights),
-        ]
-    elif isinstance(cfg.model, str):
-        needed = [("model", cfg.model)]
-    else:
-        m = cfg.model
-        needed = [("model.run", m.run), ("model.weights", m.weights), ("model.file", m.file)]
-        if isinstance(m.classes, str):
-            needed.append(("model.classes", m.classes))
-    for field, uri in needed:
-        if uri is None:
-            continue
-        try:
-            found = store.exists(uri)
-        except Exception as exc:  # unreachable endpoint, bad credentials: say so, with the field
-            raise ConfigError(
-                field, uri, f"It could not be checked ({exc}); check storage.endpoint_url and credentials."
-            ) from exc
-        if not found:
-            raise ConfigError(
-                field, uri, "Nothing exists at this path; give an existing local path, file:// or s3:// URI."
-            )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -176,6 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(
         f"\nraycv train: done in {result.duration_s:.1f}s, {result.epochs} epochs\n"
         f"  best: {shown}\n  run directory: {result.run_dir} (model.json, model.pt, metrics.jsonl)"
+        + (f"\n  Ray's log of the run: {result.log}" if result.log else "")
     )
     return EXIT_OK
 
@@ -191,7 +163,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         + (f"; first rows after {s.first_rows_s:.1f}s" if s.first_rows_s is not None else "")
         + ")\n"
         f"  output: {s.output}/images (Parquet), summary: {s.output}/_summary.json\n"
-        f"  run_id={s.run_id} model_id={s.model_id}"
+        f"  run_id={s.run_id} model_id={s.model_id}" + (f"\n  Ray's log of the run: {s.log}" if s.log else "")
     )
     return EXIT_OK
 
@@ -211,6 +183,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     address = dashboard_address(args.address)
     cfg = load_config(args.config, args.overrides, kind=args.kind)
     if args.check_paths:
+        from raycv.config.paths import check_paths
+
         check_paths(cfg)
     try:
         client = connect(address)
@@ -373,7 +347,16 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        from raycv.runtime import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     try:
+        if argv is None:  # the raycv command itself: Ray's C++ lines go to the run's log, not the console
+            from raycv.runtime import core_lines_to_log
+
+            with core_lines_to_log():
+                return COMMANDS[args.command](args)
         return COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"raycv: invalid config: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ import os
 
 from raycv.config import AnnotateConfig, TrainConfig
 from raycv.outputs import schema as outputs
+from raycv.runtime import ensure_ray
 from raycv.storage import Storage
 
 
@@ -36,7 +37,7 @@ def run_demo(workdir: str) -> None:
     if not ray.is_initialized():
         # The demo's epochs take under a second: Ray Train's default 2 s poll of its workers would pace them.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-        ray.init(num_cpus=max(2, os.cpu_count() or 2))
+        ensure_ray(num_cpus=max(2, os.cpu_count() or 2))
     print("[demo] 2/3 training simple_cnn with 2 Ray Train workers", flush=True)
     train_cfg = TrainConfig.model_validate(
         {

@@ -55,6 +55,27 @@ def test_demo_runs_end_to_end(tmp_path):
     table = pq.read_table(str(tmp_path / "annotations" / "shapes" / "images"))
     assert table.num_rows == 73 and len(set(table.column("image_uri").to_pylist())) == 73
     assert (tmp_path / "runs" / "shapes" / "model.pt").exists()
+    # a quiet console: at most 40 lines, none of Ray's own (worker logs, Ray Data/Train messages, core-worker
+    # lines), no stack trace; Ray's output is in the logs the run saved
+    console = (proc.stdout + proc.stderr).splitlines()
+    assert len(console) <= 40, "\n".join(console)
+    internals = (
+        "core_worker",
+        "Reporting training result",
+        "Checkpoint successfully",
+        "(RayTrainWorker",
+        "(MapWorker",
+        "streaming_executor",
+        "logging_progress",
+        "Traceback",
+        "system state",
+        "\tINFO ",
+        "\tWARNING ",
+    )
+    assert not [line for line in console if any(p in line for p in internals)], "\n".join(console)
+    logs = list((tmp_path / "annotations" / "shapes" / "_logs").iterdir())
+    assert len(logs) == 1 and logs[0].stat().st_size > 0
+    assert list((tmp_path / "runs" / "shapes" / "logs").iterdir())
 
 
 def test_a_one_class_dataset_given_by_a_relative_path_exits_2(tmp_path):

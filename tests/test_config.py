@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raycv.cli import check_paths
 from raycv.config import AnnotateConfig, TrainConfig, apply_override, load_config
+from raycv.config.paths import check_paths
 from raycv.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

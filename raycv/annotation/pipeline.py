@@ -37,8 +37,8 @@ from raycv.annotation.write import Tally, write_blocks
 from raycv.config import AnnotateConfig
 from raycv.errors import ConfigError, TooManyErrorsError
 from raycv.outputs import schema as outputs
-from raycv.outputs.progress import OUTPUT_RECORD, ProgressWriter, rate_and_eta
-from raycv.runtime import ensure_ray
+from raycv.outputs.progress import OUTPUT_RECORD, ProgressWriter, console_echo, rate_and_eta
+from raycv.runtime import ensure_ray, save_logs
 from raycv.storage import Storage
 from raycv.tasks.registry import get_task
 
@@ -67,6 +67,7 @@ class AnnotateSummary:
     files: int = 0
     stopped: bool = False
     first_rows_s: float | None = None  # from the start of the run to its first rows written (staged)
+    log: str | None = None  # Ray's output of this run (workers, Ray Data), when the session is local
 
 
 def _stages(
@@ -238,7 +239,8 @@ def _annotate(
             **rate_and_eta(done, len(todo), t0),
         }
 
-    with ProgressWriter(storage.join(cfg.output, OUTPUT_RECORD), store, progress):
+    echo = console_echo("[raycv] annotate:")
+    with ProgressWriter(storage.join(cfg.output, OUTPUT_RECORD), store, progress, echo=echo):
         if len(todo):
             ensure_ray(address)
             tally = _run_pipeline(cfg, todo, model, run_id, store, _sized(cfg), tally)
@@ -246,6 +248,7 @@ def _annotate(
             reached = len(sources)
             lease.check()  # a run that lost its lease leaves its staging to the new holder's recovery
             outputs_commit.commit(cfg.output, run_id, index.superseded(sources), store)
+    log = save_logs(storage.join(cfg.output, "_logs", f"{run_id}.log"), store, t0) if len(todo) else None
     stopped = reached < len(todo)
     duration = time.time() - t0
     summary = AnnotateSummary(
@@ -262,6 +265,7 @@ def _annotate(
         files=files,
         stopped=stopped,
         first_rows_s=round(tally.first_rows_at - t0, 3) if tally.first_rows_at else None,
+        log=log,
     )
     store.write_json(storage.join(cfg.output, outputs.SUMMARY), asdict(summary))
     if tally.exceeds(cfg.max_error_fraction):

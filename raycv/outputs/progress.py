@@ -36,9 +36,15 @@ class ProgressWriter:
     """
 
     def __init__(
-        self, uri: str, store: Storage, fields: Callable[[], dict[str, Any]], period_s: float = PERIOD_S
+        self,
+        uri: str,
+        store: Storage,
+        fields: Callable[[], dict[str, Any]],
+        period_s: float = PERIOD_S,
+        echo: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.uri, self.store, self.fields, self.period_s = uri, store, fields, period_s
+        self.echo = echo  # called with each record written while running (a console progress line)
         self.started = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raycv-progress", daemon=True)
@@ -70,6 +76,9 @@ class ProgressWriter:
         )
         with contextlib.suppress(Exception):  # best effort: the next period writes again
             self.store.write_json(self.uri, record)
+        if self.echo is not None and state == "running":
+            with contextlib.suppress(Exception):
+                self.echo(record)
 
 
 def rate_and_eta(done: int, total: int | None, started: float) -> dict[str, Any]:
@@ -143,3 +152,26 @@ def print_status(uri: str, store: Storage) -> None:
             "No job has written its progress there: give an annotation output or a run directory.",
         ) from None
     print(progress_line(record))
+
+
+def console_echo(prefix: str) -> Callable[[dict[str, Any]], None]:
+    """Print each running record as one progress line: rewritten in place on a terminal, a new line (every
+    period) when the output goes to a file or a pipe."""
+    import sys
+
+    last: dict[str, Any] = {"done": None, "at": 0.0}
+
+    def echo(record: dict[str, Any]) -> None:
+        now = time.time()
+        if record.get("done") is None or (record["done"] == last["done"] and now - last["at"] < 30):
+            return  # a line when the count moves, else every 30 s
+        last.update(done=record["done"], at=now)
+        line = f"{prefix} " + progress_line({**record, "age_s": 0}).split("  updated ")[0].removeprefix(
+            "running  "
+        )
+        if sys.stdout.isatty():
+            print(f"\r{line}\033[K", end="", flush=True)
+        else:
+            print(line, flush=True)
+
+    return echo

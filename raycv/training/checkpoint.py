@@ -21,7 +21,6 @@ from raycv.config import TrainConfig
 from raycv.models import saved
 from raycv.storage import Storage
 from raycv.training.run_directory import save_weights
-from raycv.training.step import say
 
 CHECKPOINT_FILE = "state.pt"
 # recorded per epoch, but not model quality
@@ -80,14 +79,6 @@ def keep_best(
     if rank == 0:
         uri = storage.join(cfg.output.dir, saved.WEIGHTS)
         save_weights(uri, model.state_dict(), Storage(endpoint_url=cfg.storage.endpoint_url))
-
-
-def say_epoch(cfg: TrainConfig, metrics: dict[str, Any]) -> None:
-    """The epoch's console line (rank 0): its float metrics, and the skipped steps if there were any."""
-    shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "lr" and isinstance(v, float))
-    if metrics.get("nonfinite_steps"):
-        shown += f" nonfinite_steps={metrics['nonfinite_steps']} (skipped) lr={metrics['lr']:.3g}"
-    say(f"[raycv] epoch {metrics['epoch']}/{cfg.train.epochs} {shown}")
 
 
 def round_floats(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +28,7 @@ from raycv.data.loader import BatchLoader, shard_indices
 from raycv.errors import RaycvError
 from raycv.models import saved
 from raycv.outputs.progress import RUN_RECORD, ProgressWriter
-from raycv.runtime import ensure_ray
+from raycv.runtime import ensure_ray, save_logs, stamp
 from raycv.storage import Storage
 from raycv.tasks.registry import Task, get_task
 from raycv.training.checkpoint import (
@@ -39,8 +38,8 @@ from raycv.training.checkpoint import (
     report,
     restore,
     round_floats,
-    say_epoch,
 )
+from raycv.training.console import EpochLines
 from raycv.training.dataset import plan_dataset
 from raycv.training.epoch import step_context, train_epoch, validate
 from raycv.training.guard import (
@@ -67,6 +66,7 @@ class TrainResult:
     epochs: int
     best_metrics: dict[str, float]
     duration_s: float
+    log: str | None = None  # Ray's output of this run (workers, Ray Train), when the session is local
 
 
 # --------------------------------------------------------------------------------------------- worker side
@@ -242,7 +242,6 @@ def _epoch(w: _Worker, epoch: int) -> None:
             opt_state = w.opt.state_dict()
             state = {"model": w.model.state_dict(), "optimizer": opt_state, "guard": w.guard.state_dict()}
             state.update(epoch=epoch, **w.record)
-        say_epoch(w.cfg, metrics)
         if w.tracker is not None:
             w.tracker.epoch(metrics)
     report(metrics, state)
@@ -306,27 +305,6 @@ def size_workers(cfg: TrainConfig, resources: dict[str, Any]) -> TrainConfig:
     return cfg.model_copy(update={"scaling": scaling})
 
 
-def _train_progress(cfg: TrainConfig, plan: dict[str, Any], store: Storage) -> Callable[[], dict[str, Any]]:
-    """The fields of ``RUN_DIR/progress.json``, from the epochs ``metrics.jsonl`` holds so far."""
-    images = len(plan["train"])
-
-    def fields() -> dict[str, Any]:
-        history = _read_history(cfg.output.dir, store)
-        times = [float(h["epoch_s"]) for h in history if h.get("epoch_s")]
-        left = cfg.train.epochs - len(history)
-        return {
-            "unit": "epochs",
-            "done": len(history),
-            "total": cfg.train.epochs,
-            "epoch": len(history),
-            "epochs": cfg.train.epochs,
-            "img_s": round(images / times[-1], 3) if times else None,
-            "eta_s": round(left * sum(times) / len(times), 1) if times else None,
-        }
-
-    return fields
-
-
 def run_training(cfg: TrainConfig, address: str | None = None) -> TrainResult:
     """Train ``cfg`` on Ray (a cluster at ``address``, or local) and write the run directory.
 
@@ -360,15 +338,19 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainResult:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
+    log_uri = storage.join(cfg.output.dir, "logs", f"{stamp()}.log")
     try:
         with ProgressWriter(
-            storage.join(cfg.output.dir, RUN_RECORD), store, _train_progress(cfg, plan, store)
+            storage.join(cfg.output.dir, RUN_RECORD), store, EpochLines(cfg, plan, store), period_s=2.0
         ):
             trainer.fit()
     except ray.train.TrainingFailedError as exc:
+        log = save_logs(log_uri, store, t0)
         raise TrainingError(
             f"training failed after {cfg.output.max_failures} allowed worker failures: {exc}"
+            + (f"; Ray's log of the run: {log}" if log else "")
         ) from exc
+    log = save_logs(log_uri, store, t0)
     history = _read_history(cfg.output.dir, store)
     if history and history[-1].get("diverged"):
         raise TrainingDivergedError(divergence_message(cfg, history[-1]))
@@ -380,7 +362,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainResult:
             f"lower train.lr (now {cfg.train.lr:g}), raise train.warmup_epochs or set train.clip_grad_norm"
         )
     best = {k: v for k, v in best.items() if k not in NOT_METRICS}
-    return TrainResult(cfg.output.dir, len(history), best, time.time() - t0)
+    return TrainResult(cfg.output.dir, len(history), best, time.time() - t0, log)
 
 
 def _read_history(run_dir: str, store: Storage) -> list[dict[str, Any]]:
