@@ -204,7 +204,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"raycv submit: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     if outcome.status == "SUCCEEDED":
-        print(f"\nraycv submit: job {sid} SUCCEEDED")
+        print(f"\nraycv submit: job {sid} SUCCEEDED\n  full log: {ray_cli} logs {sid} --address {address}")
         return EXIT_OK
     print(
         f"\nraycv submit: job {sid} {outcome.status}: {outcome.reason}\n"
