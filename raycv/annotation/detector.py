@@ -29,6 +29,8 @@ class Detector(Annotator):
         score_threshold, iou_threshold = spec.score_threshold, spec.iou_threshold
         self.score_threshold, self.iou_threshold = score_threshold, iou_threshold
         self.batch_size, self.max_pixels, self.tile = spec.batch_size, spec.max_pixels, spec.tile
+        # An exported detector keeps all its detections; the model's own cap applies here (see export.py).
+        self.max_detections = int(self.run.card.get("export", {}).get("max_detections") or 0)
         # torchvision's R-CNN box coder casts the proposals to the regression's dtype: under autocast the box
         # corners would be rounded to bf16 (4 px steps at 1024 px). There only the backbone (most of the
         # FLOPs) runs in reduced precision and the heads, box decoding and NMS in fp32.
@@ -75,6 +77,8 @@ class Detector(Annotator):
 
         kept = self._kept(out, h, w)
         order = batched_nms(kept["boxes"], kept["scores"], kept["labels"], self.iou_threshold)
+        if self.max_detections:
+            order = order[: self.max_detections]
         masks = kept.get("masks")
         return self._rows(
             kept, order.tolist(), None if masks is None else lambda i: masks[i, 0].numpy() > 0.5

@@ -31,6 +31,7 @@ from raycv.models.registry import get_model_info
 from raycv.storage import Storage
 
 EXPORT_SCORE_THRESHOLD = 0.001
+EXPORT_MAX_DETECTIONS = 10_000
 FILES = {fmt: f"model{ext}" for fmt, ext in portable.FORMATS.items()}
 
 
@@ -103,6 +104,13 @@ def _lower_thresholds(model: nn.Module) -> dict[str, Any]:
             baked["score_threshold"] = EXPORT_SCORE_THRESHOLD
         if part is not None and hasattr(part, "nms_thresh"):
             baked["nms_threshold"] = float(part.nms_thresh)  # type: ignore[arg-type]
+        if part is not None and hasattr(part, "detections_per_img"):
+            # torchvision keeps the first detections_per_img of its NMS output, which is in score order in torch
+            # but grouped by class in ONNX's NonMaxSuppression: with the low threshold above, an ONNX export cut
+            # there dropped high-scoring boxes of later classes. Export keeps them all; the actor applies the
+            # model's own cap after its score threshold and NMS (card: max_detections).
+            baked["max_detections"] = int(part.detections_per_img)  # type: ignore[arg-type]
+            part.detections_per_img = EXPORT_MAX_DETECTIONS
     return baked
 
 
