@@ -352,9 +352,10 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ[VERBOSE_ENV] = "1"
     try:
-        if argv is None:  # the raycv command itself: Ray's C++ lines go to the run's log, not the console
-            from raycv.runtime import core_lines_to_log
+        if argv is None:  # the raycv command itself: Ray's own lines go to the run's log, not the console
+            from raycv.runtime import core_lines_to_log, raycv_logging
 
+            raycv_logging()
             with core_lines_to_log():
                 return COMMANDS[args.command](args)
         return COMMANDS[args.command](args)

@@ -116,6 +116,20 @@ _CORE_LINE = re.compile(
 HIDDEN_CORE_LINES: list[bytes] = []
 
 
+def raycv_logging() -> None:
+    """raycv's own log records on the console as ``[raycv] WARNING: ...`` lines (INFO too when verbose), not
+    in Ray's format: :func:`core_lines_to_log` keeps lines in Ray's format off the console."""
+    logger = logging.getLogger("raycv")
+    if any(getattr(h, "_raycv", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[raycv] %(levelname)s: %(message)s"))
+    handler._raycv = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose() else logging.WARNING)
+    logger.propagate = False
+
+
 @contextlib.contextmanager
 def core_lines_to_log() -> Iterator[None]:
     """Keep Ray's own lines (its C++ core's, and its Python loggers' INFO and WARNING lines) that reach this
