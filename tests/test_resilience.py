@@ -93,7 +93,7 @@ def archive(tmp_path, ray_local):
     return {"run": run, "uris": uris, "cfg": cfg, "out": str(tmp_path / "out"), "tmp": tmp_path}
 
 
-def test_a_sigkilled_annotate_process_loses_and_duplicates_nothing_on_rerun(archive):
+def test_a_sigkilled_annotate_process_loses_and_duplicates_nothing_on_rerun(archive, monkeypatch):
     import ray
 
     cfg = write_yaml(archive["tmp"], "annotate.yaml", archive["cfg"])
@@ -115,6 +115,11 @@ def test_a_sigkilled_annotate_process_loses_and_duplicates_nothing_on_rerun(arch
     # The killed run's rows are staged, never visible: readers see no row of an unfinished write.
     assert _rows(archive["out"]) == []
 
+    # The killed run still holds the output's lease: a re-run within its stale time exits 2 naming it; once
+    # stale (2 minutes; 1 s here), the next run takes it over and recovers.
+    assert main(["annotate", cfg]) == 2
+    monkeypatch.setenv("RAYCV_LEASE_STALE_S", "1")
+    time.sleep(1.5)
     assert main(["annotate", cfg]) == 0
     rows = _assert_exactly_once(archive["out"], archive["uris"])
     assert len({r["run_id"] for r in rows}) == 1
