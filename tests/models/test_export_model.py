@@ -23,22 +23,8 @@ TASKS = {
     "instance_segmentation": ("test_instance_segmenter", "coco"),
 }
 FORMATS = ("onnx", "pt2", "torchscript")
-# ONNX detectors (torch's TorchScript-based exporter) match the eager model box for box in-process, trained or
-# not, on noisy images; through `raycv annotate` on these flat-colour synthetic scenes after 2 epochs ONNX
-# Runtime gave a few boxes fewer per image (78 vs 80, 72 vs 81). Unexplained; suspected: ties in the RPN's
-# top-k / NMS (equal scores on flat regions) broken differently by ONNX Runtime than by torch.
-_ONNX_DETECTORS = pytest.mark.xfail(
-    reason="ONNX detectors: a few boxes fewer than the run on flat synthetic scenes (suspected score ties)",
-    strict=False,
-)
 CASES = [
-    pytest.param(
-        task,
-        fmt,
-        marks=[_ONNX_DETECTORS]
-        if fmt == "onnx" and arch in ("test_detector", "test_instance_segmenter")
-        else [],
-    )
+    pytest.param(task, fmt)
     for task, (arch, _) in TASKS.items()
     for fmt in FORMATS
     if fmt not in get_model_info(arch).export_notes
