@@ -96,12 +96,11 @@ _TORCHVISION_MODELS: dict[str, tuple[str, tuple[str, ...], str]] = {
 # What `raycv export-model` cannot do with torchvision's detectors (measured with torch 2.14, torchvision 0.29).
 _PT2_GUARDS = (
     "cannot, because torch.export stops on torchvision's data-dependent post-processing (a guard on the "
-    "number of boxes in batched_nms, and on the image's aspect ratio in the resize); export to onnx or "
-    "torchscript"
+    "number of boxes in batched_nms, and on the image's aspect ratio in the resize); export to torchscript"
 )
 _ONNX_PARITY = (
     "the ONNX graph (torch's TorchScript-based exporter) returns fewer boxes than the model once trained "
-    "(78 vs 80 on one image): it does not annotate like the run; export torchscript instead"
+    "(78 vs 80 on one image): it does not annotate like the run; export to torchscript"
 )
 _DETECTOR_EXPORT_NOTES = {"pt2": _PT2_GUARDS, "onnx": _ONNX_PARITY}
 # ssd300_vgg16 resizes every input to 300 x 300 whatever image_size says.
