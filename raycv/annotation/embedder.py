@@ -28,7 +28,8 @@ class Embedder(Classifier):
         if size is None:
             resize = self.preprocess.get("resize") or 224
             size = (resize, resize) if isinstance(resize, int) else (int(resize[0]), int(resize[1]))
-        self.dim = int(self._features(np.zeros((1, *size, 3), np.uint8)).shape[1])
+        bands = int(self.run.card.get("in_channels", 3))
+        self.dim = int(self._features(np.zeros((1, *size, bands), np.uint8)).shape[1])
         self.schema = self.schema.append(embedding_field(self.dim))
 
     def _features(self, x: Any) -> torch.Tensor:

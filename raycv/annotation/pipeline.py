@@ -105,6 +105,7 @@ def _stages(
         resize = prep["resize"]
         read_kw["size_hw"] = resize if resize is None or isinstance(resize, int) else tuple(resize)
         read_kw["crop"] = prep.get("crop")
+        read_kw["bands"], read_kw["geo"] = _bands(model), cfg.geo.model_dump()
         return read_decode_batch, read_kw, annotator, spec
     return read_bytes_batch, {**read_kw, "skip_geotiff": annotator.skip_geotiff}, annotator, spec
 
@@ -299,12 +300,25 @@ def _check_model_options(cfg: AnnotateConfig, model: ModelSource) -> None:
             f"Grad-CAM explains torch classifiers only, this model is a {model.kind} {task.name} model: "
             "remove it.",
         )
-    bands = int(model.card.get("in_channels", 3))
-    if bands != 3:
+    bands = _bands(model)
+    if bands != 3 and task.objects:
         raise ConfigError(
             "model.in_channels",
             bands,
-            "Annotation feeds the model 3 bands (RGB; geo.bands picks a GeoTIFF's): use a 3-band model.",
+            "Detectors take 3-band (RGB) images (geo.bands picks a GeoTIFF's three): use a 3-band model.",
+        )
+    if bands != 3 and cfg.decode == "actor":
+        raise ConfigError(
+            "decode",
+            cfg.decode,
+            f"decode: actor decodes RGB JPEGs and this model takes {bands} bands: use decode: tasks.",
+        )
+    if cfg.geo.bands is not None and len(cfg.geo.bands) != bands:
+        raise ConfigError(
+            "geo.bands",
+            cfg.geo.bands,
+            f"The model takes {bands} band(s): list {bands} band numbers, e.g. {list(range(1, bands + 1))}, "
+            f"or remove geo.bands to read each GeoTIFF's first {bands}.",
         )
     if cfg.decode == "actor" and model.fixed_size is None and task.image_labels:
         raise ConfigError(
@@ -313,6 +327,11 @@ def _check_model_options(cfg: AnnotateConfig, model: ModelSource) -> None:
             "decode: actor needs one input size for every image: set model.preprocess.crop (or an exact "
             "[h, w] resize), or use decode: tasks.",
         )
+
+
+def _bands(model: ModelSource) -> int:
+    """The input bands of the model (its card's ``in_channels``, 3 for RGB)."""
+    return int(model.card.get("in_channels", 3))
 
 
 def _stop_message(cfg: AnnotateConfig, tally: Tally, stopped: bool) -> str:

@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 
 from raycv.data import geotiff, medical
+from raycv.data.bands import read_raster, to_bands
 from raycv.data.files import decode_file, decode_file_resized
 from raycv.data.images import encode_png
-from raycv.data.preprocess import Resize
+from raycv.data.preprocess import Resize, prepare_rgb
 from raycv.errors import error_fields
 from raycv.outputs import schema as outputs
 from raycv.storage import Storage
@@ -66,30 +67,50 @@ def read_decode_batch(
     store: Storage,
     max_pixels: int,
     crop: Resize = None,
+    bands: int = 3,
+    geo: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Fetch and decode a batch of files into the model's input pixels, catching each file's failure.
 
     ``size_hw`` is ``[h, w]`` (exact) or an int (the shorter side, as torchvision's ``Resize``), then an
     optional centre ``crop`` (:func:`raycv.data.images.prepare_rgb`). Returns one row per image (a
     multi-frame DICOM or NIfTI volume gives one per frame or slice, see :func:`_expanded`) with ``pixels``
-    [N, h, w, 3] uint8 (an object array of [h_i, w_i, 3] when the sizes differ; zeros for failed files),
+    [N, h, w, C] uint8 (an object array of [h_i, w_i, C] when the sizes differ; zeros for failed files),
     ``width`` and ``height`` (original, -1 when unknown) and ``error_stage/error_type/error_message`` (""
-    when fine).
+    when fine). C is the model's ``bands`` (:mod:`raycv.data.bands`): a GeoTIFF is read through rasterio
+    with ``geo``'s ``bands`` and ``scale`` when the model is not RGB or ``geo.bands`` is set.
     """
     fixed = crop if crop is not None else (None if isinstance(size_hw, int) else size_hw)
     blank_hw = (fixed, fixed) if isinstance(fixed, int) else tuple(fixed or (1, 1))
-    blank = np.zeros((*blank_hw, 3), np.uint8)
+    blank = np.zeros((*blank_hw, bands), np.uint8)
+    chosen, scale = (geo or {}).get("bands"), _band_scale((geo or {}).get("scale", "dtype"))
 
     def one(uri: str) -> list[tuple[np.ndarray, int, int, tuple[str, str, str]]]:
+        if (bands != 3 or chosen) and geotiff.is_geotiff(uri):
+            try:
+                image, width, height = read_raster(
+                    uri, store, bands=bands, chosen=chosen, scale=scale, max_pixels=max_pixels
+                )
+            except FileNotFoundError as exc:
+                return [(blank, -1, -1, error_fields("read", exc))]
+            except Exception as exc:
+                return [(blank, -1, -1, error_fields("decode", exc))]
+            return [(prepare_rgb(image, size_hw, crop), width, height, _OK)]
         try:
             data = store.read_bytes(uri)
         except Exception as exc:
             return [(blank, -1, -1, error_fields("read", exc))]
         try:
-            images = decode_file_resized(data, uri, size_hw, max_pixels=max_pixels, crop=crop)
+            if bands == 3:
+                images = decode_file_resized(data, uri, size_hw, max_pixels=max_pixels, crop=crop)
+            else:  # bands first, then resized: the pixels of a raster holding these bands
+                images = [
+                    (prepare_rgb(to_bands(im, bands, uri), size_hw, crop), im.shape[1], im.shape[0])
+                    for im in decode_file(data, uri, max_pixels=max_pixels)
+                ]
+            return [(pixels, width, height, _OK) for pixels, width, height in images]
         except Exception as exc:
             return [(blank, -1, -1, error_fields("decode", exc))]
-        return [(pixels, width, height, _OK) for pixels, width, height in images]
 
     results = _fetch_all([str(u) for u in batch["image_uri"]], one)
     out = _expanded(batch, results, [[r[3] for r in per_file] for per_file in results])
@@ -100,8 +121,13 @@ def read_decode_batch(
     return out
 
 
+def _band_scale(scale: Any) -> Any:
+    """``geo.scale`` as :mod:`raycv.data.geotiff` takes it (explicit ranges as tuples)."""
+    return [tuple(s) for s in scale] if isinstance(scale, list) else scale
+
+
 def stack_images(images: list[np.ndarray], empty_shape: tuple[int, ...]) -> np.ndarray:
-    """[N, h, w, 3] when every image has one size, else an object array of the [h_i, w_i, 3] images."""
+    """[N, h, w, C] when every image has one size, else an object array of the [h_i, w_i, C] images."""
     if not images:
         return np.zeros((0, *empty_shape), np.uint8)
     if len({im.shape for im in images}) == 1:

@@ -13,6 +13,7 @@ from raycv import storage
 from raycv.annotation.actor import ActorSpec, Annotator, incoming_errors, window_reader
 from raycv.annotation.read import stack_images
 from raycv.data import cog, geotiff
+from raycv.data.bands import band_indexes, to_bands
 from raycv.data.images import decode_image, encode_png
 from raycv.data.preprocess import prepare_rgb
 from raycv.errors import error_fields
@@ -39,6 +40,7 @@ class Segmenter(Annotator):
         self.max_pixels = spec.max_pixels
         geo = spec.geo
         self.bands, self.write_rasters = geo.get("bands"), bool(geo.get("write_rasters"))
+        self.in_bands = int(self.run.card.get("in_channels", 3))
         scale = geo.get("scale", "dtype")
         self.scale = [tuple(s) for s in scale] if isinstance(scale, list) else scale
         self.k = int(self.run.card["num_classes"])
@@ -67,7 +69,9 @@ class Segmenter(Annotator):
     def _whole(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Label maps for small images: one batch at the model's size, scores resized to each original."""
         resize = self.preprocess.get("resize")
-        logits = self._forward(stack_images([prepare_rgb(im, resize) for im in images], (1, 1, 3)))
+        logits = self._forward(
+            stack_images([prepare_rgb(im, resize) for im in images], (1, 1, self.in_bands))
+        )
         maps = []
         for im, lg in zip(images, logits, strict=True):
             h, w = im.shape[:2]
@@ -83,15 +87,16 @@ class Segmenter(Annotator):
 
     def _geotiff(self, uri: str) -> tuple[np.ndarray, geotiff.RasterInfo]:
         info = geotiff.raster_info(uri, self.store)
+        bands = band_indexes(info.count, self.in_bands, self.bands, uri)
         if not self._needs_tiling(info.height, info.width):
             image, info = geotiff.read_scene(
-                uri, self.store, bands=self.bands, scale=self.scale, max_pixels=self.max_pixels
+                uri, self.store, bands=bands, scale=self.scale, max_pixels=self.max_pixels
             )
             return self._whole([image])[0], info
         with geotiff.open_raster(uri, self.store) as ds:
 
             def read(y0: int, x0: int, h: int, w: int) -> np.ndarray:
-                return geotiff.read_window(ds, x0, y0, w, h, bands=self.bands, scale=self.scale)
+                return geotiff.read_window(ds, x0, y0, w, h, bands=bands, scale=self.scale)
 
             return self._tiled(read, info.height, info.width), info
 
@@ -112,6 +117,7 @@ class Segmenter(Annotator):
                     maps[i], geo[i] = self._geotiff(uri)
                     continue
                 image = decode_image(bytes(batch["data"][i]), uri, max_pixels=self.max_pixels)
+                image = to_bands(image, self.in_bands, uri)
             except Exception as exc:
                 errors[i] = error_fields("decode", exc)
                 continue

@@ -165,6 +165,13 @@ class TrainConfig(Strict):
             raise ValueError(
                 f"model.options {self.model.options} do not fit '{self.model.arch}': {exc}"
             ) from None
+        bands = self.model.options.get("in_channels", 3)
+        if bands != 3 and self.train.augment.color_jitter:
+            raise ValueError(
+                f"train.augment.color_jitter {self.train.augment.color_jitter} changes RGB colours and "
+                f"model.options.in_channels is {bands}: set color_jitter: 0 (flips and rotations work on "
+                "any bands)"
+            )
         if min(self.data.size_hw) < info.min_input_size:
             raise ValueError(
                 f"data.image_size {self.data.image_size} is below the {info.min_input_size} px that "

@@ -135,7 +135,8 @@ def image_header(data: bytes, uri: str = "") -> tuple[int, int]:
 
 
 def resize_rgb(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """[H, W, 3] uint8 -> [h, w, 3] uint8, Pillow's bilinear (antialiased when shrinking).
+    """[H, W, 3] uint8 -> [h, w, 3] uint8, Pillow's bilinear (antialiased when shrinking); [H, W, C] (the
+    bands of a raster, :mod:`raycv.data.bands`) band by band, the same interpolation.
 
     The one resize of training, evaluation and annotation (through
     :func:`raycv.data.transforms.to_tensor_resized`), so all see the same pixels; it needs no torch, which
@@ -145,6 +146,8 @@ def resize_rgb(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     h, w = int(size_hw[0]), int(size_hw[1])
     if image.shape[:2] == (h, w):
         return np.ascontiguousarray(image)
+    if image.ndim == 3 and image.shape[2] != 3:  # an N-band raster: each band as a grayscale image
+        return np.stack([resize_rgb(image[:, :, c], (h, w)) for c in range(image.shape[2])], axis=2)
     resized = Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.Resampling.BILINEAR)
     return np.array(resized)  # writable (np.asarray of a Pillow image is read-only)
 

@@ -67,6 +67,7 @@ class BatchLoader:
         threads: int = 8,
         cache_bytes: int = 1 << 30,
         decode_size: tuple[int, int] | None = None,
+        bands: int = 3,
     ) -> None:
         self.samples = samples
         self.transform = transform
@@ -75,6 +76,7 @@ class BatchLoader:
         # DCT scale, as the annotation read tasks do (:func:`raycv.data.images.decode_reduced`), so training,
         # evaluation and annotation see the same pixels. Tasks whose targets are pixels or boxes decode in full.
         self.decode_size = decode_size
+        self.bands = bands  # the model's input bands: other than 3, read by raycv.data.bands
         self.batch_size = batch_size
         self.store = store
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="raycv-load")
@@ -94,7 +96,11 @@ class BatchLoader:
 
     def _load_one(self, index: int, seed: int) -> tuple[Any, Any]:
         sample = self.samples[index]
-        if self.decode_size is not None:
+        if self.bands != 3:
+            from raycv.data.bands import decode_bands  # rasterio, for N-band models only
+
+            image = decode_bands(self._fetch(sample.uri), sample.uri, self.bands)
+        elif self.decode_size is not None:
             image = decode_reduced(self._fetch(sample.uri), sample.uri, self.decode_size)[0]
         else:
             image = decode_image(self._fetch(sample.uri), sample.uri)

@@ -23,7 +23,7 @@ def resized_size(height: int, width: int, resize: Resize) -> tuple[int, int]:
 
 
 def prepare_rgb(image: np.ndarray, resize: Resize, crop: Resize = None) -> np.ndarray:
-    """[H, W, 3] uint8 resized (:func:`resized_size`, :func:`resize_rgb`), then centre-cropped to ``crop``
+    """[H, W, C] uint8 resized (:func:`resized_size`, :func:`resize_rgb`), then centre-cropped to ``crop``
     (an int: a square) as torchvision's ``CenterCrop``."""
     out = resize_rgb(image, resized_size(image.shape[0], image.shape[1], resize))
     if crop is None:
@@ -31,7 +31,7 @@ def prepare_rgb(image: np.ndarray, resize: Resize, crop: Resize = None) -> np.nd
     ch, cw = (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
     h, w = out.shape[:2]
     if ch > h or cw > w:  # as CenterCrop: pad with zeros first
-        padded = np.zeros((max(h, ch), max(w, cw), 3), np.uint8)
+        padded = np.zeros((max(h, ch), max(w, cw), out.shape[2]), np.uint8)
         top, left = (max(h, ch) - h) // 2, (max(w, cw) - w) // 2
         padded[top : top + h, left : left + w] = out
         out = padded

@@ -12,7 +12,7 @@ from torch import nn
 
 from raycv.data.formats import Dataset, read_imagefolder
 from raycv.data.loader import Transform
-from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, to_tensor_resized
+from raycv.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, per_band, to_tensor_resized
 from raycv.data.transforms import augment as augment_image
 from raycv.tasks.confusion import ConfusionEvaluator
 from raycv.tasks.registry import LOSS_IS_SEGMENTATION_ONLY, StepContext, Task, register_task
@@ -120,7 +120,11 @@ class Classification(Task):
     def read_dataset(self, fmt: str, root: str, store: Any, num_classes: int | None) -> Dataset:
         return read_imagefolder(root, store)
 
-    def transforms(self, size_hw: tuple[int, int], augment: Any) -> tuple[Transform, Transform]:
+    def transforms(
+        self, size_hw: tuple[int, int], augment: Any, bands: int = 3
+    ) -> tuple[Transform, Transform]:
+        mean, std = per_band(IMAGENET_MEAN, bands), per_band(IMAGENET_STD, bands)  # the card's normalization
+
         def train_tf(image: np.ndarray, label: int, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
             t = augment_image(
                 to_tensor_resized(image, size_hw),
@@ -130,10 +134,10 @@ class Classification(Task):
                 rotate=augment.rotate,
                 color_jitter=augment.color_jitter,
             )
-            return normalize(t, IMAGENET_MEAN, IMAGENET_STD), label
+            return normalize(t, mean, std), label
 
         def eval_tf(image: np.ndarray, label: int, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
-            return normalize(to_tensor_resized(image, size_hw), IMAGENET_MEAN, IMAGENET_STD), label
+            return normalize(to_tensor_resized(image, size_hw), mean, std), label
 
         return train_tf, eval_tf
 

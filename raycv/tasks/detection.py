@@ -182,7 +182,9 @@ class Detection(Task):
     def load_target(self, sample: Any, fetch: Callable[[str], bytes]) -> DetectionSample:
         return sample  # the transform reads boxes, labels and masks from the sample
 
-    def transforms(self, size_hw: tuple[int, int], augment: Any) -> tuple[Transform, Transform]:
+    def transforms(
+        self, size_hw: tuple[int, int], augment: Any, bands: int = 3
+    ) -> tuple[Transform, Transform]:
         """(image, sample, rng) -> (image [3, s, s] float 0..1, target dict with 1-based labels)."""
 
         def build(train: bool) -> Transform:

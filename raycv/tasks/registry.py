@@ -127,7 +127,9 @@ class Task:
         """The training target of a listed sample (``fetch`` reads a URI's bytes); default: its label."""
         return sample.label
 
-    def transforms(self, size_hw: tuple[int, int], augment: Any) -> tuple[Transform, Transform]:
+    def transforms(
+        self, size_hw: tuple[int, int], augment: Any, bands: int = 3
+    ) -> tuple[Transform, Transform]:
         """The (train, eval) transforms from decoded images and sample targets to model inputs."""
         raise NotImplementedError
 

@@ -23,6 +23,7 @@ from raycv.data.transforms import (
     IMAGENET_STD,
     augment_pair,
     normalize,
+    per_band,
     resize_mask,
     to_tensor_resized,
 )
@@ -219,7 +220,10 @@ class SemanticSegmentation(Task):
     def load_target(self, sample: Any, fetch: Callable[[str], bytes]) -> np.ndarray:
         return decode_png_mask(fetch(sample.mask_uri), sample.mask_uri)
 
-    def transforms(self, size_hw: tuple[int, int], augment: Any) -> tuple[Transform, Transform]:
+    def transforms(
+        self, size_hw: tuple[int, int], augment: Any, bands: int = 3
+    ) -> tuple[Transform, Transform]:
+        mean, std = per_band(IMAGENET_MEAN, bands), per_band(IMAGENET_STD, bands)  # the card's normalization
         """Label maps get the image's geometric augmentations (nearest neighbour), never its colour ones."""
 
         def train_tf(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[Any, Any]:
@@ -234,10 +238,10 @@ class SemanticSegmentation(Task):
                 color_jitter=augment.color_jitter,
                 crop_scale=augment.crop_scale,
             )
-            return normalize(t, IMAGENET_MEAN, IMAGENET_STD), m
+            return normalize(t, mean, std), m
 
         def eval_tf(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[Any, Any]:
-            t = normalize(to_tensor_resized(image, size_hw), IMAGENET_MEAN, IMAGENET_STD)
+            t = normalize(to_tensor_resized(image, size_hw), mean, std)
             return t, resize_mask(mask, size_hw)
 
         return train_tf, eval_tf

@@ -34,7 +34,8 @@ def evaluate(cfg: TrainConfig, split: str = "val") -> dict[str, Any]:
     if plan["class_names"][: len(names)] != names[: len(plan["class_names"])]:
         raise ValueError(f"dataset classes {plan['class_names']} differ from the model's {names}")
     samples = plan["val"] if split == "val" else plan["train"] + plan["val"]
-    _, eval_tf = task.transforms(cfg.data.size_hw, cfg.train.augment)
+    bands = int(cfg.model.options.get("in_channels", 3))
+    _, eval_tf = task.transforms(cfg.data.size_hw, cfg.train.augment, bands)
     loader = BatchLoader(
         samples,
         eval_tf,
@@ -43,6 +44,7 @@ def evaluate(cfg: TrainConfig, split: str = "val") -> dict[str, Any]:
         load_target=task.load_target,
         collate=task.collate,
         decode_size=cfg.data.size_hw if task.decode_at_size else None,
+        bands=bands,
     )
     k = int(run.card["num_classes"])
     metrics, extras = validate(run.model, task, loader, list(range(len(samples))), k, torch.device("cpu"))

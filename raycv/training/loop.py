@@ -171,7 +171,8 @@ def _setup(loop_config: dict[str, Any]) -> tuple[_Worker, int]:
 
 def _loaders(cfg: TrainConfig, task: Task, info: dict[str, Any]) -> tuple[BatchLoader, BatchLoader]:
     """The train and validation loaders of a worker, with the task's transforms, targets and collate."""
-    train_tf, eval_tf = task.transforms(cfg.data.size_hw, cfg.train.augment)
+    bands = int(cfg.model.options.get("in_channels", 3))
+    train_tf, eval_tf = task.transforms(cfg.data.size_hw, cfg.train.augment, bands)
     # Decode threads in proportion to the worker's CPUs: more would only take turns with the training step
     # (measured on 1 CPU, resnet18 @ 64: 8 or 2 threads give the same epoch time; loading is ~2% of it).
     kw: dict[str, Any] = {
@@ -182,6 +183,7 @@ def _loaders(cfg: TrainConfig, task: Task, info: dict[str, Any]) -> tuple[BatchL
         "collate": task.collate,
         # transforms that resize whole images first: large JPEGs decode smaller
         "decode_size": cfg.data.size_hw if task.decode_at_size else None,
+        "bands": bands,
     }
     return BatchLoader(info["train"], train_tf, **kw), BatchLoader(info["val"], eval_tf, **kw)
 
