@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -150,30 +149,3 @@ def test_manifest_input(trained, tmp_path):
     summary = _annotate(trained["tmp"], trained["run"], "s3://e2e/manifests/five.txt", "s3://e2e/out/c")
     assert summary["total"] == 5 and summary["ok"] == 5
     assert sorted(r["image_uri"] for r in _read("s3://e2e/out/c")) == sorted(uris)
-
-
-def test_embeddings_of_the_trained_classifier_find_images_of_the_same_class(trained, capsys):
-    """task: embedding over a raycv run: its pooled penultimate features; `raycv similar` ranks by cosine and
-    the 5 nearest images of a query share its class (precision@5 >= 0.9 over every query)."""
-    from raycv.outputs.similar import nearest
-
-    truth = write_flat_archive("s3://e2e/emb", n=60, size=32, seed=11)
-    out = "s3://e2e/out/emb"
-    summary = _annotate(trained["tmp"], {"run": trained["run"], "task": "embedding"}, "s3://e2e/emb", out)
-    assert summary["ok"] == 60
-    rows = _read(out)
-    dims = {len(r["embedding"]) for r in rows}
-    assert len(dims) == 1 and all(abs(np.linalg.norm(r["embedding"]) - 1) < 1e-4 for r in rows)
-    precisions = []
-    for r in rows:
-        found = nearest(out, STORE, image_id=r["image_id"], k=5)
-        assert len(found) == 5 and r["image_id"] not in {n.image_id for n in found}
-        precisions.append(np.mean([truth[n.image_uri] == truth[r["image_uri"]] for n in found]))
-    assert np.mean(precisions) >= 0.9, np.mean(precisions)
-    query = rows[0]
-    capsys.readouterr()  # what the annotate run printed
-    assert main(["similar", out, "--id", query["image_id"], "--k", "3", "--json"]) == 0
-    listed = json.loads(capsys.readouterr().out)
-    assert [n["image_id"] for n in listed] == [
-        n.image_id for n in nearest(out, STORE, image_id=query["image_id"], k=3)
-    ]

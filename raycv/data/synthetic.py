@@ -21,18 +21,19 @@ from raycv import storage
 from raycv.data.images import IMAGE_EXTENSIONS
 from raycv.data.synthetic_scenes import CLASSES as CLASSES
 from raycv.data.synthetic_scenes import Scene as Scene
-from raycv.data.synthetic_scenes import check_classes, classification_image
+from raycv.data.synthetic_scenes import check_classes, classification_image, digit_image
 from raycv.data.synthetic_scenes import render_classification_sample as render_classification_sample
 from raycv.data.synthetic_scenes import render_scene as render_scene
 from raycv.storage import Storage
 
 _WRITE_THREADS = 16  # S3 PUTs are latency-bound; local writes do not mind
-_IMAGEFOLDER_STREAM, _FLAT_STREAM, _FLAT_ORDER_STREAM, _MASKS_STREAM, _DETECTION_STREAM = (
+_IMAGEFOLDER_STREAM, _FLAT_STREAM, _FLAT_ORDER_STREAM, _MASKS_STREAM, _DETECTION_STREAM, _DIGITS_STREAM = (
     0,
     1,
     2,
     3,
     4,
+    5,
 )  # distinct random streams
 _Job = TypeVar("_Job")
 _SAVE_OPTIONS: dict[str, dict[str, object]] = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True}}
@@ -74,6 +75,29 @@ def write_imagefolder(
 
     _run_parallel(write_one, [(k, i) for k in range(len(classes)) for i in range(n_per_class)])
     return {name: n_per_class for name in classes}
+
+
+def write_digits(
+    root: str, *, n_per_class: int, size: int = 32, seed: int = 0, store: Storage | None = None
+) -> dict[str, int]:
+    """A digits dataset (classes ``0``..``9``, :func:`~raycv.data.synthetic_scenes.digit_image`) as an image
+    folder ``ROOT/<digit>/<digit>_<i:05d>.png``, deterministic by ``(seed, digit, i)``.
+
+    Returns:
+        ``{uri: digit}`` of every image written.
+    """
+    store = store or Storage()
+    if n_per_class < 0:
+        raise ValueError(f"n_per_class must be >= 0, got {n_per_class}.")
+    jobs = [(d, i) for d in range(10) for i in range(n_per_class)]
+    uris = {job: storage.join(root, str(job[0]), f"{job[0]}_{job[1]:05d}.png") for job in jobs}
+
+    def write_one(job: tuple[int, int]) -> None:
+        image = digit_image(_rng(seed, _DIGITS_STREAM, *job), job[0], size)
+        store.write_bytes(uris[job], _encode(image, "PNG"))
+
+    _run_parallel(write_one, jobs)
+    return {uri: d for (d, _), uri in uris.items()}
 
 
 def write_flat_archive(

@@ -114,6 +114,41 @@ def classification_image(rng: np.random.Generator, name: str, size: int) -> np.n
     return image
 
 
+DIGITS = tuple(str(d) for d in range(10))
+
+
+def digit_image(rng: np.random.Generator, digit: int, size: int) -> np.ndarray:
+    """The digit ``digit`` (0-9) written over a noisy background: Pillow's bundled font at 55-80% of the
+    side, turned by up to 15 degrees, at a random position and saturated colour (a digits set like MNIST's
+    classes, generated, so nothing is downloaded).
+
+    Returns:
+        [size, size, 3] uint8 RGB.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not 0 <= digit <= 9:
+        raise ValueError(f"digit must be in 0..9, got {digit}.")
+    height, width = _height_width(size)
+    image = _background(rng, height, width)
+    big = 4 * max(height, width)  # drawn large, then turned and shrunk: smooth edges at any size
+    ink = Image.new("L", (big, big), 0)
+    font = ImageFont.load_default(size=int(big * rng.uniform(0.55, 0.8)))
+    ImageDraw.Draw(ink).text((big / 2, big / 2), str(digit), fill=255, font=font, anchor="mm")
+    ink = ink.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR)
+    ink = ink.crop(ink.getbbox() or (0, 0, big, big))
+    scale = min(0.9 * height / ink.height, 0.9 * width / ink.width, 0.25)
+    ink = ink.resize(
+        (max(1, round(ink.width * scale)), max(1, round(ink.height * scale))), Image.Resampling.LANCZOS
+    )
+    top = int(rng.integers(0, height - ink.height + 1))
+    left = int(rng.integers(0, width - ink.width + 1))
+    alpha = np.zeros((height, width, 1), np.float32)
+    alpha[top : top + ink.height, left : left + ink.width, 0] = np.asarray(ink, np.float32) / 255.0
+    colour = _saturated_colour(rng, rng.random()).astype(np.float32)
+    return np.rint(image * (1.0 - alpha) + colour * alpha).astype(np.uint8)
+
+
 def _height_width(size: int | tuple[int, int]) -> tuple[int, int]:
     height, width = (size, size) if isinstance(size, int | np.integer) else size
     if height < 1 or width < 1:

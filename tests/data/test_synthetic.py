@@ -237,3 +237,24 @@ def test_special_images_are_complete_small_and_fresh():
 def test_rendering_names_stay_importable_from_synthetic():
     assert synthetic.render_scene is render_scene and synthetic.CLASSES is CLASSES
     assert synthetic.render_classification_sample is render_classification_sample
+
+
+def test_digits_are_an_image_folder_of_ten_classes_deterministic_by_seed(tmp_path):
+    from raycv.data.formats import read_imagefolder
+    from raycv.data.synthetic import write_digits
+    from raycv.data.synthetic_scenes import digit_image
+
+    truth = write_digits(str(tmp_path / "a"), n_per_class=3, size=24, seed=5)
+    again = write_digits(str(tmp_path / "b"), n_per_class=3, size=24, seed=5)
+    assert len(truth) == 30 and sorted(set(truth.values())) == list(range(10))
+    for uri, digit in truth.items():
+        twin = uri.replace(str(tmp_path / "a"), str(tmp_path / "b"))
+        assert again[twin] == digit and open(uri, "rb").read() == open(twin, "rb").read()
+    ds = read_imagefolder(str(tmp_path / "a"), Storage())
+    assert ds.class_names == [str(d) for d in range(10)] and len(ds.samples) == 30
+    image = digit_image(np.random.default_rng(0), 7, 32)
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    # the same random stream with another digit gives another image
+    assert not np.array_equal(image, digit_image(np.random.default_rng(0), 1, 32))
+    with pytest.raises(ValueError, match=r"digit must be in 0\.\.9"):
+        digit_image(np.random.default_rng(0), 10, 32)
