@@ -39,7 +39,10 @@ def world(tmp_path_factory, ray_local, s3_endpoint) -> dict:
     write_masks_dataset(f"{bucket}/data/semantic_segmentation", n=24, size=48, seed=0)
     write_detection_dataset(f"{bucket}/data/coco", n=24, size=64, seed=0, fmt="coco", n_objects=(1, 3))
     write_masks_dataset(f"{bucket}/archive/seg", n=4, size=(40, 56), seed=3)
-    write_detection_dataset(f"{bucket}/archive/det", n=4, size=(80, 112), seed=5, fmt="coco")
+    write_detection_dataset(f"{bucket}/archive/det/a", n=4, size=(80, 112), seed=5, fmt="coco")
+    # sizes whose resize TorchScript and ONNX computed to a pixel less than eager mode before raycv's exact resize
+    write_detection_dataset(f"{bucket}/archive/det/tall", n=2, size=(100, 75), seed=6, fmt="coco")
+    write_detection_dataset(f"{bucket}/archive/det/wide", n=2, size=(75, 100), seed=7, fmt="coco")
     return {"bucket": bucket, "tmp": tmp_path_factory.mktemp("export"), "runs": {}, "annotated": {}}
 
 
@@ -47,7 +50,8 @@ def _inputs(world: dict, task: str) -> str:
     b = world["bucket"]
     if task == "classification":
         return f"{b}/data/classification/circle/"  # a few of the training images suffice for parity
-    return f"{b}/archive/seg/images/" if task == "semantic_segmentation" else f"{b}/archive/det/images/"
+    # the detection archive's images (its COCO files are not images: never listed)
+    return f"{b}/archive/seg/images/" if task == "semantic_segmentation" else f"{b}/archive/det/"
 
 
 def _run(world: dict, task: str) -> str:
