@@ -52,11 +52,11 @@ def build_arch(arch: str, *, task: str, num_classes: int, in_channels: int = 3) 
             from raycv.models.classification import replace_first_conv
 
             replace_first_conv(model, in_channels)
-        if task in ("detection", "instance_segmentation"):
-            from raycv.models.detection_sizes import make_deterministic
+        from raycv.models.detection_sizes import make_deterministic
 
-            make_deterministic(model)  # the same boxes eager, scripted and in ONNX (see there)
-        return model
+        return make_deterministic(
+            model
+        )  # a detector's boxes the same eager, scripted and in ONNX; else as is
     if source == "timm":
         import timm
 
