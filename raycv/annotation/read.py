@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from raycv.data import geotiff, medical
-from raycv.data.bands import read_raster, to_bands
+from raycv.data.bands import band_scale, read_raster, to_bands
 from raycv.data.files import decode_file, decode_file_resized
 from raycv.data.images import encode_png
 from raycv.data.preprocess import Resize, prepare_rgb
@@ -83,7 +83,7 @@ def read_decode_batch(
     fixed = crop if crop is not None else (None if isinstance(size_hw, int) else size_hw)
     blank_hw = (fixed, fixed) if isinstance(fixed, int) else tuple(fixed or (1, 1))
     blank = np.zeros((*blank_hw, bands), np.uint8)
-    chosen, scale = (geo or {}).get("bands"), _band_scale((geo or {}).get("scale", "dtype"))
+    chosen, scale = (geo or {}).get("bands"), band_scale((geo or {}).get("scale", "dtype"))
 
     def one(uri: str) -> list[tuple[np.ndarray, int, int, tuple[str, str, str]]]:
         if (bands != 3 or chosen) and geotiff.is_geotiff(uri):
@@ -119,11 +119,6 @@ def read_decode_batch(
     out["width"] = np.array([r[1] for r in flat], np.int32)
     out["height"] = np.array([r[2] for r in flat], np.int32)
     return out
-
-
-def _band_scale(scale: Any) -> Any:
-    """``geo.scale`` as :mod:`raycv.data.geotiff` takes it (explicit ranges as tuples)."""
-    return [tuple(s) for s in scale] if isinstance(scale, list) else scale
 
 
 def stack_images(images: list[np.ndarray], empty_shape: tuple[int, ...]) -> np.ndarray:

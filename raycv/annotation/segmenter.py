@@ -13,7 +13,7 @@ from raycv import storage
 from raycv.annotation.actor import ActorSpec, Annotator, incoming_errors, window_reader
 from raycv.annotation.read import stack_images
 from raycv.data import cog, geotiff
-from raycv.data.bands import band_indexes, to_bands
+from raycv.data.bands import band_indexes, band_scale, to_bands
 from raycv.data.images import decode_image, encode_png
 from raycv.data.preprocess import prepare_rgb
 from raycv.errors import error_fields
@@ -41,8 +41,7 @@ class Segmenter(Annotator):
         geo = spec.geo
         self.bands, self.write_rasters = geo.get("bands"), bool(geo.get("write_rasters"))
         self.in_bands = int(self.run.card.get("in_channels", 3))
-        scale = geo.get("scale", "dtype")
-        self.scale = [tuple(s) for s in scale] if isinstance(scale, list) else scale
+        self.scale = band_scale(geo.get("scale", "dtype"))
         self.k = int(self.run.card["num_classes"])
 
     def _probs(self, pixels: np.ndarray) -> np.ndarray:

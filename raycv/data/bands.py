@@ -13,6 +13,7 @@ bands sees:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -48,6 +49,11 @@ def band_indexes(count: int, bands: int, chosen: Sequence[int] | None, uri: str)
             "use a model of this raster's bands",
         )
     return list(range(1, bands + 1))
+
+
+def band_scale(scale: Any) -> BandScale:
+    """``geo.scale`` from a config (explicit ranges as lists) as :mod:`raycv.data.geotiff` takes it."""
+    return [tuple(s) for s in scale] if isinstance(scale, list) else scale  # type: ignore[no-any-return]
 
 
 def read_raster(
