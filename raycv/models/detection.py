@@ -99,12 +99,7 @@ _PT2_GUARDS = (
     "cannot, because torch.export stops on torchvision's data-dependent post-processing (a guard on the "
     "number of boxes in batched_nms, and on the image's aspect ratio in the resize); export to torchscript"
 )
-_SSDLITE_ONNX = (
-    "its ONNX graph (torch's TorchScript-based exporter) returned 201 boxes where the model returned 195 "
-    "(one image, three sizes); export to torchscript"
-)
 _DETECTOR_EXPORT_NOTES = {"pt2": _PT2_GUARDS}
-_EXPORT_NOTES = {"ssdlite320_mobilenet_v3_large": {**_DETECTOR_EXPORT_NOTES, "onnx": _SSDLITE_ONNX}}
 # ssd300_vgg16 resizes every input to 300 x 300 whatever image_size says.
 _FIXED_SIZE = {"ssd300_vgg16"}
 
@@ -190,7 +185,7 @@ def _register_torchvision_detectors() -> None:
             source="torchvision",
             min_input_size=64,
             description=description,
-            export_notes=_EXPORT_NOTES.get(name, _DETECTOR_EXPORT_NOTES),
+            export_notes=_DETECTOR_EXPORT_NOTES,
         )(_wrap_torchvision(name, heads))
 
 
