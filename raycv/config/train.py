@@ -166,6 +166,11 @@ class TrainConfig(Strict):
                 f"model.options {self.model.options} do not fit '{self.model.arch}': {exc}"
             ) from None
         bands = self.model.options.get("in_channels", 3)
+        if bands != 3 and not task.takes_bands():
+            raise ValueError(
+                f"model.options.in_channels {bands}: task '{self.task}' reads RGB images only (its transforms "
+                "take no bands); use in_channels 3"
+            )
         if bands != 3 and self.train.augment.color_jitter:
             raise ValueError(
                 f"train.augment.color_jitter {self.train.augment.color_jitter} changes RGB colours and "

@@ -130,8 +130,24 @@ class Task:
     def transforms(
         self, size_hw: tuple[int, int], augment: Any, bands: int = 3
     ) -> tuple[Transform, Transform]:
-        """The (train, eval) transforms from decoded images and sample targets to model inputs."""
+        """The (train, eval) transforms from decoded images ([H, W, bands] uint8) and sample targets to model
+        inputs. ``bands`` is the model's ``in_channels``; a task whose ``transforms`` does not take it (as
+        tasks written before N-band inputs) is called without it and serves RGB models only."""
         raise NotImplementedError
+
+    def transforms_for(
+        self, size_hw: tuple[int, int], augment: Any, bands: int
+    ) -> tuple[Transform, Transform]:
+        """:meth:`transforms` for a model of ``bands`` input bands (``bands`` passed only when not 3)."""
+        if bands == 3:
+            return self.transforms(size_hw, augment)
+        return self.transforms(size_hw, augment, bands)
+
+    def takes_bands(self) -> bool:
+        """Whether :meth:`transforms` takes ``bands`` (N-band models), or RGB only."""
+        import inspect
+
+        return "bands" in inspect.signature(self.transforms).parameters
 
     def collate(self, items: list[tuple[Any, Any]]) -> tuple[Any, Any]:
         """A batch from transformed (input, target) pairs: ``([B, C, H, W] inputs, targets)``."""

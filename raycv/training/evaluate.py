@@ -35,7 +35,7 @@ def evaluate(cfg: TrainConfig, split: str = "val") -> dict[str, Any]:
         raise ValueError(f"dataset classes {plan['class_names']} differ from the model's {names}")
     samples = plan["val"] if split == "val" else plan["train"] + plan["val"]
     bands = int(cfg.model.options.get("in_channels", 3))
-    _, eval_tf = task.transforms(cfg.data.size_hw, cfg.train.augment, bands)
+    _, eval_tf = task.transforms_for(cfg.data.size_hw, cfg.train.augment, bands)
     loader = BatchLoader(
         samples,
         eval_tf,

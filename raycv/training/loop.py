@@ -172,7 +172,7 @@ def _setup(loop_config: dict[str, Any]) -> tuple[_Worker, int]:
 def _loaders(cfg: TrainConfig, task: Task, info: dict[str, Any]) -> tuple[BatchLoader, BatchLoader]:
     """The train and validation loaders of a worker, with the task's transforms, targets and collate."""
     bands = int(cfg.model.options.get("in_channels", 3))
-    train_tf, eval_tf = task.transforms(cfg.data.size_hw, cfg.train.augment, bands)
+    train_tf, eval_tf = task.transforms_for(cfg.data.size_hw, cfg.train.augment, bands)
     # Decode threads in proportion to the worker's CPUs: more would only take turns with the training step
     # (measured on 1 CPU, resnet18 @ 64: 8 or 2 threads give the same epoch time; loading is ~2% of it).
     kw: dict[str, Any] = {

@@ -199,3 +199,18 @@ def test_a_task_registered_outside_raycv_trains_annotates_and_inspects(tmp_path,
 
     summary = inspect_output(str(tmp_path / "out"), STORE)
     assert summary["task"] == "brightness" and summary["status"] == {"ok": 10, "error": 1}
+
+
+def test_a_task_whose_transforms_take_no_bands_trains_rgb_models_only(tmp_path, capsys):
+    """A task written before N-band inputs (its transforms take no ``bands``) keeps working for RGB models and
+    refuses a 4-band one at once (exit 2), not in the workers."""
+    assert not BRIGHTNESS.takes_bands() and get_task("classification").takes_bands()
+    cfg = {
+        "task": "brightness",
+        "model": {"arch": "tiny_brightness", "num_classes": 1, "options": {"in_channels": 4}},
+        "data": {"train": str(tmp_path), "image_size": 16},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    assert main(["train", write_yaml(tmp_path, "bands.yaml", cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "model.options.in_channels: got 4" in err and "reads RGB images only" in err
