@@ -71,13 +71,19 @@ def read_raster(
         FileNotFoundError, DecodeError: as :func:`raycv.data.geotiff.read_scene`, and :func:`band_indexes`.
     """
     with geotiff.open_raster(uri, store) as ds:
-        indexes = band_indexes(int(ds.count), bands, chosen, uri)
-        if ds.width * ds.height > max_pixels:
-            raise DecodeError(
-                uri, f"raster is {ds.width}x{ds.height} pixels, over the limit of {max_pixels} (max_pixels)"
-            )
-        image = geotiff.read_window(ds, 0, 0, ds.width, ds.height, bands=indexes, scale=scale)
-        return image, int(ds.width), int(ds.height)
+        return _whole(ds, uri, bands, chosen, scale, max_pixels), int(ds.width), int(ds.height)
+
+
+def _whole(
+    ds: Any, uri: str, bands: int, chosen: Sequence[int] | None, scale: BandScale, max_pixels: int
+) -> np.ndarray:
+    """All of an open raster's pixels in the model's bands, after the bands and the pixel limit are checked."""
+    indexes = band_indexes(int(ds.count), bands, chosen, uri)
+    if ds.width * ds.height > max_pixels:
+        raise DecodeError(
+            uri, f"raster is {ds.width}x{ds.height} pixels, over the limit of {max_pixels} (max_pixels)"
+        )
+    return geotiff.read_window(ds, 0, 0, ds.width, ds.height, bands=indexes, scale=scale)
 
 
 def decode_bands(data: bytes, uri: str, bands: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -94,12 +100,7 @@ def decode_bands(data: bytes, uri: str, bands: int, *, max_pixels: int = DEFAULT
 
     try:
         with MemoryFile(data) as mem, mem.open() as ds:
-            if ds.width * ds.height > max_pixels:
-                raise DecodeError(
-                    uri, f"raster is {ds.width}x{ds.height} pixels, over the limit of {max_pixels}"
-                )
-            indexes = band_indexes(int(ds.count), bands, None, uri)
-            return geotiff.read_window(ds, 0, 0, ds.width, ds.height, bands=indexes)
+            return _whole(ds, uri, bands, None, "dtype", max_pixels)
     except (RasterioError, OSError) as e:
         raise DecodeError(uri, f"cannot open as a raster: {e}") from e
 
