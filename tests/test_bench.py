@@ -40,12 +40,16 @@ def _positive(results: dict, *keys: str) -> None:
 
 def test_annotate_efficiency(ray_local, tmp_path):
     out = tmp_path / "eff.json"
-    argv = [*TINY, "--cpus-per-actor", "0.5", "--decode", "actor", "--json", str(out)]
+    argv = [*TINY, "--decode", "actor", "--json", str(out)]  # no --actors/--cpus-per-actor: auto
     _script("annotate_efficiency").main(argv)
     r = _read(out, "annotate_efficiency")
     assert r["images"] == r["ok"] == 12 and r["decode"] == "actor"
-    _positive(r, "bare_model_images_per_s", "pipeline_images_per_s", "efficiency")
-    assert r["torch_threads_per_actor"] == 1 and r["precision"] == "fp32" and r["compile"] is False
+    _positive(r, "bare_model_images_per_s", "pipeline_images_per_s", "efficiency", "pipeline_first_rows_s")
+    # at defaults on the 2-CPU test Ray: one actor on 1.5 CPUs with 2 torch threads, and the bare model is
+    # given all the cores (1 process x 2 threads)
+    assert r["torch_threads_per_actor"] == 2 and r["precision"] == "fp32" and r["compile"] is False
+    assert (r["bare_model_processes"], r["bare_model_threads"]) == (1, 2)
+    assert r["layout"].startswith("1 actor(s) x 1.5 CPU, 2 thread(s) each (auto: actors, cpus_per_actor)")
     # the bare model ran at the niceness of Ray's workers (Ray starts them 15 above the raylet)
     assert r["ray_worker_niceness"] > r["driver_niceness"]
     assert r["bare_model_niceness"] == r["ray_worker_niceness"]
@@ -53,11 +57,13 @@ def test_annotate_efficiency(ray_local, tmp_path):
 
 def test_naive_baseline(ray_local, tmp_path):
     out = tmp_path / "naive.json"
-    argv = [*TINY, "--actors", "1", "--threads", "1", "--json", str(out), "--workdir", str(tmp_path / "w")]
+    argv = [*TINY, "--actors", "1", "--cpus-per-actor", "0.5", "--threads", "1", "--json", str(out)]
+    argv += ["--workdir", str(tmp_path / "w")]
     _script("naive_baseline").main([*argv, "--naive-like-raycv"])
     r = _read(out, "naive_baseline")
     assert r["images"] == r["ok"] == 12 and r["naive_torch_threads"] == 1
     assert r["naive_like_raycv"] is True and r["pipeline_channels_last"] is True
+    assert r["layout"] == "pipeline: 1 actor(s) x 0.5 CPU, 1 thread(s) each; naive: 1 process x 1 threads"
     assert r["naive_niceness"] == r["ray_worker_niceness"] > r["driver_niceness"]
     _positive(r, "naive_images_per_s", "pipeline_images_per_s", "speedup")
     # end to end counts the naive script's imports and model load; its steady rate starts at the first batch

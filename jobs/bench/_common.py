@@ -30,7 +30,7 @@ from ._inputs import (
     register_bench_models,
     workdir,
 )
-from ._ray import annotate, mid_run_rate, ray_session, ray_worker_niceness, steady_rate
+from ._ray import annotate, auto_or, mid_run_rate, ray_session, ray_worker_niceness, sizing, steady_rate
 
 
 def annotate_as_args(
@@ -55,6 +55,7 @@ __all__ = [
     "GPU_ARCHS",
     "annotate",
     "annotate_as_args",
+    "auto_or",
     "bare_model_rate",
     "base_parser",
     "call_niced",
@@ -75,6 +76,7 @@ __all__ = [
     "register_bench_models",
     "report",
     "set_niceness",
+    "sizing",
     "steady_rate",
     "workdir",
 ]

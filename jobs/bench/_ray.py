@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -15,6 +15,24 @@ if TYPE_CHECKING:
     from raycv.storage import Storage
 
 # ------------------------------------------------------------------------------------------------ Ray
+
+
+def auto_or(value: str) -> int | float | str:
+    """argparse type of ``--actors`` / ``--cpus-per-actor``: ``auto`` (the config's default) or a number."""
+    if value == "auto":
+        return value
+    number = float(value)
+    return int(number) if number.is_integer() and "." not in value else number
+
+
+def sizing(actors: Any, cpus_per_actor: Any, gpus_per_actor: float) -> Any:
+    """What ``raycv annotate`` will run on the connected cluster for these values (``auto`` or numbers):
+    :class:`raycv.annotation.sizing.Sizing`, the same function the pipeline calls."""
+    import ray
+
+    from raycv.annotation.sizing import size_actors
+
+    return size_actors(actors, cpus_per_actor, gpus_per_actor, ray.cluster_resources())
 
 
 @contextlib.contextmanager
@@ -46,8 +64,8 @@ def annotate(
     output: str,
     *,
     batch_size: int,
-    actors: int,
-    cpus_per_actor: float,
+    actors: int | Literal["auto"],
+    cpus_per_actor: float | Literal["auto"],
     gpus_per_actor: float = 0.0,
     endpoint_url: str | None = None,
     address: str | None = None,

@@ -3,8 +3,10 @@
 The pipeline is the real :func:`raycv.annotation.pipeline.run_annotation` (plan -> read + decode tasks -> model
 actors -> Parquet -> commit) over an archive (generated, or ``--input`` on local disk or object storage).
 The bare model is the same run directory's model on the same decoded pixels (what the read stage hands the
-actors), same batch size, in the same layout of torch threads: one process per actor with
-``cpus_per_actor`` threads each, no Ray, no I/O. It is measured before and after the pipeline, and the
+actors), same batch size, no Ray, no I/O. At defaults (``--actors``/``--cpus-per-actor`` auto, as in a config
+without them) on CPU it is given all the machine's cores: one process, one torch thread per CPU of the
+cluster. With explicit values it runs in the actors' layout of torch threads: one process per actor with
+the threads raycv gives each. It is measured before and after the pipeline, and the
 ratio uses their mean. The bare model runs at the niceness of Ray's workers (read from one with psutil;
 Ray starts them at nice 15), so both sides get the same share of a machine shared with other work, and
 with the same ``--precision``, ``--[no-]channels-last`` and ``--compile`` as the actors. Target on CPU: >= 0.90.
@@ -27,8 +29,10 @@ TARGET = ">= 0.90 (CPU)"
 def parse_args(argv: list[str] | None = None) -> C.argparse.Namespace:
     p = C.base_parser(__doc__.split("\n")[0], n=600, arch="resnet18", image_size=224, src_size=256)
     p.add_argument("--model", default=None, help="an existing run directory instead of random weights")
-    p.add_argument("--actors", type=int, default=1)
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument(
+        "--actors", type=C.auto_or, default="auto", help="default: auto, as in a config without it"
+    )
+    p.add_argument("--cpus-per-actor", type=C.auto_or, default="auto", help="default: auto")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="default: 1 with --device cuda, else 0")
     p.add_argument(
         "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast (fp16: GPU)"
@@ -50,12 +54,13 @@ def parse_args(argv: list[str] | None = None) -> C.argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    import ray
+
     from raycv.models import saved
     from raycv.storage import Storage
 
     args = parse_args(argv)
     gpus = args.gpus_per_actor if args.gpus_per_actor is not None else (1.0 if args.device == "cuda" else 0.0)
-    threads = max(1, int(args.cpus_per_actor))  # what the actors give torch (raycv.annotation)
     ep = args.endpoint_url
     store = Storage(endpoint_url=ep)
     with C.workdir(args.workdir) as wd:
@@ -66,13 +71,22 @@ def main(argv: list[str] | None = None) -> dict:
         size = saved.read_card(run_dir, store)["image_size"]
         pixels = C.decoded_pixels(uris, int(size), store)
         speed = {"precision": args.precision, "channels_last": args.channels_last, "compile": args.compile}
-        bare_kw = {
-            "batch_size": args.batch_size,
-            "processes": args.actors,
-            "threads": threads,
-            "speed": speed,
-        }
         with C.ray_session(args.address, args.num_cpus):
+            sz = C.sizing(args.actors, args.cpus_per_actor, gpus)
+            if sz.auto and not gpus:
+                # At defaults the baseline is the bare model given all the machine's cores: one process,
+                # one torch thread per core.
+                processes, threads = 1, max(1, int(ray.cluster_resources().get("CPU", 1)))
+                layout = f"{sz.describe_short()}; bare model: 1 process x {threads} threads (all cores)"
+            else:
+                processes, threads = sz.actors, sz.threads  # the actors' layout of torch threads
+                layout = f"{sz.describe_short()}; bare model: the same processes x threads"
+            bare_kw = {
+                "batch_size": args.batch_size,
+                "processes": processes,
+                "threads": threads,
+                "speed": speed,
+            }
             # Ray's workers run at raylet + 15: the bare model gets the same niceness (both inside the session,
             # so Ray's idle processes are there for both sides too).
             worker_nice = C.ray_worker_niceness()
@@ -100,13 +114,16 @@ def main(argv: list[str] | None = None) -> dict:
         "pipeline_duration_s": summary["duration_s"],
         "efficiency": C.ratio(summary["images_per_s"], bare),
         "steady_efficiency": C.ratio(summary["steady_images_per_s"], bare),
-        "torch_threads_per_actor": threads,
+        "torch_threads_per_actor": sz.threads,
+        "bare_model_processes": processes,
+        "bare_model_threads": threads,
+        "pipeline_first_rows_s": summary["first_rows_s"],
         "ray_worker_niceness": worker_nice,
         "bare_model_niceness": bare_nice,
         "driver_niceness": os.nice(0),
         **speed,
         "decode": args.decode,
-        "layout": f"{args.actors} actor(s) x {threads} thread(s), bare model: same",
+        "layout": layout,
     }
     return C.print_and_report(
         "annotate_efficiency",
@@ -120,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
             ("pipeline img/s (steady state)", summary["steady_images_per_s"]),
             ("efficiency end to end", results["efficiency"]),
             ("efficiency steady state", results["steady_efficiency"]),
+            ("pipeline: first rows after (s)", summary["first_rows_s"]),
             ("niceness: Ray workers, bare model", f"{worker_nice}, {bare_nice}"),
             ("precision, channels_last, compile", f"{args.precision}, {args.channels_last}, {args.compile}"),
             ("decode", args.decode),

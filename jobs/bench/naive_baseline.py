@@ -29,8 +29,10 @@ TARGET = ">= 1.5x (2 cores)"
 
 def parse_args(argv: list[str] | None = None) -> C.argparse.Namespace:
     p = C.base_parser(__doc__.split("\n")[0], n=400, arch="resnet18", image_size=112, src_size=512)
-    p.add_argument("--actors", type=int, default=2)
-    p.add_argument("--cpus-per-actor", type=float, default=0.5)
+    p.add_argument(
+        "--actors", type=C.auto_or, default="auto", help="default: auto, as in a config without it"
+    )
+    p.add_argument("--cpus-per-actor", type=C.auto_or, default="auto", help="default: auto")
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads of the naive script (default: torch's)"
     )
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         run_dir = os.path.join(wd, "run")
         C.make_run(run_dir, arch=args.arch, image_size=args.image_size)
         with C.ray_session(args.address, args.num_cpus):
+            sz = C.sizing(args.actors, args.cpus_per_actor, 1.0 if args.device == "cuda" else 0.0)
             worker_nice = C.ray_worker_niceness()
             naive_nice, (naive, naive_steady, threads) = C.call_niced(
                 worker_nice,
@@ -159,7 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
         "pipeline_steady_images_per_s": summary["steady_images_per_s"],
         "speedup": C.ratio(summary["images_per_s"], naive),
         "steady_speedup": C.ratio(summary["steady_images_per_s"], naive_steady),
-        "layout": f"pipeline: {args.actors} actor(s) x {args.cpus_per_actor} CPU; naive: 1 process x {threads} threads",
+        "layout": f"pipeline: {sz.actors} actor(s) x {sz.cpus_per_actor:g} CPU, {sz.threads} thread(s) each"
+        f"{' (auto: ' + ', '.join(sz.auto) + ')' if sz.auto else ''}; naive: 1 process x {threads} threads",
+        "pipeline_first_rows_s": summary["first_rows_s"],
     }
     return C.print_and_report(
         "naive_baseline",
@@ -176,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
             ("speed-up end to end", results["speedup"]),
             ("speed-up steady state", results["steady_speedup"]),
             ("layout", results["layout"]),
+            ("pipeline: first rows after (s)", summary["first_rows_s"]),
             ("pipeline channels_last", args.channels_last),
             ("naive script like raycv (reduced JPEG decode, NHWC)", args.naive_like_raycv),
             ("niceness: Ray workers, naive script", f"{worker_nice}, {naive_nice}"),

@@ -46,6 +46,11 @@ class Sizing:
             f"thread(s) each; {self.read_cpus:g} CPU for reading{how}; cluster: {cpus:g} CPUs, {gpus:g} GPUs"
         )
 
+    def describe_short(self) -> str:
+        """The model stage in a few words (benchmark tables)."""
+        how = f" (auto: {', '.join(self.auto)})" if self.auto else ""
+        return f"{self.actors} actor(s) x {self.cpus_per_actor:g} CPU, {self.threads} thread(s) each{how}"
+
 
 def size_actors(
     actors: int | str, cpus_per_actor: float | str, gpus_per_actor: float | str, resources: dict[str, Any]
