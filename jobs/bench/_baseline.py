@@ -139,14 +139,15 @@ def _bare_worker(
 ) -> None:
     import torch
 
-    from raycv.annotation.actor import to_channels_last
+    from raycv.annotation.actor import fuse_conv_bn, to_channels_last
     from raycv.models import saved
     from raycv.storage import Storage
 
     set_niceness(niceness)
     torch.set_num_threads(max(1, threads))
     run = saved.load_run(run_dir, Storage(), device=device)
-    model: Any = to_channels_last(run.model) if speed.get("channels_last") else run.model
+    model: Any = fuse_conv_bn(run.model) if speed.get("fuse_conv_bn") else run.model  # as the actors do
+    model = to_channels_last(model) if speed.get("channels_last") else model
     model = torch.compile(model) if speed.get("compile") else model
     norm = run.card.get("normalization", {})
     mean, std = tuple(norm.get("mean", (0.0,) * 3)), tuple(norm.get("std", (1.0,) * 3))

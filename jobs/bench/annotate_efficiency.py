@@ -43,6 +43,12 @@ def parse_args(argv: list[str] | None = None) -> C.argparse.Namespace:
         default=True,
         help="NHWC weights and inputs (annotate's default; --no-channels-last for NCHW)",
     )
+    p.add_argument(
+        "--fuse-conv-bn",
+        action=C.argparse.BooleanOptionalAction,
+        default=True,
+        help="BatchNorms folded into the convolutions (annotate's default; actors and bare model)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (actors and bare model)")
     p.add_argument(
         "--decode",
@@ -70,7 +76,12 @@ def main(argv: list[str] | None = None) -> dict:
             C.make_run(run_dir, arch=args.arch, image_size=args.image_size)
         size = saved.read_card(run_dir, store)["image_size"]
         pixels = C.decoded_pixels(uris, int(size), store)
-        speed = {"precision": args.precision, "channels_last": args.channels_last, "compile": args.compile}
+        speed = {
+            "precision": args.precision,
+            "channels_last": args.channels_last,
+            "compile": args.compile,
+            "fuse_conv_bn": args.fuse_conv_bn,
+        }
         with C.ray_session(args.address, args.num_cpus):
             sz = C.sizing(args.actors, args.cpus_per_actor, gpus)
             if sz.auto and not gpus:
@@ -139,7 +150,10 @@ def main(argv: list[str] | None = None) -> dict:
             ("efficiency steady state", results["steady_efficiency"]),
             ("pipeline: first rows after (s)", summary["first_rows_s"]),
             ("niceness: Ray workers, bare model", f"{worker_nice}, {bare_nice}"),
-            ("precision, channels_last, compile", f"{args.precision}, {args.channels_last}, {args.compile}"),
+            (
+                "precision, channels_last, compile, fuse_conv_bn",
+                f"{args.precision}, {args.channels_last}, {args.compile}, {args.fuse_conv_bn}",
+            ),
             ("decode", args.decode),
         ],
         target=TARGET,

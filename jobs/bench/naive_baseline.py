@@ -5,7 +5,8 @@ reads, decodes each image in full and resizes it (raycv's ``decode_image`` and `
 ``Image.open(f).convert("RGB").resize(size)`` computes for these JPEGs), runs the forward pass on plain
 NCHW tensors and the softmax, appends the top-k rows to a list, and at the end writes one Parquet file.
 It overlaps nothing. With ``--naive-like-raycv`` it also does what raycv does for each image (JPEGs
-decoded at reduced DCT scale with ``decode_reduced``, NHWC weights and inputs), which leaves only the
+decoded at reduced DCT scale with ``decode_reduced``, BatchNorms folded into the convolutions, NHWC weights
+and inputs), which leaves only the
 pipelining in the ratio. The pipeline is the real :func:`raycv.annotation.pipeline.run_annotation` with its actors and
 read tasks on the same cores. Speed-up = pipeline img/s / naive img/s, both end to end: start-up
 included (the naive script's imports and model load; the pipeline's operators and actors starting,
@@ -39,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> C.argparse.Namespace:
     p.add_argument(
         "--naive-like-raycv",
         action="store_true",
-        help="the naive script with raycv's per-image speed-ups (reduced JPEG decode, NHWC): pipelining alone",
+        help="the naive script with raycv's per-image speed-ups (reduced JPEG decode, conv-BN fusion, NHWC): "
+        "pipelining alone",
     )
     p.add_argument(
         "--no-channels-last",
@@ -76,6 +78,7 @@ def naive_annotate(
     if threads:
         torch.set_num_threads(threads)
 
+    from raycv.annotation.actor import fuse_conv_bn
     from raycv.data.images import decode_image, decode_reduced, resize_rgb
     from raycv.data.transforms import normalize
     from raycv.models import saved
@@ -85,7 +88,7 @@ def naive_annotate(
     store = Storage(endpoint_url=endpoint_url)  # a script's one handle on storage
     run = saved.load_run(run_dir, store, device=device)
     if like_raycv:
-        run.model.to(memory_format=torch.channels_last)
+        run.model = fuse_conv_bn(run.model).to(memory_format=torch.channels_last)
     fmt = torch.channels_last if like_raycv else torch.contiguous_format
 
     def decode(data: bytes, uri: str) -> tuple[np.ndarray, int, int]:

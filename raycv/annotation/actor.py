@@ -52,6 +52,23 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload,no-any-return]
 
 
+def fuse_conv_bn(model: nn.Module) -> nn.Module:
+    """``model`` with every BatchNorm that follows a convolution (or a linear layer) folded into its weights,
+    for inference: the same outputs (within float rounding, ~1e-6) from one layer instead of two, e.g.
+    resnet18 @ 224 on 2 CPU threads 1.1x faster (README). ``torch.fx`` traces the model; one it cannot trace
+    (data-dependent control flow) is returned as it is. The fused model shares the weights of ``model``, which
+    must not be used afterwards (its convolutions are fused, its BatchNorms are not). Eval mode only."""
+    from torch.fx.experimental.optimization import fuse
+
+    if model.training or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    try:
+        return fuse(model, inplace=True)
+    except Exception as exc:  # a trace error of any kind: the model runs unfused, as without the option
+        log.debug("conv-BatchNorm fusion skipped: %s: %s", type(exc).__name__, exc)
+        return model
+
+
 @dataclass(frozen=True, kw_only=True)
 class ActorSpec:
     """What a model actor is built from: one per run, the same for every actor (Ray pickles it to each).
@@ -63,7 +80,7 @@ class ActorSpec:
         run_id: written in every row.
         threads: torch threads of the actor (its CPUs).
         use_gpu: run on CUDA when the actor has a GPU.
-        precision, channels_last, compile: speed options (see :class:`Annotator`).
+        precision, channels_last, compile, fuse_conv_bn: speed options (see :class:`Annotator`).
         batch_size: images per forward pass (tiles of a large image, or whole images).
         max_pixels: the decompression-bomb limit of a decoded image.
         tile: ``{"size", "overlap"}`` for large images, or None.
@@ -81,6 +98,7 @@ class ActorSpec:
     precision: Precision = "fp32"
     channels_last: bool = True
     compile: bool = False
+    fuse_conv_bn: bool = True
     batch_size: int = 8
     max_pixels: int = DEFAULT_MAX_PIXELS
     tile: dict[str, int] | None = None
@@ -121,7 +139,9 @@ class Annotator:
 
     GPU speed options (also valid on CPU, except fp16): ``precision`` bf16/fp16 runs the forward pass
     under autocast, ``channels_last`` stores weights and inputs NHWC, ``compile`` wraps the model in
-    ``torch.compile`` (compiled at the first batch; if that fails the actor warns and runs eagerly).
+    ``torch.compile`` (compiled at the first batch; if that fails the actor warns and runs eagerly);
+    ``fuse_conv_bn`` folds BatchNorms into the convolutions before them (:func:`fuse_conv_bn`), for the
+    annotators whose ``fuses`` is True, and not with Grad-CAM (``explain``), which hooks the model's layers.
     ``store`` reads the run directory here, and whatever the annotator reads or writes later (GeoTIFF
     windows, COGs): Ray pickles it into each actor.
     """
@@ -130,6 +150,7 @@ class Annotator:
     # files' encoded "bytes" (decoded here, at the original resolution).
     reads: ClassVar[Literal["pixels", "bytes"]] = "bytes"
     skip_geotiff: ClassVar[bool] = False  # GeoTIFFs are read here, window by window, not by the read tasks
+    fuses: ClassVar[bool] = True  # the model may be conv-BatchNorm fused (fuse_conv_bn)
 
     def __init__(self, spec: ActorSpec) -> None:
         self.spec = spec
@@ -148,6 +169,8 @@ class Annotator:
         torch_module = isinstance(self.run.model, nn.Module) and not isinstance(
             self.run.model, torch.jit.ScriptModule
         )
+        if spec.fuse_conv_bn and self.fuses and torch_module and not spec.explain:
+            self.run.model = fuse_conv_bn(self.run.model)  # before channels_last: fusing makes new weights
         self.channels_last = spec.channels_last and torch_module
         if self.channels_last:
             to_channels_last(self.run.model)

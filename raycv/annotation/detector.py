@@ -24,6 +24,8 @@ class Detector(Annotator):
     reported once (:func:`raycv.tasks.detection.merge_tile_detections`).
     """
 
+    fuses = False  # torchvision's detectors branch on their inputs in Python: torch.fx cannot trace them
+
     def __init__(self, spec: ActorSpec) -> None:
         super().__init__(spec)
         score_threshold, iou_threshold = spec.score_threshold, spec.iou_threshold

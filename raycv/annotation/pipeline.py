@@ -88,6 +88,7 @@ def _stages(
         precision=cfg.precision,
         channels_last=cfg.channels_last,
         compile=cfg.compile,
+        fuse_conv_bn=cfg.fuse_conv_bn,
         batch_size=cfg.batch_size,
         max_pixels=cfg.max_pixels,
         tile=cfg.tile.model_dump() if cfg.tile else None,

@@ -1,4 +1,4 @@
-"""The model replicas' speed options (precision, channels_last, compile), called in-process on one batch:
+"""The model replicas' speed options (precision, channels_last, compile, fuse_conv_bn), called in-process on one batch:
 no Ray. Random-weight models on generated shapes: what is compared is the same model with and without the
 option, not accuracy."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from raycv.annotation.actor import ActorSpec
+from raycv.annotation.actor import ActorSpec, fuse_conv_bn
 from raycv.annotation.classifier import Classifier
 from raycv.annotation.segmenter import Segmenter
 from raycv.config import AnnotateConfig, build_config
@@ -162,6 +162,66 @@ def test_channels_last_is_the_default_and_changes_no_label(classifier_run, shape
         )
     ]
     assert len(np.unique(masks[0])) == 4 and (masks[0] == masks[1]).mean() >= 0.999
+
+
+def _batchnorms(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_conv_bn_fusion_is_the_default_and_changes_no_label(classifier_run, shapes, tmp_path):
+    """Each BatchNorm after a convolution folded into it: the same function up to rounding, BatchNorms gone;
+    off with fuse_conv_bn: false and with Grad-CAM (which hooks the model's layers)."""
+    assert build_config(AnnotateConfig, {"model": "r/", "input": "i/", "output": "o/"}).fuse_conv_bn
+    plain = Classifier(
+        ActorSpec(
+            model=classifier_run, store=STORE, run_id="r", threads=1, channels_last=False, fuse_conv_bn=False
+        )
+    )
+    fused = Classifier(
+        ActorSpec(model=classifier_run, store=STORE, run_id="r", threads=1, channels_last=False)
+    )
+    assert _batchnorms(plain.run.model) == 20 and _batchnorms(fused.run.model) == 0  # resnet18's 20
+    labels, scores = _labels_scores(plain(shapes))
+    got_labels, got_scores = _labels_scores(fused(shapes))
+    assert len(set(labels)) == 3 and (labels == got_labels).all()
+    assert np.abs(scores - got_scores).max() <= 1e-4
+    explained = Classifier(
+        ActorSpec(model=classifier_run, store=STORE, run_id="r", threads=1, explain="gradcam")
+    )
+    assert _batchnorms(explained.run.model) == 20
+
+    run = _run(tmp_path, "deeplabv3_mobilenet_v3_large", "semantic_segmentation", 4)
+    images = np.stack(
+        [synthetic.render_scene(np.random.default_rng(i), size=SIZE, n_objects=2).image for i in range(4)]
+    )
+    segmenters = [
+        Segmenter(ActorSpec(model=run, store=STORE, run_id="r", threads=1, fuse_conv_bn=fuse))
+        for fuse in (False, True)
+    ]
+    assert _batchnorms(segmenters[0].run.model) > 0 and _batchnorms(segmenters[1].run.model) == 0
+    probs = [seg._probs(images) for seg in segmenters]  # class scores of one batch at the model's size
+    assert probs[0].shape == (4, 4, SIZE, SIZE) and np.abs(probs[0] - probs[1]).max() <= 1e-4
+
+
+def test_fuse_conv_bn_leaves_what_it_cannot_fuse_as_it_is():
+    class Branchy(torch.nn.Module):  # control flow on the input: torch.fx cannot trace it
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x if x.sum() > 0 else -x))
+
+    branchy = Branchy().eval()
+    assert fuse_conv_bn(branchy) is branchy and _batchnorms(branchy) == 1
+    training = create_model("resnet18", num_classes=3).train()
+    assert fuse_conv_bn(training) is training and _batchnorms(training) == 20  # BatchNorm still learning
+    model = create_model("resnet18", num_classes=3).eval()
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ref = model(x)
+        fused = fuse_conv_bn(model)
+        assert _batchnorms(fused) == 0 and torch.allclose(fused(x), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_compile_gives_the_same_labels(classifier_run, shapes):
