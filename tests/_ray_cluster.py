@@ -164,7 +164,10 @@ class LocalCluster:
         return "".join(p.read_text()[-2000:] for p in Path(self.temp_dir).glob("*/ray-start.log"))
 
     def stop(self) -> None:
-        """Stop this cluster's processes only: its process groups, then anything left under its temp dir."""
+        """Stop this cluster's processes only: its process groups, then anything left under its temp dir,
+        then any descendant that outlived them (a Ray worker renames itself ``ray::<Actor>`` and may leave
+        the group, so neither of the first two finds it)."""
+        descendants = _descendants([proc.pid for proc in self.procs])
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -177,7 +180,59 @@ class LocalCluster:
         for pid in _pids_mentioning(self.temp_dir):  # anything that left the groups (setsid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        for pid, started in descendants:
+            _kill_if_same(pid, started)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks) of ``pid`` from /proc, or None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), int(fields[19])  # ppid, starttime (fields 4 and 22 of proc(5))
+
+
+def _descendants(pids: list[int]) -> list[tuple[int, int]]:
+    """Every process below ``pids`` now (children, recursively) as (pid, start time): the start time
+    tells a later pid reuse apart, so :func:`_kill_if_same` never kills another process."""
+    parents: dict[int, list[tuple[int, int]]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        stat = _stat(int(entry.name))
+        if stat is not None:
+            parents.setdefault(stat[0], []).append((int(entry.name), stat[1]))
+    found, todo = [], list(pids)
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child[0])
+    return found
+
+
+def _kill_if_same(pid: int, started: int, sig: int = signal.SIGKILL) -> None:
+    stat = _stat(pid)
+    if stat is not None and stat[1] == started:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL the process group of ``pid`` and every process below it, as a user's ``kill -9`` of a run and
+    the local Ray it started. Each is stopped first, twice over, so that none (a raylet) starts another in
+    between; the Ray workers that leave the group are found by parentage and killed too, not left as orphans."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGSTOP)
+    found: dict[int, int] = {}
+    for _ in range(2):
+        for child, started in _descendants([pid]):
+            if child not in found:
+                found[child] = started
+                _kill_if_same(child, started, signal.SIGSTOP)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    for child, started in found.items():
+        _kill_if_same(child, started)
 
 
 def _pids_mentioning(text: str) -> list[int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from raycv.annotation.lease import LEASE, Lease
 from raycv.data.synthetic import write_flat_archive
 from raycv.errors import ConfigError, LeaseLostError
 from raycv.storage import Storage
-from tests._ray_cluster import write_run_dir
+from tests._ray_cluster import kill_tree, write_run_dir
 from tests._util import write_yaml
 
 STORE = Storage()
@@ -197,7 +196,7 @@ def test_a_run_killed_with_sigkill_is_taken_over_and_recovered_by_the_next(tmp_p
             "the run ended before it was killed"
         )
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the run and the local Ray it started
+        kill_tree(proc.pid)  # the run and the local Ray it started
         proc.wait()
     killed = _record(output)
     assert _staged(staging) and not (tmp_path / "out" / "images").exists()
