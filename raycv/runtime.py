@@ -21,6 +21,7 @@ from typing import Any
 import ray
 
 VERBOSE_ENV = "RAYCV_VERBOSE"
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 _RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 
 
@@ -39,8 +40,13 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
     loud = verbose()
     if not loud:
         quiet_ray_console()  # ray.init itself logs (e.g. its token authentication notice)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:  # a local Ray started here: its processes inherit this environment
+        # Ray Train's controller polls its workers every 2 s and a worker's report() waits for the poll of the
+        # previous one: every epoch and the end of a run waited up to 2 s more (a 1-epoch run: 16.2 -> 13.4 s).
+        os.environ.setdefault(TRAIN_POLL_ENV, "0.5")
     ray.init(
-        address=address or os.environ.get("RAY_ADDRESS") or None,
+        address=address,
         log_to_driver=loud,
         logging_level=logging.INFO if loud else logging.WARNING,
         **init_kwargs,
