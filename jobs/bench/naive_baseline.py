@@ -165,8 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pipeline_steady_images_per_s": summary["steady_images_per_s"],
         "speedup": C.ratio(summary["images_per_s"], naive),
         "steady_speedup": C.ratio(summary["steady_images_per_s"], naive_steady),
-        "layout": f"pipeline: {sz.actors} actor(s) x {sz.cpus_per_actor:g} CPU, {sz.threads} thread(s) each"
-        f"{' (auto: ' + ', '.join(sz.auto) + ')' if sz.auto else ''}; naive: 1 process x {threads} threads",
+        "layout": f"pipeline: {sz.describe_short()}; naive: 1 process x {threads} threads",
         "pipeline_first_rows_s": summary["first_rows_s"],
     }
     return C.print_and_report(

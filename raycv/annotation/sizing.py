@@ -37,19 +37,23 @@ class Sizing:
     read_cpus: float
     auto: tuple[str, ...]
 
+    @property
+    def _how(self) -> str:
+        return f" (auto: {', '.join(self.auto)})" if self.auto else ""
+
     def describe(self, cpus: float, gpus: float) -> str:
         """One line for the run's header."""
-        how = f" (auto: {', '.join(self.auto)})" if self.auto else ""
         device = f" + {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else ""
         return (
             f"{self.actors} model actor(s) x {self.cpus_per_actor:g} CPU{device}, {self.threads} torch "
-            f"thread(s) each; {self.read_cpus:g} CPU for reading{how}; cluster: {cpus:g} CPUs, {gpus:g} GPUs"
+            f"thread(s) each; {self.read_cpus:g} CPU for reading{self._how}; cluster: {cpus:g} CPUs, {gpus:g} GPUs"
         )
 
     def describe_short(self) -> str:
         """The model stage in a few words (benchmark tables)."""
-        how = f" (auto: {', '.join(self.auto)})" if self.auto else ""
-        return f"{self.actors} actor(s) x {self.cpus_per_actor:g} CPU, {self.threads} thread(s) each{how}"
+        return (
+            f"{self.actors} actor(s) x {self.cpus_per_actor:g} CPU, {self.threads} thread(s) each{self._how}"
+        )
 
 
 def size_actors(
