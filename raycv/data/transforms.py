@@ -1,4 +1,8 @@
-"""Tensor transforms shared by training, evaluation and annotation, so all three see the same pixels."""
+"""Tensor transforms shared by training, evaluation and annotation, so all three see the same pixels.
+
+torchvision's functional transforms are imported by the augmentations that use them (rotation, colour
+jitter), not here: importing torchvision costs a worker ~1.5 s, which the default augmentation (flips) skips.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 
 from raycv.data.images import resize_rgb
 
@@ -59,6 +62,8 @@ def augment(
         image = image.flip(-1)
     if vflip and rng.random() < vflip:
         image = image.flip(-2)
+    if rotate or color_jitter:
+        import torchvision.transforms.v2.functional as TF
     if rotate:
         angle = float(rng.uniform(-rotate, rotate))
         fill = [float(v) for v in image.mean(dim=(1, 2))]
@@ -122,6 +127,8 @@ def augment_pair(
     if vflip and rng.random() < vflip:
         t, m = t.flip(-2), m.flip(-2)
     if rotate:
+        import torchvision.transforms.v2.functional as TF
+
         angle = float(rng.uniform(-rotate, rotate))
         fill = [float(v) for v in t.mean(dim=(1, 2))]
         t = TF.rotate(t, angle, interpolation=TF.InterpolationMode.BILINEAR, fill=fill)

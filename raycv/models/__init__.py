@@ -1,4 +1,5 @@
-"""Model registry and builders. Importing this package registers every built-in model.
+"""Model registry and builders. Importing this package registers every built-in model (those that need
+torchvision on first use, see :func:`register_later`).
 
 >>> from raycv.models import create_model, list_models
 >>> model = create_model("resnet18", num_classes=10, in_channels=1)
@@ -6,12 +7,17 @@
 ['resnet101', 'resnet152']
 """
 
-from raycv.models import classification as classification  # registers the classifiers
-from raycv.models import detection as detection  # registers the torchvision detectors
-from raycv.models import segmentation as segmentation  # registers the segmenters
-from raycv.models import yolo as yolo  # registers the YOLO detectors
-from raycv.models import yolo_v1 as yolo_v1  # registers yolo_v1
-from raycv.models.registry import TASKS, ModelInfo, create_model, get_model_info, list_models, register_model
+from raycv.models import classification as classification  # registers raycv's classifiers
+from raycv.models import segmentation as segmentation  # registers raycv's segmenters
+from raycv.models.registry import (
+    TASKS,
+    ModelInfo,
+    create_model,
+    get_model_info,
+    list_models,
+    register_later,
+    register_model,
+)
 from raycv.models.transfer import (
     Adapted,
     LoadReport,
@@ -19,6 +25,14 @@ from raycv.models.transfer import (
     freeze_backbone,
     head_module_names,
     load_weights,
+)
+
+# These import torchvision: registered on the first lookup of a name that is not registered yet, or a listing.
+register_later(
+    "raycv.models.torchvision_zoo",  # every torchvision classifier; FCN, DeepLabV3, LR-ASPP
+    "raycv.models.detection",  # torchvision's detectors and the tiny CI ones
+    "raycv.models.yolo",  # the YOLO detectors
+    "raycv.models.yolo_v1",  # yolo_v1
 )
 
 __all__ = [
@@ -33,5 +47,6 @@ __all__ = [
     "head_module_names",
     "list_models",
     "load_weights",
+    "register_later",
     "register_model",
 ]

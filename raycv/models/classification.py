@@ -1,4 +1,4 @@
-"""Image classifiers: raycv's two small CNNs and every torchvision classification architecture.
+"""Image classifiers: raycv's two small CNNs (torchvision's architectures: :mod:`raycv.models.torchvision_zoo`).
 
 Every builder has the signature ``(*, num_classes: int, in_channels: int = 3, image_size: int | None = None)``
 and returns a freshly initialised model (weights are never downloaded) that maps ``[N, in_channels, H, W]``
@@ -7,32 +7,13 @@ float images to logits ``[N, num_classes]`` as a plain Tensor, in training and i
 
 from __future__ import annotations
 
-import inspect
-import re
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
-import torchvision
 from torch import nn
 
 from raycv.models.registry import register_model
 
 _TASK = "classification"
-
-# Measured with a batch of 2 in train and eval mode. raycv registers torchvision models at 32 px or more:
-# the measured minimum is lower for most of them, but such inputs carry no information. Fixed-size models
-# (ViT, MaxViT) get theirs from _fixed_size.
-_MIN_INPUT_SIZE = {
-    "alexnet": 63,
-    "inception_v3": 75,
-}
-# googlenet/inception_v3 would return namedtuples with auxiliary logits in training mode.
-_EXTRA_KWARGS: dict[str, dict[str, Any]] = {
-    "googlenet": {"aux_logits": False, "init_weights": True},
-    "inception_v3": {"aux_logits": False, "init_weights": True},
-}
 
 
 @register_model("simple_cnn", task=_TASK, min_input_size=16)
@@ -133,73 +114,3 @@ def replace_first_conv(model: nn.Module, in_channels: int) -> str:
     parent_name, _, child_name = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child_name, new_conv)
     return name
-
-
-def _register_torchvision_classifiers() -> None:
-    for name in torchvision.models.list_models(module=torchvision.models):
-        builder = torchvision.models.get_model_builder(name)
-        fixed = _fixed_size(name, builder.__module__)
-        min_size = _MIN_INPUT_SIZE.get(name, 32)
-        description = _describe(name, builder)
-        if fixed is not None:
-            min_size = _round_up(32, fixed.multiple)
-            description += f" Input side = image_size (default 224), a multiple of {fixed.multiple}."
-        register_model(
-            name, task=_TASK, source="torchvision", min_input_size=min_size, description=description
-        )(_wrap_torchvision(name, builder, fixed))
-
-
-@dataclass(frozen=True)
-class _FixedSize:
-    """A model whose layers are sized for one input side, which must be a multiple of ``multiple``."""
-
-    multiple: int
-    kwargs: Callable[[int], dict[str, Any]]  # image_size -> torchvision builder kwargs
-
-
-def _fixed_size(name: str, module: str) -> _FixedSize | None:
-    if module.endswith(".vision_transformer"):
-        patch = re.search(r"_(\d+)$", name)  # vit_b_16 -> patch size 16; if absent, torchvision checks it
-        return _FixedSize(int(patch[1]) if patch else 1, lambda size: {"image_size": size})
-    if module.endswith(".maxvit"):
-        # Four stride-2 stages after the stem, each split into 7x7 windows: 2 * 2**4 * 7 = 224.
-        return _FixedSize(224, lambda size: {"input_size": (size, size)})
-    return None
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def _wrap_torchvision(
-    name: str, builder: Callable[..., nn.Module], fixed: _FixedSize | None
-) -> Callable[..., nn.Module]:
-    def build(*, num_classes: int, in_channels: int = 3, image_size: int | None = None) -> nn.Module:
-        kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes, **_EXTRA_KWARGS.get(name, {})}
-        if fixed is not None and image_size is not None:
-            if image_size % fixed.multiple:
-                raise ValueError(
-                    f"{name} needs image_size to be a multiple of {fixed.multiple}, got {image_size}. "
-                    f"Resize the images to {_round_up(image_size, fixed.multiple)} px."
-                )
-            kwargs.update(fixed.kwargs(image_size))
-        model = builder(**kwargs)
-        if in_channels != 3:
-            replace_first_conv(model, in_channels)
-        return model
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"torchvision.models.{name}(weights=None), adapted to num_classes and in_channels."
-    return build
-
-
-def _describe(name: str, builder: Callable[..., nn.Module]) -> str:
-    """First paragraph of torchvision's docstring, RST links flattened, plus the parameter count."""
-    text = (inspect.getdoc(builder) or name).split("\n\n", 1)[0].replace("\n", " ")
-    text = re.sub(r"`([^`<]+?)\s*<[^>]+>`_{1,2}", r"\1", text)
-    weights = torchvision.models.get_model_weights(name)
-    num_params = next(iter(weights)).meta.get("num_params")
-    return f"{text} {num_params / 1e6:.1f}M params at 1000 classes." if num_params else text
-
-
-_register_torchvision_classifiers()

@@ -1,7 +1,10 @@
 """One registry of model builders, keyed by name, for every task.
 
-Builders register themselves with :func:`register_model` when their module is imported (``raycv.models``
-imports them all). :func:`create_model` validates the common arguments and calls the builder; every builder of
+Builders register themselves with :func:`register_model` when their module is imported. ``raycv.models``
+imports raycv's own classifiers and segmenters at once and names the modules that need torchvision (its
+architectures, the detectors, YOLO) with :func:`register_later`: importing torchvision costs ~1.5 s a process
+(it imports ``torch._dynamo``), which a worker running a raycv model should not pay. They are imported on the
+first lookup of a name not registered yet, and before any listing, so every name is found as before. :func:`create_model` validates the common arguments and calls the builder; every builder of
 a task takes the same keyword-only arguments, e.g. ``(*, num_classes, in_channels=3, image_size=None)``.
 """
 
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +68,19 @@ class ModelInfo:
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
+_LATER: list[str] = []  # modules that register more models when imported (register_later)
+
+
+def register_later(*modules: str) -> None:
+    """Names modules whose models are registered when first needed: on the lookup of a name not registered yet
+    (:func:`get_model_info`, :func:`create_model`) or before a listing (:func:`list_models`)."""
+    _LATER.extend(m for m in modules if m not in _LATER)
+
+
+def _register_the_rest() -> None:
+    while _LATER:
+        importlib.import_module(_LATER[0])
+        _LATER.pop(0)
 
 
 def register_model(
@@ -100,6 +117,8 @@ def register_model(
         raise ValueError(f"min_input_size of model {name!r} must be >= 1, got {min_input_size}.")
 
     def decorator(builder: B) -> B:
+        if builder.__module__ not in _LATER:
+            _register_the_rest()  # a name taken by a module registered later is a duplicate here too
         if name in _REGISTRY:
             previous = _REGISTRY[name].builder
             raise ValueError(
@@ -128,6 +147,8 @@ def get_model_info(name: str) -> ModelInfo:
     Raises:
         UnknownModelError: ``name`` is not registered; the message suggests the closest name.
     """
+    if name not in _REGISTRY:
+        _register_the_rest()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -154,6 +175,7 @@ def list_models(pattern: str = "*", task: str | None = None) -> list[str]:
     Raises:
         ValueError: ``task`` is not one of :data:`TASKS`.
     """
+    _register_the_rest()
     names = _REGISTRY.keys() if task is None else _BY_TASK.get(task)
     if names is None:
         raise ValueError(f"Unknown task {task!r}. Use one of {', '.join(_BY_TASK)}.")

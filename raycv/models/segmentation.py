@@ -1,4 +1,5 @@
-"""Semantic segmentation: raycv's U-Net, SegNet and tiny CI model; torchvision's FCN, DeepLabV3, LR-ASPP.
+"""Semantic segmentation: raycv's U-Net, SegNet and tiny CI model (torchvision's FCN, DeepLabV3, LR-ASPP:
+:mod:`raycv.models.torchvision_zoo`).
 
 Every builder has the signature ``(*, num_classes: int, in_channels: int = 3, image_size: int | None = None,
 **architecture_kwargs)`` and returns a freshly initialised model (weights are never downloaded) that maps
@@ -16,16 +17,12 @@ normalises one value per image, so train it with batches of 2 or more; raycv's n
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import torch
-import torchvision
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.models import segmentation as tv_segmentation
 
-from raycv.models.classification import replace_first_conv
 from raycv.models.registry import register_model
 
 _TASK = "semantic_segmentation"
@@ -252,84 +249,3 @@ def test_segmenter(*, num_classes: int, in_channels: int = 3, image_size: int | 
     return UNet(
         num_classes=num_classes, in_channels=in_channels, depth=2, base_channels=4, upsample="bilinear"
     )
-
-
-# -- torchvision's networks ----------------------------------------------------------------------------------
-# The torchvision model is re-classed, not wrapped: its parameter names stay torchvision's
-# (``classifier.4.weight``), so torchvision's own checkpoints load unchanged with load_weights, and only the
-# dict that forward returns becomes the "out" tensor.
-
-
-class FCNLogits(tv_segmentation.FCN):
-    """torchvision's FCN returning the ``"out"`` logits ``[N, K, H, W]`` as a Tensor."""
-
-    head_modules = ("classifier.4",)
-
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        return super().forward(x)["out"]
-
-
-class DeepLabV3Logits(tv_segmentation.DeepLabV3):
-    """torchvision's DeepLabV3 returning the ``"out"`` logits ``[N, K, H, W]`` as a Tensor."""
-
-    head_modules = ("classifier.4",)
-
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        return super().forward(x)["out"]
-
-
-class LRASPPLogits(tv_segmentation.LRASPP):
-    """torchvision's LR-ASPP returning the ``"out"`` logits ``[N, K, H, W]`` as a Tensor.
-
-    Its logits are the sum of two 1x1 convs, on the stride-8 and the stride-16 features: both are the head.
-    """
-
-    head_modules = ("classifier.low_classifier", "classifier.high_classifier")
-
-    def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]
-        return super().forward(input)["out"]
-
-
-_LOGITS_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
-    tv_segmentation.FCN: FCNLogits,
-    tv_segmentation.DeepLabV3: DeepLabV3Logits,
-    tv_segmentation.LRASPP: LRASPPLogits,
-}
-# Parameter counts without the auxiliary head, at 21 classes (VOC).
-_TORCHVISION_MODELS = {
-    "fcn_resnet50": "FCN (Long et al., 2015) on a dilated ResNet-50, stride 8. 33.0M params.",
-    "deeplabv3_resnet50": "DeepLabV3 (atrous convs, ASPP) on a dilated ResNet-50, stride 8. 39.6M params.",
-    "deeplabv3_mobilenet_v3_large": "DeepLabV3 (ASPP) on MobileNetV3-Large, stride 16. 11.0M params.",
-    "lraspp_mobilenet_v3_large": "Lite R-ASPP on MobileNetV3-Large, stride 16 and 8 features. 3.2M params.",
-}
-
-
-def _register_torchvision_segmenters() -> None:
-    # Every torchvision segmenter accepts sides from 1 px (measured, batch of 2, train and eval mode); raycv
-    # registers them at 32 px, below which their stride-8/16 features carry no information.
-    for name, description in _TORCHVISION_MODELS.items():
-        builder = torchvision.models.get_model_builder(name)
-        register_model(name, task=_TASK, source="torchvision", min_input_size=32, description=description)(
-            _wrap_torchvision(name, builder)
-        )
-
-
-def _wrap_torchvision(name: str, builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    def build(*, num_classes: int, in_channels: int = 3, image_size: int | None = None) -> nn.Module:
-        del image_size  # any side works
-        # weights_backbone defaults to ImageNet weights, which torchvision would download.
-        model = builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
-        model.__class__ = _LOGITS_CLASSES[type(model)]
-        if in_channels != 3:
-            replace_first_conv(model, in_channels)
-        return model
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = (
-        f"torchvision.models.segmentation.{name}(weights=None, weights_backbone=None, aux_loss=False), "
-        "adapted to num_classes and in_channels, returning the logits tensor."
-    )
-    return build
-
-
-_register_torchvision_segmenters()

@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.transforms.v2 import functional as TF
 
 from raycv.data.formats import DetectionDataset, DetectionSample, read_coco, read_yolo
 from raycv.data.loader import Transform
@@ -103,6 +102,8 @@ def _place(planes: Tensor, oy: int, ox: int, size: int, flip: bool) -> Tensor:
 
 
 def _color_jitter(image: Tensor, rng: np.random.Generator, strength: float) -> Tensor:
+    from torchvision.transforms.v2 import functional as TF  # here: see raycv.data.transforms
+
     low, high = max(0.0, 1 - strength), 1 + strength
     image = TF.adjust_brightness(image, float(rng.uniform(low, high)))
     image = TF.adjust_contrast(image, float(rng.uniform(low, high)))

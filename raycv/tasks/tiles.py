@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
 
 Window = tuple[int, int, int, int]  # (y0, x0, h, w), as raycv.annotation.tiling.tile_grid returns
 
@@ -59,6 +58,8 @@ def merge_tile_detections(
     Returns:
         [K] int64 indices into the inputs, by decreasing score.
     """
+    from torchvision.ops import batched_nms  # detection only: segmentation tiles never import torchvision
+
     candidates = torch.arange(len(boxes), device=boxes.device)
     if windows is not None and tile_ids is not None and len(boxes):
         candidates = candidates[~_cut_by_tile_edge(boxes, tile_ids, windows, edge_margin)]

@@ -180,3 +180,42 @@ def test_builders_get_only_the_arguments_they_take(isolated_registry: None) -> N
         create_model("rgb_only", num_classes=4, in_channels=1)
     with pytest.raises(ValueError, match="needs at least 8 px"):
         create_model("rgb_only", num_classes=4, image_size=4)
+
+
+_WORKER = """
+import sys
+
+import numpy as np
+import torch
+
+import raycv.annotation.classifier, raycv.annotation.segmenter, raycv.training.loop  # what the workers import
+from raycv.config.train import AugmentConfig
+from raycv.models import create_model, get_model_info
+from raycv.tasks.registry import get_task
+
+rng = np.random.default_rng(0)
+image = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+for arch, task, target in [
+    ("test_classifier", "classification", 1),
+    ("simple_cnn", "classification", 1),
+    ("test_segmenter", "semantic_segmentation", np.zeros((40, 48), np.uint8)),
+    ("unet", "semantic_segmentation", np.zeros((40, 48), np.uint8)),
+]:
+    train_tf, eval_tf = get_task(task).transforms((32, 32), AugmentConfig())  # the default augmentation
+    pixels = torch.stack([train_tf(image, target, rng)[0], eval_tf(image, target, rng)[0]])
+    create_model(arch, num_classes=3)(pixels).sum().backward()
+print("before", "torchvision" in sys.modules)
+info = get_model_info("resnet18")  # not registered yet: the torchvision architectures are, now
+print("after", "torchvision" in sys.modules, info.source)
+"""
+
+
+def test_raycv_models_train_and_annotate_without_importing_torchvision() -> None:
+    """Importing torchvision costs a worker ~1.5 s (it imports torch._dynamo): a run of raycv's own classifiers
+    or segmenters never pays it; the first lookup of a torchvision architecture registers them all."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _WORKER], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[:2] == ["before False", "after True torchvision"], done.stdout
