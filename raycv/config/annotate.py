@@ -121,9 +121,9 @@ class ModelSourceConfig(Strict):
                 "model.torchvision_weights needs model.arch: torchvision:<builder> (e.g. torchvision:resnet50)"
             )
         if self.arch and ":" not in self.arch:
-            from raycv.models import list_models
+            from raycv.models.registry import is_registered
 
-            if self.arch not in list_models():
+            if not is_registered(self.arch):
                 raise ValueError(
                     f"model.arch '{self.arch}' is neither a raycv model (`raycv models`) nor "
                     "torchvision:<builder> nor timm:<name>"

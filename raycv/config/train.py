@@ -28,9 +28,10 @@ class ModelConfig(Strict):
     @classmethod
     def _known_arch(cls, value: str) -> str:
         from raycv.models import list_models
+        from raycv.models.registry import is_registered
 
-        known = list_models()
-        if value not in known:
+        if not is_registered(value):  # raycv's own models are found without importing torchvision
+            known = list_models()
             close = difflib.get_close_matches(value, known, n=1)
             hint = f"Did you mean '{close[0]}'? " if close else ""
             raise ValueError(f"unknown model. {hint}Run `raycv models` to list the registered names")
@@ -139,14 +140,14 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _task_supported(self) -> TrainConfig:
-        from raycv.models import get_model_info, list_models
+        from raycv.models import get_model_info
         from raycv.tasks.registry import get_task
 
         task = get_task(self.task)
         if not task.formats:  # an annotation-only task
             raise ValueError(f"task {self.task!r}: {task.check_train_config(self)}")
         info = get_model_info(self.model.arch)
-        if self.model.arch not in list_models(task=self.task):
+        if info.task != self.task:
             raise ValueError(
                 f"model.arch '{self.model.arch}' is a {info.task} model but task is '{self.task}'; "
                 f"pick one from `raycv models --task {self.task}`"

@@ -155,6 +155,13 @@ def get_model_info(name: str) -> ModelInfo:
         raise UnknownModelError(_unknown_model_message(name)) from None
 
 
+def is_registered(name: str) -> bool:
+    """Whether ``name`` is a registered model; like :func:`get_model_info`, registers the rest only on a miss."""
+    if name not in _REGISTRY:
+        _register_the_rest()
+    return name in _REGISTRY
+
+
 def _unknown_model_message(name: str) -> str:
     matches = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=1)
     if not matches:

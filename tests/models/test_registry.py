@@ -189,7 +189,7 @@ import numpy as np
 import torch
 
 import raycv.annotation.classifier, raycv.annotation.segmenter, raycv.training.loop  # what the workers import
-from raycv.config.train import AugmentConfig
+from raycv.config.train import AugmentConfig, TrainConfig
 from raycv.models import create_model, get_model_info
 from raycv.tasks.registry import get_task
 
@@ -201,6 +201,7 @@ for arch, task, target in [
     ("test_segmenter", "semantic_segmentation", np.zeros((40, 48), np.uint8)),
     ("unet", "semantic_segmentation", np.zeros((40, 48), np.uint8)),
 ]:
+    TrainConfig.model_validate({"task": task, "model": {"arch": arch}, "data": {"train": "d"}, "output": {"dir": "o"}})
     train_tf, eval_tf = get_task(task).transforms((32, 32), AugmentConfig())  # the default augmentation
     pixels = torch.stack([train_tf(image, target, rng)[0], eval_tf(image, target, rng)[0]])
     create_model(arch, num_classes=3)(pixels).sum().backward()
