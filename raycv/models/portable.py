@@ -53,6 +53,10 @@ def load_model_file(data: bytes, uri: str, device: str = "cpu", *, objects: bool
         ConfigError: the file is not a model of the format its name says.
     """
     fmt = format_of(uri)
+    if fmt != "onnx":
+        # torchvision's C++ ops (torchvision::nms, roi_align), which TorchScript and exported detectors call,
+        # are registered by importing torchvision (raycv.models no longer does for its own models).
+        import torchvision  # noqa: F401
     try:
         if fmt == "onnx":
             return OnnxModel(data, device, objects=objects)
