@@ -141,13 +141,14 @@ class TrainConfig(Strict):
     @model_validator(mode="after")
     def _task_supported(self) -> TrainConfig:
         from raycv.models import get_model_info
+        from raycv.models.registry import is_registered
         from raycv.tasks.registry import get_task
 
         task = get_task(self.task)
         if not task.formats:  # an annotation-only task
             raise ValueError(f"task {self.task!r}: {task.check_train_config(self)}")
         info = get_model_info(self.model.arch)
-        if info.task != self.task:
+        if not is_registered(self.model.arch, task=self.task):
             raise ValueError(
                 f"model.arch '{self.model.arch}' is a {info.task} model but task is '{self.task}'; "
                 f"pick one from `raycv models --task {self.task}`"

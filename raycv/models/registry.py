@@ -155,11 +155,12 @@ def get_model_info(name: str) -> ModelInfo:
         raise UnknownModelError(_unknown_model_message(name)) from None
 
 
-def is_registered(name: str) -> bool:
-    """Whether ``name`` is a registered model; like :func:`get_model_info`, registers the rest only on a miss."""
+def is_registered(name: str, task: str | None = None) -> bool:
+    """Whether ``name`` is a registered model (of ``task``, unless None); like :func:`get_model_info`, this
+    registers the models of :func:`register_later` only on a miss."""
     if name not in _REGISTRY:
         _register_the_rest()
-    return name in _REGISTRY
+    return name in _BY_TASK.get(task, ()) if task is not None else name in _REGISTRY
 
 
 def _unknown_model_message(name: str) -> str:
