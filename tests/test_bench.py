@@ -122,6 +122,7 @@ def registry_restored(monkeypatch):
     """The benchmark model registers itself in the process: keep it out of the other tests' registry."""
     from raycv.models import registry
 
+    registry.list_models()  # the models registered on first use are registered now, outside the copies
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.setattr(registry, "_BY_TASK", {t: set(names) for t, names in registry._BY_TASK.items()})
 

@@ -69,6 +69,7 @@ class ModelInfo:
 
 _REGISTRY: dict[str, ModelInfo] = {}
 _LATER: list[str] = []  # modules that register more models when imported (register_later)
+_IMPORTING: set[str] = set()  # those of them being imported now
 
 
 def register_later(*modules: str) -> None:
@@ -79,8 +80,15 @@ def register_later(*modules: str) -> None:
 
 def _register_the_rest() -> None:
     while _LATER:
-        importlib.import_module(_LATER[0])
-        _LATER.pop(0)
+        module = _LATER.pop(0)  # first: a registration from elsewhere during this import finds the rest
+        _IMPORTING.add(module)
+        try:
+            importlib.import_module(module)
+        except BaseException:
+            _LATER.insert(0, module)  # tried again on the next lookup, with the same error if it persists
+            raise
+        finally:
+            _IMPORTING.discard(module)
 
 
 def register_model(
@@ -117,7 +125,7 @@ def register_model(
         raise ValueError(f"min_input_size of model {name!r} must be >= 1, got {min_input_size}.")
 
     def decorator(builder: B) -> B:
-        if builder.__module__ not in _LATER:
+        if builder.__module__ not in _LATER and builder.__module__ not in _IMPORTING:
             _register_the_rest()  # a name taken by a module registered later is a duplicate here too
         if name in _REGISTRY:
             previous = _REGISTRY[name].builder

@@ -39,6 +39,7 @@ REPRESENTATIVE = [
 @pytest.fixture
 def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registrations made by a test vanish after it."""
+    registry.list_models()  # the models registered on first use are registered now, outside the copies
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.setattr(registry, "_BY_TASK", {t: set(names) for t, names in registry._BY_TASK.items()})
 
@@ -220,3 +221,55 @@ def test_raycv_models_train_and_annotate_without_importing_torchvision() -> None
     done = subprocess.run([sys.executable, "-c", _WORKER], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split("\n")[:2] == ["before False", "after True torchvision"], done.stdout
+
+
+def test_a_module_registered_later_is_imported_on_the_first_miss_only(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, isolated_registry: None
+) -> None:
+    import sys
+
+    (tmp_path / "later_models.py").write_text(
+        "from torch import nn\n"
+        "from raycv.models import register_model\n\n\n"
+        '@register_model("later_net", task="classification", min_input_size=1)\n'
+        "def later_net(*, num_classes: int) -> nn.Module:\n"
+        "    return nn.Flatten()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_LATER", [])
+    monkeypatch.delitem(sys.modules, "later_models", raising=False)
+    registry.register_later("later_models", "later_models")
+    assert registry._LATER == ["later_models"]
+    assert registry.is_registered("simple_cnn") and get_model_info("test_classifier").source == "raycv"
+    assert "later_models" not in sys.modules  # a hit imports nothing
+    assert not registry.is_registered("later_net", task="semantic_segmentation")  # the miss imported it
+    assert "later_models" in sys.modules and registry._LATER == []
+    assert registry.is_registered("later_net", task="classification") and "later_net" in list_models(
+        "later_*"
+    )
+
+
+def test_a_name_a_later_module_registers_is_a_duplicate_before_that_module_is_imported(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, isolated_registry: None
+) -> None:
+    import sys
+
+    (tmp_path / "later_models2.py").write_text(
+        "from torch import nn\n"
+        "from raycv.models import register_model\n\n\n"
+        '@register_model("later_net2", task="classification")\n'
+        "def later_net2(*, num_classes: int) -> nn.Module:\n"
+        "    return nn.Flatten()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_LATER", [])
+    monkeypatch.delitem(sys.modules, "later_models2", raising=False)
+    registry.register_later("later_models2")
+
+    def builder(*, num_classes: int) -> nn.Module:
+        return nn.Linear(1, num_classes)
+
+    with pytest.raises(
+        ValueError, match=re.escape("'later_net2' is already registered by later_models2.later_net2")
+    ):
+        register_model("later_net2", task="classification")(builder)
