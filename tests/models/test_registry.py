@@ -223,23 +223,31 @@ def test_raycv_models_train_and_annotate_without_importing_torchvision() -> None
     assert done.stdout.split("\n")[:2] == ["before False", "after True torchvision"], done.stdout
 
 
+def _register_later(tmp_path, monkeypatch: pytest.MonkeyPatch, module: str, model: str, **kw: object) -> None:
+    """Writes ``module`` (registering the classifier ``model``) and names it alone with register_later."""
+    import sys
+
+    args = "".join(f", {k}={v!r}" for k, v in kw.items())
+    (tmp_path / f"{module}.py").write_text(
+        "from torch import nn\n"
+        "from raycv.models import register_model\n\n\n"
+        f'@register_model("{model}", task="classification"{args})\n'
+        f"def {model}(*, num_classes: int) -> nn.Module:\n"
+        "    return nn.Flatten()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_LATER", [])
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    registry.register_later(module, module)
+    assert [module] == registry._LATER
+
+
 def test_a_module_registered_later_is_imported_on_the_first_miss_only(
     tmp_path, monkeypatch: pytest.MonkeyPatch, isolated_registry: None
 ) -> None:
     import sys
 
-    (tmp_path / "later_models.py").write_text(
-        "from torch import nn\n"
-        "from raycv.models import register_model\n\n\n"
-        '@register_model("later_net", task="classification", min_input_size=1)\n'
-        "def later_net(*, num_classes: int) -> nn.Module:\n"
-        "    return nn.Flatten()\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_LATER", [])
-    monkeypatch.delitem(sys.modules, "later_models", raising=False)
-    registry.register_later("later_models", "later_models")
-    assert registry._LATER == ["later_models"]
+    _register_later(tmp_path, monkeypatch, "later_models", "later_net", min_input_size=1)
     assert registry.is_registered("simple_cnn") and get_model_info("test_classifier").source == "raycv"
     assert "later_models" not in sys.modules  # a hit imports nothing
     assert not registry.is_registered("later_net", task="semantic_segmentation")  # the miss imported it
@@ -252,19 +260,7 @@ def test_a_module_registered_later_is_imported_on_the_first_miss_only(
 def test_a_name_a_later_module_registers_is_a_duplicate_before_that_module_is_imported(
     tmp_path, monkeypatch: pytest.MonkeyPatch, isolated_registry: None
 ) -> None:
-    import sys
-
-    (tmp_path / "later_models2.py").write_text(
-        "from torch import nn\n"
-        "from raycv.models import register_model\n\n\n"
-        '@register_model("later_net2", task="classification")\n'
-        "def later_net2(*, num_classes: int) -> nn.Module:\n"
-        "    return nn.Flatten()\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_LATER", [])
-    monkeypatch.delitem(sys.modules, "later_models2", raising=False)
-    registry.register_later("later_models2")
+    _register_later(tmp_path, monkeypatch, "later_models2", "later_net2")
 
     def builder(*, num_classes: int) -> nn.Module:
         return nn.Linear(1, num_classes)
