@@ -4,8 +4,9 @@ Builders register themselves with :func:`register_model` when their module is im
 imports raycv's own classifiers and segmenters at once and names the modules that need torchvision (its
 architectures, the detectors, YOLO) with :func:`register_later`: importing torchvision costs ~1.5 s a process
 (it imports ``torch._dynamo``), which a worker running a raycv model should not pay. They are imported on the
-first lookup of a name not registered yet, and before any listing, so every name is found as before. :func:`create_model` validates the common arguments and calls the builder; every builder of
-a task takes the same keyword-only arguments, e.g. ``(*, num_classes, in_channels=3, image_size=None)``.
+first lookup of a name not registered yet, and before any listing, so every name is found as before.
+:func:`create_model` validates the common arguments and calls the builder; every builder of a task takes the
+same keyword-only arguments, e.g. ``(*, num_classes, in_channels=3, image_size=None)``.
 """
 
 from __future__ import annotations
@@ -155,12 +156,9 @@ def get_model_info(name: str) -> ModelInfo:
     Raises:
         UnknownModelError: ``name`` is not registered; the message suggests the closest name.
     """
-    if name not in _REGISTRY:
-        _register_the_rest()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownModelError(_unknown_model_message(name)) from None
+    if not is_registered(name):
+        raise UnknownModelError(_unknown_model_message(name))
+    return _REGISTRY[name]
 
 
 def is_registered(name: str, task: str | None = None) -> bool:
